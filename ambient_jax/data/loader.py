@@ -1,0 +1,86 @@
+"""Host-sharded global batches whose order is a pure function of (seed, epoch).
+
+Step s of training uses epoch e = s // steps_per_epoch and the rows
+[(s mod steps_per_epoch)·B, ... + B) of the permutation of (seed, e); the last partial
+batch of an epoch is dropped. So the step number is the whole loader state: resuming
+needs nothing else, and any host can compute any batch. Each process reads only the
+rows its devices own and assembles the global arrays with
+`jax.make_array_from_process_local_data`.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+from typing import Iterator, Optional
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from ambient_jax import sharding as sharding_lib
+from ambient_jax.data import sources
+
+_ORDER_SALT = 0x0DE7  # data order stream, independent of every other use of the seed
+
+
+class GlobalBatchLoader:
+  """batch(step) -> {"image": uint8 [B,H,W,C], "index": int32 [B], "sigma_n": f32 [B],
+  "label": int32 [B]} as global jax.Arrays sharded by `sharding` (or host numpy rows)."""
+
+  def __init__(self, source: sources.ImageSource, sigma_n: np.ndarray, global_batch: int,
+               seed: int, sharding: Optional[NamedSharding] = None,
+               rows: Optional[tuple[int, int]] = None):
+    if global_batch > source.num_examples:
+      raise ValueError(f"The global batch ({global_batch}) is larger than the dataset "
+                       f"({source.num_examples} examples).")
+    self.source, self.sigma_n = source, np.asarray(sigma_n, np.float32)
+    self.global_batch, self.seed, self.sharding = global_batch, seed, sharding
+    self.steps_per_epoch = source.num_examples // global_batch
+    if rows is None:
+      rows = (sharding_lib.host_rows(sharding, global_batch) if sharding is not None
+              else (0, global_batch))
+    self.rows = rows
+    self._perms: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+
+  def permutation(self, epoch: int) -> np.ndarray:
+    """The data order of `epoch`: a permutation of all example indices."""
+    if epoch not in self._perms:
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), _ORDER_SALT), epoch)
+      with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        self._perms[epoch] = np.asarray(jax.random.permutation(key, self.source.num_examples))
+      while len(self._perms) > 2:
+        self._perms.popitem(last=False)
+    return self._perms[epoch]
+
+  def global_indices(self, step: int) -> np.ndarray:
+    """Example indices [B] of the global batch used by training step `step` (0-based)."""
+    epoch, pos = divmod(int(step), self.steps_per_epoch)
+    return self.permutation(epoch)[pos * self.global_batch:(pos + 1) * self.global_batch]
+
+  def host_batch(self, step: int) -> dict[str, np.ndarray]:
+    """This process's rows of batch `step`, as numpy arrays."""
+    start, stop = self.rows
+    indices = self.global_indices(step)[start:stop]
+    images, labels = self.source.get(indices)
+    return {"image": images, "index": indices.astype(np.int32),
+            "sigma_n": self.sigma_n[indices], "label": labels.astype(np.int32)}
+
+  def batch(self, step: int) -> dict[str, jax.Array]:
+    """Global batch `step` as sharded jax.Arrays."""
+    return sharding_lib.global_batch_from_host(self.sharding, self.host_batch(step),
+                                               self.global_batch)
+
+  def iterate(self, start_step: int, stop_step: int, prefetch: int = 2
+              ) -> Iterator[tuple[int, dict[str, jax.Array]]]:
+    """(step, global batch) for start_step <= step < stop_step; host reads run ahead in a thread."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+      pending = collections.deque()
+      step = start_step
+      while step < stop_step or pending:
+        while step < stop_step and len(pending) < max(prefetch, 1):
+          pending.append((step, pool.submit(self.host_batch, step)))
+          step += 1
+        s, future = pending.popleft()
+        yield s, sharding_lib.global_batch_from_host(self.sharding, future.result(),
+                                                     self.global_batch)

@@ -1,0 +1,211 @@
+"""Samplers for a denoiser D(x, σ) ≈ E[x0 | x_σ = x] in the variance-exploding form.
+
+- `edm_sampler`: EDM's Heun sampler (Karras et al. 2022, Alg. 2), deterministic or
+  stochastic (S_churn), full (down to σ_min) or truncated at σ_stop with a final
+  Tweedie step `D(x_{σ_stop}, σ_stop)` (METHOD.md §6).
+- `posterior_step`, `euler_maruyama_step`, `reverse_chain`: the one-step reverse
+  moves of METHOD.md §5, shared with the consistency loss.
+
+Every random draw comes from one key per image (`keys`: [B]), folded with the step
+index, so an image never depends on batch size, batch order or device count.
+Pure jax; `denoise_fn(x: [B, ...], sigma: [B]) -> [B, ...]`.
+"""
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from ambient_jax import checks
+from ambient_jax.precond import expand
+
+DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+
+# ----------------------------------------------------------------------------- noise
+
+
+def per_image_normal(keys: jax.Array, shape_per_image: tuple, dtype=jnp.float32) -> jax.Array:
+  """One standard-normal draw per key: keys [B] -> [B, *shape_per_image]."""
+  return jax.vmap(lambda k: jax.random.normal(k, shape_per_image, dtype))(keys)
+
+
+def latents_from_keys(keys: jax.Array, shape_per_image: tuple) -> jax.Array:
+  """Initial latents, one key per image: keys [B] -> [B, *shape_per_image] ~ N(0, I).
+
+  Use `jax.random.split(jax.random.key(seed), n)` or `fold_in(key, image_index)` per
+  image so that image k is the same whatever the batch it is drawn in.
+  """
+  keys = per_image_keys(keys, checks.batch_size("keys", keys))
+  return per_image_normal(keys, tuple(shape_per_image))
+
+
+def _step_noise(keys: jax.Array, step: int | jax.Array, like: jax.Array) -> jax.Array:
+  """Fresh per-image noise for sampler step `step`: keys [B] -> [B, *like.shape[1:]]."""
+  step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
+  return per_image_normal(step_keys, like.shape[1:], like.dtype)
+
+
+# ----------------------------------------------------------------------------- EDM Heun
+
+
+def edm_sigma_steps(num_steps: int = 18, sigma_min: float | jax.Array = 0.002,
+                    sigma_max: float = 80.0, rho: float = 7.0) -> jax.Array:
+  """EDM's time steps σ_i = (σ_max^{1/ρ} + i/(N−1) (σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ.
+
+  `sigma_min` may be a per-example [B] array (truncated sampling); the result is
+  [N] for a scalar and [N, B] for an array.
+  """
+  if num_steps < 2:
+    raise ValueError(f"`num_steps` must be >= 2; got {num_steps}.")
+  sigma_min = jnp.asarray(sigma_min, jnp.float32)
+  frac = jnp.arange(num_steps, dtype=jnp.float32) / (num_steps - 1)
+  frac = frac.reshape((num_steps,) + (1,) * sigma_min.ndim)
+  inv_rho = 1.0 / rho
+  return (sigma_max**inv_rho + frac * (sigma_min**inv_rho - sigma_max**inv_rho)) ** rho
+
+
+def edm_sampler(denoise_fn: DenoiseFn, latents: jax.Array, num_steps: int = 18, *,
+                sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                sigma_stop: Optional[jax.Array] = None, keys: Optional[jax.Array] = None,
+                S_churn: float = 0.0, S_min: float = 0.0, S_max: float = float("inf"),
+                S_noise: float = 1.0) -> jax.Array:
+  """EDM Heun sampler: latents [B, ...] ~ N(0, I) -> samples [B, ...].
+
+  Full sampling (`sigma_stop=None`) runs N−1 Heun steps from σ_max to σ_min and
+  returns D(x, σ_min), which is exactly EDM's last Euler step to σ = 0: 2N−1 = 35
+  network evaluations for N = 18, as in EDM.
+
+  Truncated sampling (`sigma_stop`: scalar or [B], e.g. each example's σ_n) spends
+  the same N steps on [σ_stop, σ_max] and returns the Tweedie estimate
+  D(x_{σ_stop}, σ_stop) = E[x0 | x_{σ_stop}] (METHOD.md §6). Entries of 0 fall back
+  to full sampling, so one call serves clean and noisy models.
+
+  `S_churn > 0` makes it stochastic (EDM Alg. 2) and needs `keys` [B], one PRNG key
+  per image.
+  """
+  batch = checks.batch_size("latents", latents)
+  if S_churn < 0:
+    raise ValueError(f"`S_churn` must be >= 0; got {S_churn}.")
+  if S_churn > 0:
+    if keys is None:
+      raise ValueError("`keys` (one PRNG key per image, shape [B]) is required when S_churn > 0.")
+    keys = per_image_keys(keys, batch)
+  if sigma_stop is None:
+    sigma_low = jnp.full((batch,), sigma_min, jnp.float32)
+  else:
+    checks.per_example("sigma_stop", sigma_stop, batch, allow_scalar=True)
+    sigma_stop = jnp.broadcast_to(jnp.asarray(sigma_stop, jnp.float32), (batch,))
+    sigma_low = jnp.where(sigma_stop > 0, sigma_stop, sigma_min)
+
+  t_steps = edm_sigma_steps(num_steps, sigma_low, sigma_max, rho)  # [N, B]
+  gamma_max = min(S_churn / num_steps, 2**0.5 - 1)
+  x = latents.astype(jnp.float32) * t_steps[0][:, None].reshape((batch,) + (1,) * (latents.ndim - 1))
+
+  def heun_step(x, inputs):
+    i, t_cur, t_next = inputs
+    if S_churn > 0:
+      gamma = jnp.where((t_cur >= S_min) & (t_cur <= S_max), gamma_max, 0.0)
+      t_hat = t_cur + gamma * t_cur
+      eps = _step_noise(keys, i, x)
+      x_hat = x + expand(jnp.sqrt(jnp.maximum(t_hat**2 - t_cur**2, 0.0)) * S_noise, x) * eps
+    else:
+      t_hat, x_hat = t_cur, x
+    d_cur = (x_hat - denoise_fn(x_hat, t_hat)) / expand(t_hat, x)
+    x_euler = x_hat + expand(t_next - t_hat, x) * d_cur
+    d_next = (x_euler - denoise_fn(x_euler, t_next)) / expand(t_next, x)
+    x_next = x_hat + expand(t_next - t_hat, x) * (0.5 * d_cur + 0.5 * d_next)
+    return x_next, None
+
+  steps = (jnp.arange(num_steps - 1), t_steps[:-1], t_steps[1:])
+  x, _ = jax.lax.scan(heun_step, x, steps)
+  return denoise_fn(x, sigma_low)
+
+
+def per_image_keys(keys: jax.Array, batch: int) -> jax.Array:
+  """Validates one PRNG key per image; raw uint32 keys [B, 2] are wrapped to typed keys [B]."""
+  if not jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
+    keys = jax.random.wrap_key_data(keys)
+  if keys.shape != (batch,):
+    raise ValueError(f"`keys` must hold one PRNG key per image, shape [{batch}]; got {keys.shape}.")
+  return keys
+
+
+# ----------------------------------------------------------------------------- reverse steps
+
+
+def posterior_step(denoised: jax.Array, x: jax.Array, sigma_from: jax.Array, sigma_to: jax.Array,
+                   noise: jax.Array) -> jax.Array:
+  """One posterior (DDIM-like ancestral) step from σ_i to σ_j < σ_i; σ's are [B].
+
+  x ← (σ_j²/σ_i²) x + (1 − σ_j²/σ_i²) D + σ_j √(1 − σ_j²/σ_i²) ξ. Its mean is exact
+  for any step size, so the exact denoiser is exactly consistent under it.
+  """
+  ratio = (sigma_to / sigma_from) ** 2
+  keep = jnp.clip(1.0 - ratio, 0.0, 1.0)  # guards √ of tiny negatives when σ_j ≈ σ_i
+  return (expand(ratio, x) * x + expand(keep, x) * denoised
+          + expand(sigma_to * jnp.sqrt(keep), x) * noise)
+
+
+def euler_maruyama_step(denoised: jax.Array, x: jax.Array, sigma_from: jax.Array,
+                        sigma_to: jax.Array, noise: jax.Array) -> jax.Array:
+  """One Euler–Maruyama step of the VE reverse SDE from σ_i to σ_j < σ_i; σ's are [B].
+
+  x ← x − 2(σ_i − σ_j)(x − D)/σ_i + √(2 σ_i (σ_i − σ_j)) ξ.
+  """
+  delta = jnp.maximum(sigma_from - sigma_to, 0.0)
+  return (x - expand(2.0 * delta / sigma_from, x) * (x - denoised)
+          + expand(jnp.sqrt(2.0 * sigma_from * delta), x) * noise)
+
+
+STEP_FUNCTIONS = {"posterior": posterior_step, "euler_maruyama": euler_maruyama_step}
+STEP_KINDS = tuple(STEP_FUNCTIONS)
+
+
+def reverse_chain(denoise_fn: DenoiseFn, x: jax.Array, sigma_from: jax.Array,
+                  sigma_to: jax.Array, num_steps: int, key: jax.Array,
+                  step: str = "posterior") -> jax.Array:
+  """Runs `num_steps` reverse steps from σ_from to σ_to ([B] each), geometrically spaced.
+
+  x: [B, ...] at level σ_from -> [B, ...] at level σ_to. `key` is one key for the whole
+  batch (used by the consistency loss, whose keys are already per example-and-step);
+  samplers that need batch invariance pass per-image keys through `ancestral_sampler`.
+  """
+  checks.one_of("step", step, STEP_KINDS)
+  if num_steps < 1:
+    raise ValueError(f"`num_steps` must be >= 1; got {num_steps}.")
+  move = STEP_FUNCTIONS[step]
+  log_from, log_to = jnp.log(sigma_from), jnp.log(sigma_to)
+  for k in range(num_steps):
+    s_i = jnp.exp(log_from + (log_to - log_from) * (k / num_steps))
+    s_j = sigma_to if k == num_steps - 1 else jnp.exp(log_from + (log_to - log_from) * ((k + 1) / num_steps))
+    noise = jax.random.normal(jax.random.fold_in(key, k), x.shape, x.dtype)
+    x = move(denoise_fn(x, s_i), x, s_i, s_j, noise)
+  return x
+
+
+def ancestral_sampler(denoise_fn: DenoiseFn, x: jax.Array, sigma_from: jax.Array,
+                      keys: jax.Array, num_steps: int = 32, *, sigma_to: float | jax.Array = 0.002,
+                      step: str = "posterior") -> jax.Array:
+  """Stochastic sampling by posterior or Euler–Maruyama steps, from x at σ_from to x0.
+
+  x: [B, ...] at per-example level σ_from [B]; keys [B], one per image. Runs
+  `num_steps` geometrically spaced steps down to σ_to, then returns D(x, σ_to). Used
+  for posterior-sampling reconstructions in the memorization attack (METHOD.md §8).
+  """
+  checks.one_of("step", step, STEP_KINDS)
+  batch = checks.batch_size("x", x)
+  keys = per_image_keys(keys, batch)
+  sigma_from = jnp.broadcast_to(jnp.asarray(sigma_from, jnp.float32), (batch,))
+  sigma_to = jnp.broadcast_to(jnp.asarray(sigma_to, jnp.float32), (batch,))
+  move = STEP_FUNCTIONS[step]
+  frac = jnp.arange(num_steps + 1, dtype=jnp.float32) / num_steps
+  levels = jnp.exp(jnp.log(sigma_from)[None] + frac[:, None] * (jnp.log(sigma_to) - jnp.log(sigma_from))[None])
+
+  def body(x, inputs):
+    i, s_i, s_j = inputs
+    return move(denoise_fn(x, s_i), x, s_i, s_j, _step_noise(keys, i, x)), None
+
+  x, _ = jax.lax.scan(body, x, (jnp.arange(num_steps), levels[:-1], levels[1:]))
+  return denoise_fn(x, sigma_to)

@@ -1,0 +1,218 @@
+"""The losses against closed forms for Gaussian data (METHOD.md §3–§5, §7)."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ambient_jax import losses, precond
+from tests import gaussian
+
+DIM, N = 16, 16384
+SIGMA_N = 0.3
+
+
+def _noisy_gaussian_data(seed=0, sigma_n=SIGMA_N, n=N):
+  k0, k1 = jax.random.split(jax.random.key(seed))
+  x0 = gaussian.MU + gaussian.S * jax.random.normal(k0, (n, DIM))
+  return x0, x0 + sigma_n * jax.random.normal(k1, (n, DIM))
+
+
+def _fit_linear_denoiser(loss_fn, sigma):
+  """Fits D(x, σ) = a x + c at (nearly) one fixed σ and returns a.
+
+  The loss is quadratic in (a, c), so one Newton step from zero is its exact minimiser
+  for the given noise draw: no optimiser tuning, no iteration count to pick.
+  """
+
+  def total(theta):
+    denoise = lambda x, s: theta[0] * x + theta[1]
+    return jnp.mean(loss_fn(denoise, p_mean=float(np.log(sigma)), p_std=1e-4))
+
+  theta0 = jnp.zeros(2)
+  theta = theta0 - jnp.linalg.solve(jax.hessian(total)(theta0), jax.grad(total)(theta0))
+  return float(theta[0])
+
+
+@pytest.mark.parametrize("sigma", [0.4, 0.6, 1.0, 2.0])
+def test_ambient_recovers_clean_shrinkage_and_edm_the_naive_one(sigma):
+  x0, x_noisy = _noisy_gaussian_data()
+  sigma_n = jnp.full((N,), SIGMA_N)
+  key = jax.random.key(1)
+  a_ambient = _fit_linear_denoiser(
+      lambda d, **kw: losses.ambient_loss(d, x_noisy, sigma_n, key, **kw)[0], sigma)
+  a_naive = _fit_linear_denoiser(lambda d, **kw: losses.edm_loss(d, x_noisy, key, **kw)[0], sigma)
+  clean, naive = gaussian.clean_shrinkage(sigma), gaussian.naive_shrinkage(sigma, SIGMA_N)
+  assert abs(a_ambient - clean) / clean < 0.03, (a_ambient, clean)
+  assert abs(a_naive - naive) / naive < 0.03, (a_naive, naive)
+  # the two targets differ by far more than the tolerance, so the test tells them apart
+  assert abs(a_ambient - naive) / naive > 0.15
+
+
+def test_x0_weighting_has_the_same_minimiser():
+  x0, x_noisy = _noisy_gaussian_data()
+  sigma_n = jnp.full((N,), SIGMA_N)
+  a = _fit_linear_denoiser(lambda d, **kw: losses.ambient_loss(
+      d, x_noisy, sigma_n, jax.random.key(2), weighting="x0", **kw)[0], 0.6)
+  assert abs(a - gaussian.clean_shrinkage(0.6)) / gaussian.clean_shrinkage(0.6) < 0.03
+
+
+def test_ambient_with_zero_sigma_n_equals_edm_exactly():
+  x0, _ = _noisy_gaussian_data(n=512)
+  denoise = lambda x, s: jnp.tanh(x) * (1 + s[:, None])  # any nonlinear denoiser
+  key = jax.random.key(3)
+  for weighting in losses.AMBIENT_WEIGHTINGS:
+    ambient, aux_a = losses.ambient_loss(denoise, x0, jnp.zeros(512), key, weighting=weighting)
+    edm, aux_e = losses.edm_loss(denoise, x0, key)
+    np.testing.assert_array_equal(np.asarray(ambient), np.asarray(edm))
+    np.testing.assert_array_equal(np.asarray(aux_a["sigma"]), np.asarray(aux_e["sigma"]))
+
+
+def test_sigma_is_sampled_above_each_sigma_n_from_the_truncated_lognormal():
+  sigma_n = jnp.array([0.0, 0.05, 0.2, 1.0, 10.0] * 20000)
+  sigma = precond.sample_sigma(jax.random.key(0), sigma_n)
+  assert bool(jnp.all(sigma > sigma_n))
+  # clean examples: the EDM lognormal, ln σ ~ N(−1.2, 1.2²)
+  log_clean = np.log(np.asarray(sigma[::5]))
+  assert abs(log_clean.mean() - precond.P_MEAN) < 0.03 and abs(log_clean.std() - precond.P_STD) < 0.03
+  # σ_n = 0.2: P(σ < 2 σ_n | σ > σ_n) matches the truncated law
+  from scipy.stats import norm
+  a, b = [(np.log(v) - precond.P_MEAN) / precond.P_STD for v in (0.2, 0.4)]
+  expected = (norm.cdf(b) - norm.cdf(a)) / norm.sf(a)
+  assert abs(np.mean(np.asarray(sigma[2::5]) < 0.4) - expected) < 0.01
+
+
+def test_vp_ambient_recovers_the_clean_vp_denoiser():
+  """VP form: x_n = √(1−σ_n²) x0 + σ_n z; x0- and ε-prediction both reach E[x0 | x_t]."""
+  sigma_n, sigma_t = 0.3, 0.6
+  k0, k1 = jax.random.split(jax.random.key(4))
+  x0 = gaussian.MU + gaussian.S * jax.random.normal(k0, (N, DIM))
+  x_noisy = np.sqrt(1 - sigma_n**2) * x0 + sigma_n * jax.random.normal(k1, x0.shape)
+  scale = np.sqrt(1 - sigma_t**2)
+  target = scale * gaussian.S**2 / (scale**2 * gaussian.S**2 + sigma_t**2)  # x0 coefficient of x_t
+  for prediction in losses.VP_PREDICTIONS:
+    def total(theta):
+      fn = lambda x, s: theta[0] * x + theta[1]
+      return jnp.mean(losses.ambient_loss_vp(fn, x_noisy, jnp.full((N,), sigma_n), jax.random.key(5),
+                                             prediction=prediction,
+                                             sigma_schedule=jnp.array([sigma_t]))[0])
+    theta = -jnp.linalg.solve(jax.hessian(total)(jnp.zeros(2)), jax.grad(total)(jnp.zeros(2)))
+    a = float(theta[0]) if prediction == "x0" else (1 - sigma_t * float(theta[0])) / scale
+    assert abs(a - target) / target < 0.03, (prediction, a, target)
+
+
+def test_vp_schedule_sampling_stays_above_sigma_n():
+  sigmas = precond.ddpm_sigmas()
+  sigma_n = jnp.tile(jnp.concatenate([jnp.zeros(1), sigmas[jnp.array([100, 500, 800])]]), 20000)
+  _, aux = losses.ambient_loss_vp(lambda x, s: x, jnp.zeros((80000, 1)), sigma_n, jax.random.key(0),
+                                  sigma_schedule=sigmas)
+  assert bool(jnp.all(aux["sigma_t"] > sigma_n))
+  for column, t_n in enumerate([-1, 100, 500, 800]):  # t uniform over t_n + 1 .. 999
+    steps = np.asarray(aux["timestep"][column::4])
+    assert steps.min() == t_n + 1 and steps.max() == 999
+  np.testing.assert_allclose(np.asarray(sigmas[jnp.array([100, 500, 800])]), [0.325, 0.851, 0.981], atol=1e-3)
+
+
+def test_vp_and_ve_ambient_predictions_agree_for_the_exact_denoiser():
+  """The exact VP denoiser's x̂_n equals its noisy target in expectation, like the VE one."""
+  x_noisy = jnp.zeros((4096, 4))
+  sigma_n = jnp.full((4096,), 0.3)
+  loss_vp, _ = losses.ambient_loss_vp(gaussian.exact_vp_denoiser(), x_noisy, sigma_n, jax.random.key(1))
+  assert bool(jnp.all(jnp.isfinite(loss_vp)))
+
+
+@pytest.mark.parametrize("options", [
+    dict(),  # the default: global form, posterior steps
+    dict(start="sigma_n", gap=0.05, anchor_steps=1, chain_steps=1),  # the paper's local form
+    dict(start="sigma_n", gap=0.3, anchor_steps=6, chain_steps=2, num_samples=4),
+])
+def test_consistency_is_zero_for_the_exact_denoiser_and_positive_for_a_wrong_one(options):
+  _, x_noisy = _noisy_gaussian_data(n=8192)
+  sigma_n = jnp.full((8192,), SIGMA_N)
+  key = jax.random.key(7)
+  exact, _ = losses.consistency_loss(gaussian.exact_denoiser(), x_noisy, sigma_n, key, **options)
+  stderr = float(jnp.std(exact)) / np.sqrt(exact.size)
+  assert abs(float(jnp.mean(exact))) < 4 * stderr, (float(jnp.mean(exact)), stderr)
+
+  def wrong_below(x, sigma):  # exact above σ_n, over-smooths below
+    a = gaussian.clean_shrinkage(sigma) * jnp.where(sigma < SIGMA_N, 0.7, 1.0)
+    return gaussian.MU + a[:, None] * (x - gaussian.MU)
+
+  wrong, _ = losses.consistency_loss(wrong_below, x_noisy, sigma_n, key, **options)
+  wrong_stderr = float(jnp.std(wrong)) / np.sqrt(wrong.size)
+  assert float(jnp.mean(wrong)) > 5 * max(wrong_stderr, stderr)
+
+
+def test_consistency_ignores_clean_examples_and_supports_every_option():
+  _, x_noisy = _noisy_gaussian_data(n=64)
+  sigma_n = jnp.where(jnp.arange(64) % 2 == 0, 0.0, SIGMA_N)
+  for options in [dict(step="euler_maruyama"), dict(estimator="average", num_samples=3),
+                  dict(weighting="edm"), dict(weighting=lambda sb, sn: sb / sn),
+                  dict(grad_through_sampler=True, anchor_grad=True)]:
+    loss, aux = losses.consistency_loss(gaussian.exact_denoiser(), x_noisy, sigma_n,
+                                        jax.random.key(0), **options)
+    assert loss.shape == (64,)
+    assert bool(jnp.all(loss[::2] == 0)) and bool(jnp.all(jnp.isfinite(loss)))
+    assert bool(jnp.all(aux["sigma_target"][1::2] < SIGMA_N))
+
+
+def test_levels_keep_the_margin_that_avoids_square_roots_of_negatives():
+  _, x_noisy = _noisy_gaussian_data(n=4096)
+  sigma_n = jnp.full((4096,), SIGMA_N)
+  _, aux = losses.consistency_loss(gaussian.exact_denoiser(), x_noisy, sigma_n, jax.random.key(0))
+  assert float(jnp.min(aux["sigma_start"])) >= 1.05 * SIGMA_N * (1 - 1e-6)
+  assert float(jnp.max(aux["sigma_target"])) <= 0.95 * SIGMA_N * (1 + 1e-6)
+
+
+def _linear_params_loss(loss_name):
+  _, x_noisy = _noisy_gaussian_data(n=256)
+  sigma_n = jnp.full((256,), SIGMA_N)
+
+  def total(theta, key):
+    denoise = lambda x, s: theta[0] * x + theta[1] * jnp.tanh(x) + theta[2] * s[:, None]
+    if loss_name == "edm":
+      loss, _ = losses.edm_loss(denoise, x_noisy, key)
+    elif loss_name == "vp":
+      loss, _ = losses.ambient_loss_vp(denoise, x_noisy, sigma_n, key)
+    else:
+      loss, _ = getattr(losses, loss_name)(denoise, x_noisy, sigma_n, key)
+    return jnp.mean(loss)
+
+  return total
+
+
+@pytest.mark.parametrize("loss_name", ["edm", "ambient_loss", "vp", "consistency_loss"])
+def test_losses_jit_and_are_differentiable(loss_name):
+  total = _linear_params_loss(loss_name)
+  theta = jnp.array([0.5, 0.2, 0.1])
+  value, grad = jax.jit(jax.value_and_grad(total))(theta, jax.random.key(0))
+  assert np.isfinite(float(value)) and bool(jnp.all(jnp.isfinite(grad)))
+  assert float(jnp.max(jnp.abs(grad))) > 0
+
+
+def test_bad_input_gets_a_message_naming_the_argument():
+  d = lambda x, s: x
+  x = jnp.zeros((4, 2))
+  with pytest.raises(ValueError, match="sigma_n"):
+    losses.ambient_loss(d, x, jnp.array([0.1, -0.1, 0.1, 0.1]), jax.random.key(0))
+  with pytest.raises(ValueError, match="sigma_n"):
+    losses.ambient_loss(d, x, jnp.zeros((4, 1)), jax.random.key(0))
+  with pytest.raises(ValueError, match="sigma_n"):
+    losses.consistency_loss(d, x, jnp.zeros(3), jax.random.key(0))
+  with pytest.raises(ValueError, match="step"):
+    losses.consistency_loss(d, x, jnp.full((4,), 0.1), jax.random.key(0), step="heun")
+  with pytest.raises(ValueError, match="weighting"):
+    losses.ambient_loss(d, x, jnp.zeros(4), jax.random.key(0), weighting="snr")
+  with pytest.raises(ValueError, match="sigma_n"):
+    losses.ambient_loss_vp(d, x, jnp.full((4,), 1.5), jax.random.key(0))
+
+
+def test_math_modules_import_no_framework():
+  code = ("import sys; import ambient_jax.losses, ambient_jax.sampling, ambient_jax.precond; "
+          "bad = sorted({m.split('.')[0] for m in sys.modules} & "
+          "{'tensorflow', 'orbax', 'flax', 'clu', 'optax', 'torch'}); print(bad); assert not bad")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+  assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,124 @@
+"""Samplers against closed forms for Gaussian data, and their invariances."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ambient_jax import precond, sampling
+from tests import gaussian
+
+N, DIM = 8192, 4
+
+
+def _latents(n=N, seed=0):
+  return sampling.latents_from_keys(jax.random.split(jax.random.key(seed), n), (DIM,))
+
+
+def test_full_sampling_with_the_exact_denoiser_reproduces_the_data_law():
+  x = jax.jit(lambda z: sampling.edm_sampler(gaussian.exact_denoiser(), z, num_steps=128))(_latents())
+  assert abs(float(x.mean()) - gaussian.MU) < 0.01
+  assert abs(float(x.std()) - gaussian.S) / gaussian.S < 0.02
+
+
+def test_truncated_sampling_reproduces_the_law_of_the_posterior_mean():
+  """Stopping at σ_n and taking one Tweedie step samples E[x0 | x_n]: std s²/√(s² + σ_n²)."""
+  sigma_n = 0.3
+  x = sampling.edm_sampler(gaussian.exact_denoiser(), _latents(), num_steps=128,
+                           sigma_stop=jnp.full((N,), sigma_n))
+  expected = gaussian.S**2 / np.sqrt(gaussian.S**2 + sigma_n**2)
+  assert abs(float(x.std()) - expected) / expected < 0.02
+  assert abs(float(x.std()) - gaussian.S) / gaussian.S > 0.2  # clearly not the full law
+
+
+def test_truncated_zero_entries_fall_back_to_full_sampling():
+  z = _latents(16)
+  full = sampling.edm_sampler(gaussian.exact_denoiser(), z)
+  mixed = sampling.edm_sampler(gaussian.exact_denoiser(), z,
+                               sigma_stop=jnp.where(jnp.arange(16) < 8, 0.0, 0.3))
+  np.testing.assert_allclose(np.asarray(mixed[:8]), np.asarray(full[:8]), rtol=1e-6, atol=1e-6)
+  assert not np.allclose(np.asarray(mixed[8:]), np.asarray(full[8:]))
+
+
+def test_edm_schedule_matches_edm():
+  steps = sampling.edm_sigma_steps(18)
+  np.testing.assert_allclose(float(steps[0]), 80.0, rtol=1e-5)
+  np.testing.assert_allclose(float(steps[-1]), 0.002, rtol=1e-5)
+  assert bool(jnp.all(jnp.diff(steps) < 0))
+
+
+def test_stochastic_images_do_not_depend_on_batch_split_or_order():
+  keys = jax.random.split(jax.random.key(1), 16)
+  z = sampling.latents_from_keys(keys, (DIM,))
+  run = jax.jit(lambda z, k: sampling.edm_sampler(gaussian.exact_denoiser(), z, keys=k, S_churn=40.0))
+  whole = run(z, keys)
+  halves = jnp.concatenate([run(z[:8], keys[:8]), run(z[8:], keys[8:])])
+  perm = jnp.arange(16)[::-1]
+  reversed_ = run(z[perm], keys[perm])[perm]
+  np.testing.assert_allclose(np.asarray(whole), np.asarray(halves), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(whole), np.asarray(reversed_), rtol=1e-6, atol=1e-6)
+  deterministic = sampling.edm_sampler(gaussian.exact_denoiser(), z)
+  assert not np.allclose(np.asarray(whole), np.asarray(deterministic))  # churn really adds noise
+
+
+def test_images_are_the_same_on_one_and_on_eight_devices():
+  assert jax.device_count() == 8, "tests/conftest.py must give 8 fake CPU devices"
+  keys = jax.random.split(jax.random.key(2), 32)
+  z = sampling.latents_from_keys(keys, (DIM,))
+  run = jax.jit(lambda z, k: sampling.edm_sampler(gaussian.exact_denoiser(), z, keys=k, S_churn=10.0))
+  single = run(jax.device_put(z, jax.devices()[0]), jax.device_put(keys, jax.devices()[0]))
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  sharded = NamedSharding(mesh, P("data"))
+  multi = run(jax.device_put(z, sharded), jax.device_put(keys, sharded))
+  assert len(multi.sharding.device_set) == 8
+  np.testing.assert_allclose(np.asarray(multi), np.asarray(single), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("step", sampling.STEP_KINDS)
+def test_ancestral_sampler_with_exact_denoiser_reproduces_the_data_law(step):
+  sigma_from = 2.0
+  keys = jax.random.split(jax.random.key(3), N)
+  x = gaussian.MU + np.sqrt(gaussian.S**2 + sigma_from**2) * _latents(seed=4)
+  out = sampling.ancestral_sampler(gaussian.exact_denoiser(), x, jnp.full((N,), sigma_from), keys,
+                                   num_steps=256, step=step)
+  assert abs(float(out.std()) - gaussian.S) / gaussian.S < 0.03
+  assert abs(float(out.mean()) - gaussian.MU) < 0.01
+
+
+def test_posterior_step_mean_is_exact_for_any_step_size():
+  """E[x_j | x_i] of a posterior step = the true E[x_{σ_j} | x_{σ_i}] for Gaussian data."""
+  x = jnp.linspace(-2, 2, 9)[:, None]
+  s_i, s_j = jnp.full((9,), 1.5), jnp.full((9,), 0.1)
+  d = gaussian.exact_denoiser()
+  mean = sampling.posterior_step(d(x, s_i), x, s_i, s_j, jnp.zeros_like(x))
+  # Gaussian x_j given x_i: regression of x_j on x_i with cov (s² + σ_j²) / (s² + σ_i²)
+  slope = (gaussian.S**2 + 0.1**2) / (gaussian.S**2 + 1.5**2)
+  np.testing.assert_allclose(np.asarray(mean), np.asarray(gaussian.MU + slope * (x - gaussian.MU)), rtol=1e-5)
+
+
+def test_ve_vp_conversions_round_trip_and_map_denoisers():
+  sigma = jnp.array([0.002, 0.1, 0.5, 1.0, 80.0])
+  np.testing.assert_allclose(np.asarray(precond.vp_to_ve_sigma(precond.ve_to_vp_sigma(sigma))),
+                             np.asarray(sigma), rtol=1e-3)  # σ_t ≈ 1 − 8e-5 at σ = 80 in float32
+  sigma_t = precond.ve_to_vp_sigma(sigma)
+  assert bool(jnp.all((sigma_t > 0) & (sigma_t < 1)))
+  x = jnp.linspace(-3, 3, 5)[:, None] * jnp.ones((5, 3))
+  as_ve = precond.ve_denoiser_from_vp(gaussian.exact_vp_denoiser())(x, sigma)
+  np.testing.assert_allclose(np.asarray(as_ve), np.asarray(gaussian.exact_denoiser()(x, sigma)), rtol=1e-4, atol=1e-5)
+  x_t = x * precond.vp_scale(sigma_t)[:, None]
+  as_vp = precond.vp_denoiser_from_ve(gaussian.exact_denoiser())(x_t, sigma_t)
+  np.testing.assert_allclose(np.asarray(as_vp), np.asarray(gaussian.exact_vp_denoiser()(x_t, sigma_t)), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_sampler_input_gets_clear_errors():
+  z = _latents(4)
+  with pytest.raises(ValueError, match="keys"):
+    sampling.edm_sampler(gaussian.exact_denoiser(), z, S_churn=1.0)
+  with pytest.raises(ValueError, match="keys"):
+    sampling.edm_sampler(gaussian.exact_denoiser(), z, S_churn=1.0, keys=jax.random.split(jax.random.key(0), 3))
+  with pytest.raises(ValueError, match="sigma_stop"):
+    sampling.edm_sampler(gaussian.exact_denoiser(), z, sigma_stop=jnp.full((3,), 0.2))
+  with pytest.raises(ValueError, match="step"):
+    sampling.reverse_chain(gaussian.exact_denoiser(), z, jnp.ones(4), jnp.full((4,), 0.5), 2,
+                           jax.random.key(0), step="ddim")
