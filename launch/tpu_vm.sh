@@ -80,9 +80,12 @@ need_value() { [[ $# -ge 2 && -n "$2" && "$2" != --* ]] || die "option $1 needs 
 while [[ $# -gt 0 ]]; do
   opt="$1"; val=""; has_eq=0
   if [[ "$opt" == --*=* ]]; then val="${opt#*=}"; opt="${opt%%=*}"; has_eq=1; fi
-  takes_value=1
   case "$opt" in
     --spot|--preemptible|--keep|--resume-loop|--dry-run|-h|--help|--) takes_value=0 ;;
+    --name|--zone|--project|--accelerator-type|--version|--runtime-version|--config|--workdir|\
+    --code|--git-repo|--git-ref|--jax-version|--env|--create-flag|--ssh-flag|--max-attempts|\
+    --retry-wait|--log-dir|--log-worker|--simulate-preemptions) takes_value=1 ;;
+    *) die "unknown option '$1' (trainer flags such as --config.optim.lr=... go after --)" ;;
   esac
   if [[ $takes_value -eq 1 && $has_eq -eq 0 ]]; then need_value "$opt" "${2:-}"; val="$2"; shift; fi
   if [[ $takes_value -eq 0 && $has_eq -eq 1 ]]; then die "option $opt takes no value"; fi
