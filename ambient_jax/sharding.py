@@ -11,7 +11,7 @@ data * fsdp. Gradients are averaged by the compiler (a mean over a sharded batch
 
 from __future__ import annotations
 
-import logging
+from absl import logging
 from typing import Any, Optional, Sequence
 
 import jax

@@ -1,0 +1,124 @@
+"""The one module that talks to Orbax.
+
+Layout: WORKDIR/checkpoints/<step>/{state, meta}. `state` is the whole train state
+(step, params, optimizer state, every EMA) as one pytree; `meta` is a small JSON record
+(step, images seen, device count, config name). Guarantees:
+- Saves are asynchronous (the device-to-host copy happens before `save` returns, so the
+  next step may donate the buffers); `wait()` blocks until the last one is on disk.
+- Orbax writes into a temporary directory and renames it only when complete, so a
+  checkpoint cut short by a crash or kill is never listed, never restored, and is
+  cleaned up on the next start.
+- Keep the last `max_to_keep`, plus every step divisible by `keep_every_steps`.
+- Restore takes an abstract state whose leaves carry the *target* shardings, so a
+  checkpoint written on 8 devices restores onto 2 (or onto a TPU slice) unchanged.
+- SIGTERM (preemption) sets a flag the training loop polls; multi-process runs use the
+  jax.distributed preemption sync point instead, so all processes stop at the same step.
+"""
+
+from __future__ import annotations
+
+from absl import logging
+import os
+import signal
+import threading
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+STATE, META = "state", "meta"
+
+
+class Checkpointer:
+  """Async CheckpointManager over WORKDIR/checkpoints with keep-last-N + keep-every-K."""
+
+  def __init__(self, directory: str, *, max_to_keep: int = 3, keep_every_steps: int = 0,
+               async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        keep_period=keep_every_steps or None,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+        create=True,
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=(STATE, META))
+
+  def latest_step(self) -> Optional[int]:
+    """The newest *complete* checkpoint's step, or None."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def save(self, step: int, state: Any, meta: Optional[dict] = None) -> None:
+    """Starts writing `state` as checkpoint `step` (returns once device buffers are copied)."""
+    meta = dict(meta or {}, step=int(step))
+    self._manager.save(int(step), args=ocp.args.Composite(
+        **{STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}), force=True)
+
+  def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict]:
+    """(state, meta) of checkpoint `step` (default: latest), laid out like `abstract_state`.
+
+    `abstract_state`: a pytree of jax.ShapeDtypeStruct with `.sharding` set to where each
+    leaf should live now (any mesh, any device count).
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"No complete checkpoint in {self.directory}.")
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        **{STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}))
+    return restored[STATE], dict(restored[META] or {})
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def reached_preemption(self, step: int) -> bool:
+    """Multi-process: True on every process at the same step once any got SIGTERM."""
+    if jax.process_count() == 1:
+      return False
+    return self._manager.reached_preemption(step)
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `tree` (arrays or ShapeDtypeStructs) with the given shardings."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+class SigtermFlag:
+  """Context manager: while active, SIGTERM sets `.triggered` instead of killing the process.
+
+  Only installed in single-process runs and on the main thread; multi-process runs rely
+  on `Checkpointer.reached_preemption` (jax.distributed owns SIGTERM there). A second
+  SIGTERM while the checkpoint is being written is ignored; SIGKILL still kills.
+  """
+
+  def __init__(self):
+    self.triggered = False
+    self._previous = None
+
+  def _handle(self, signum, frame):
+    del frame
+    if not self.triggered:
+      logging.warning("Received signal %d: will save a checkpoint and exit after this step.",
+                      signum)
+    self.triggered = True
+
+  def __enter__(self) -> "SigtermFlag":
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None

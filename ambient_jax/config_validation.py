@@ -1,0 +1,262 @@
+"""Whole-config validation, run before anything is built or compiled.
+
+`validate(config, num_devices)` raises one `ConfigError` listing every bad field as
+`config.FIELD = VALUE is not allowed: WHAT IS ALLOWED`. The schema is
+configs/default.py's `base_config()`: an unknown field (a typo in a config file) is an
+error too. Model fields are checked by `ambient_jax.models.resolve_config`, loss options
+against the signatures of `losses.ambient_loss` / `losses.consistency_loss`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+from typing import Any, Optional
+
+import ml_collections
+
+MODES = ("ambient", "naive")
+SOURCES = ("memory", "random_access")
+FILE_FORMATS = ("tfrecord", "array_record")
+_FREE_FORM = ("model", "loss.ambient", "consistency.kwargs")  # checked elsewhere
+
+
+class ConfigError(ValueError):
+  """One or more config fields are invalid; the message names each of them."""
+
+
+def _schema() -> Optional[ml_collections.ConfigDict]:
+  """configs/default.py's base_config(), or None outside a source checkout."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(__file__).resolve().parent.parent / "configs" / "default.py"
+  if not path.exists():
+    return None
+  spec = importlib.util.spec_from_file_location("ambient_jax_configs_default_schema", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.base_config()
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+class _Checker:
+
+  def __init__(self, config):
+    self.config, self.errors = config, []
+
+  def get(self, path: str):
+    node = self.config
+    for part in path.split("."):
+      node = node[part]
+    return node
+
+  def fail(self, path: str, value: Any, allowed: str) -> None:
+    self.errors.append(f"config.{path} = {value!r} is not allowed: {allowed}.")
+
+  def int_at_least(self, path: str, minimum: int) -> Optional[int]:
+    v = self.get(path)
+    if not _is_int(v) or v < minimum:
+      self.fail(path, v, f"must be an integer >= {minimum}")
+      return None
+    return int(v)
+
+  def number(self, path: str, low: float = -math.inf, high: float = math.inf, *,
+             low_open: bool = False, high_open: bool = False) -> Optional[float]:
+    v = self.get(path)
+    ok = _is_num(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    if not ok:
+      lo = f"{'(' if low_open else '['}{low}" if low != -math.inf else "(-inf"
+      hi = f"{high}{')' if high_open else ']'}" if high != math.inf else "inf)"
+      self.fail(path, v, f"must be a finite number in {lo}, {hi}")
+      return None
+    return float(v)
+
+  def one_of(self, path: str, allowed) -> Any:
+    v = self.get(path)
+    if v not in allowed:
+      self.fail(path, v, f"must be one of {tuple(allowed)}")
+      return None
+    return v
+
+  def unknown_fields(self, node, schema, prefix: str = "") -> None:
+    for key in node.keys():
+      path = f"{prefix}{key}"
+      if path in _FREE_FORM:
+        continue
+      if key not in schema:
+        self.errors.append(f"config.{path} is not a known field; allowed fields here: "
+                           f"{sorted(schema.keys())}.")
+      elif isinstance(schema[key], ml_collections.ConfigDict):
+        if isinstance(node[key], ml_collections.ConfigDict):
+          self.unknown_fields(node[key], schema[key], path + ".")
+        else:
+          self.fail(path, node[key], "must be a section (ConfigDict)")
+    for key in schema.keys():
+      if key not in node and f"{prefix}{key}" not in _FREE_FORM:
+        self.errors.append(f"config.{prefix}{key} is missing (see configs/default.py).")
+
+
+def _kwargs_of(fn, skip: int) -> set[str]:
+  params = list(inspect.signature(fn).parameters.values())[skip:]
+  return {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = None) -> None:
+  """Raises ConfigError naming every invalid field. `num_devices` defaults to jax.device_count()."""
+  from ambient_jax import losses  # pylint: disable=g-import-not-at-top
+  from ambient_jax.data import registry  # pylint: disable=g-import-not-at-top
+  from ambient_jax.models import registry as model_registry  # pylint: disable=g-import-not-at-top
+
+  c = _Checker(config)
+  schema = _schema()
+  if schema is not None:
+    c.unknown_fields(config, schema)
+  if c.errors:  # the rest assumes the fields exist
+    raise ConfigError("Invalid config:\n  " + "\n  ".join(c.errors))
+
+  c.int_at_least("seed", 0)
+  steps = c.int_at_least("num_train_steps", 1)
+  batch = c.int_at_least("batch_size", 1)
+
+  # data
+  spec = None
+  name = c.get("data.name")
+  if name not in registry.DATASETS:
+    c.fail("data.name", name, f"must be one of the known datasets {sorted(registry.DATASETS)}")
+  else:
+    spec = registry.DATASETS[name]
+  resolution = c.int_at_least("data.resolution", 1)
+  c.int_at_least("data.max_examples", 0)
+  c.one_of("data.source", SOURCES)
+  c.one_of("data.file_format", FILE_FORMATS)
+  if c.get("data.source") == "random_access" and c.get("data.file_format") != "array_record":
+    c.fail("data.file_format", c.get("data.file_format"),
+           "must be 'array_record' when data.source='random_access'")
+  levels = c.get("data.sigma_n")
+  level_list = list(levels) if isinstance(levels, (tuple, list)) else [levels]
+  if not level_list or not all(_is_num(s) and s >= 0 for s in level_list):
+    c.fail("data.sigma_n", levels, "must be a number >= 0 or a non-empty tuple of them "
+           "(0 = clean; in [-1, 1] pixel units)")
+  weights = tuple(c.get("data.sigma_n_weights"))
+  if weights and (len(weights) != len(level_list) or not all(_is_num(w) and w > 0 for w in weights)):
+    c.fail("data.sigma_n_weights", weights, f"must be empty (equal shares) or {len(level_list)} "
+           "positive numbers, one per data.sigma_n level")
+  c.number("data.clean_fraction", 0.0, 1.0)
+  c.int_at_least("data.corruption_seed", 0)
+  if spec is not None and spec.source == "manual" and spec.tfds_name.startswith("ambient_manual"):
+    pass  # manual_dir is only needed when the dataset is not prepared yet; checked at load.
+
+  # model
+  model_cfg = None
+  try:
+    model_cfg = model_registry.resolve_config(config.model, prefix="config.model.")
+  except ValueError as e:
+    c.errors.append(str(e).rstrip(".") + ".")
+  if model_cfg is not None and spec is not None and resolution is not None:
+    if model_cfg["name"] == "mlp":
+      want = resolution * resolution * spec.channels
+      if model_cfg["data_dim"] != want:
+        c.fail("model.data_dim", model_cfg["data_dim"], f"must be resolution² × channels = {want} "
+               "(the MLP sees flattened images)")
+    else:
+      if model_cfg["img_resolution"] != resolution:
+        c.fail("model.img_resolution", model_cfg["img_resolution"],
+               f"must equal config.data.resolution = {resolution}")
+      if model_cfg["in_channels"] != spec.channels:
+        c.fail("model.in_channels", model_cfg["in_channels"],
+               f"must equal the channels of {name} ({spec.channels})")
+    if model_cfg["label_dim"] not in (0, spec.num_classes):
+      c.fail("model.label_dim", model_cfg["label_dim"],
+             f"must be 0 (unconditional) or the number of classes of {name} ({spec.num_classes})")
+
+  # losses
+  kind = c.one_of("loss.kind", MODES)
+  allowed = _kwargs_of(losses.ambient_loss, 4)
+  for key in config.loss.ambient.keys():
+    if key not in allowed:
+      c.fail(f"loss.ambient.{key}", config.loss.ambient[key],
+             f"is not an option of losses.ambient_loss; allowed: {sorted(allowed)}")
+  weight = c.number("consistency.weight", 0.0)
+  c.int_at_least("consistency.start_step", 0)
+  fraction = c.number("consistency.batch_fraction", 0.0, 1.0)
+  allowed = _kwargs_of(losses.consistency_loss, 4)
+  for key in config.consistency.kwargs.keys():
+    if key not in allowed:
+      c.fail(f"consistency.kwargs.{key}", config.consistency.kwargs[key],
+             f"is not an option of losses.consistency_loss; allowed: {sorted(allowed)}")
+  if weight and fraction is not None and batch is not None:
+    k = batch * fraction
+    if fraction == 0 or abs(k - round(k)) > 1e-6 or batch % round(k):
+      c.fail("consistency.batch_fraction", fraction,
+             f"must give a whole number of examples k = batch_size × fraction that divides "
+             f"batch_size = {batch} (every (batch_size/k)-th example gets the consistency loss)")
+    if kind == "naive":
+      c.fail("consistency.weight", weight, "must be 0 with loss.kind='naive' (the naive "
+             "baseline ignores σ_n, so there is nothing to be consistent below)")
+
+  # optimiser, EMA
+  c.number("optim.lr", 0.0, low_open=True)
+  c.int_at_least("optim.warmup_steps", 0)
+  c.number("optim.b1", 0.0, 1.0, high_open=True)
+  c.number("optim.b2", 0.0, 1.0, high_open=True)
+  c.number("optim.eps", 0.0, low_open=True)
+  c.number("optim.grad_clip", 0.0)
+  halflives = tuple(c.get("ema.halflife_kimg"))
+  if not halflives or not all(_is_num(h) and h > 0 for h in halflives):
+    c.fail("ema.halflife_kimg", halflives, "must be a non-empty tuple of positive numbers "
+           "(EDM half-lives in thousands of images)")
+  c.number("ema.rampup_ratio", 0.0)
+  sample_with = c.get("ema.sample_with")
+  if not _is_int(sample_with) or not 0 <= sample_with < max(len(halflives), 1):
+    c.fail("ema.sample_with", sample_with, f"must index ema.halflife_kimg (0..{len(halflives) - 1})")
+
+  # mesh and the batch split
+  data_size = c.get("mesh.data")
+  fsdp = c.int_at_least("mesh.fsdp", 1)
+  if not _is_int(data_size) or not (data_size == -1 or data_size >= 1):
+    c.fail("mesh.data", data_size, "must be -1 (all remaining devices) or an integer >= 1")
+    data_size = None
+  if num_devices is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    num_devices = jax.device_count()
+  dp = None
+  if fsdp is not None and data_size is not None:
+    if num_devices % fsdp:
+      c.fail("mesh.fsdp", fsdp, f"must divide the number of devices ({num_devices})")
+    else:
+      dp_data = num_devices // fsdp if data_size == -1 else data_size
+      if dp_data * fsdp != num_devices:
+        c.fail("mesh.data", data_size, f"mesh.data × mesh.fsdp must equal the {num_devices} "
+               "devices; use -1 to take all remaining devices")
+      else:
+        dp = dp_data * fsdp
+  if dp is not None and batch is not None and batch % dp:
+    c.fail("batch_size", batch, f"must be divisible by the data-parallel size {dp} "
+           f"(mesh.data × mesh.fsdp over {num_devices} devices)")
+
+  # logging, checkpoints, samples
+  c.int_at_least("log_every_steps", 1)
+  c.int_at_least("checkpoint.every_steps", 1)
+  c.int_at_least("checkpoint.max_to_keep", 1)
+  c.int_at_least("checkpoint.keep_every_steps", 0)
+  c.int_at_least("sample.every_steps", 0)
+  num_images = c.int_at_least("sample.num_images", 1)
+  if dp is not None and num_images is not None and num_images % dp:
+    c.fail("sample.num_images", num_images, f"must be divisible by the data-parallel size {dp}")
+  c.int_at_least("sample.num_steps", 2)
+  c.int_at_least("sample.seed", 0)
+  t = c.get("sample.truncate_sigma")
+  if not _is_num(t) or not (t == -1 or t >= 0):
+    c.fail("sample.truncate_sigma", t, "must be -1 (the largest data σ_n) or a number >= 0")
+  c.number("sample.s_churn", 0.0)
+  del steps
+  if c.errors:
+    raise ConfigError("Invalid config:\n  " + "\n  ".join(c.errors))

@@ -1,0 +1,109 @@
+"""What a run leaves in its workdir besides checkpoints: config.json, metrics.jsonl, TensorBoard.
+
+- `DIR/config.json`: the resolved config of the latest start (a changed config on resume
+  is logged, field by field).
+- `DIR/metrics.jsonl`: one JSON object per logged step, at least {"step", "loss"}. On
+  resume, lines past the restored step (logged by a run that died before its next
+  checkpoint) are dropped, so the file always describes one consistent run.
+- TensorBoard scalars and images through CLU `metric_writers` (process 0 only).
+"""
+
+from __future__ import annotations
+
+import json
+from absl import logging
+import math
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+
+def _flatten(d: Mapping, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def write_config_json(workdir: str, config: Any) -> None:
+  """Writes DIR/config.json; logs every field that differs from the previous start's."""
+  path = os.path.join(workdir, "config.json")
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  if os.path.exists(path):
+    with open(path) as f:
+      try:
+        old = _flatten(json.load(f))
+      except json.JSONDecodeError:
+        old = {}
+    new = _flatten(json.loads(text))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    for k in changed:
+      logging.warning("Config changed since the last start of this workdir: %s: %r -> %r",
+                      k, old.get(k), new.get(k))
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text + "\n")
+  os.replace(tmp, path)
+
+
+def _jsonable(v):
+  v = np.asarray(v).item() if np.ndim(v) == 0 else np.asarray(v).tolist()
+  if isinstance(v, float) and not math.isfinite(v):
+    return str(v)  # JSON has no NaN/inf; keep the information readable
+  return v
+
+
+class MetricsWriter:
+  """metrics.jsonl + CLU writer (TensorBoard and the log), process 0 writes files."""
+
+  def __init__(self, workdir: str, *, start_step: int, is_main: bool):
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+    self.is_main = is_main
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    if is_main and os.path.exists(self.path):
+      self._truncate(start_step)
+    self._file = open(self.path, "a") if is_main else None
+    self.clu = metric_writers.create_default_writer(workdir, just_logging=not is_main,
+                                                    asynchronous=True)
+
+  def _truncate(self, start_step: int) -> None:
+    kept = []
+    with open(self.path) as f:
+      for line in f:
+        try:
+          if json.loads(line)["step"] <= start_step:
+            kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+          pass  # a line cut short by a kill
+    with open(self.path, "w") as f:
+      f.writelines(kept)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    scalars = {k: _jsonable(v) for k, v in scalars.items()}
+    if self._file is not None:
+      self._file.write(json.dumps({"step": int(step), **scalars}) + "\n")
+      self._file.flush()
+    self.clu.write_scalars(int(step), {k: v for k, v in scalars.items()
+                                       if isinstance(v, (int, float))})
+
+  def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+    self.clu.write_images(int(step), images)
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    self.clu.write_hparams({k: v for k, v in _flatten(hparams).items()
+                            if isinstance(v, (int, float, str, bool))})
+
+  def flush(self) -> None:
+    self.clu.flush()
+
+  def close(self) -> None:
+    if self.clu is not None:
+      self.clu.close()
+      self.clu = None
+    if self._file is not None:
+      self._file.close()
+      self._file = None

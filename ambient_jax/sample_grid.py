@@ -1,0 +1,141 @@
+"""Periodic PNG sample grids: noisy training images | truncated samples | full samples.
+
+Image k of every grid starts from the latent of key fold_in(key(sample.seed), k), so
+grids are comparable across steps, runs, batch sizes and device counts. One sampler call
+produces both kinds of samples from the same latents (EDM Heun, METHOD.md §6):
+- truncated: run down to σ_stop (the data's σ_n unless config.sample.truncate_sigma)
+  and return D(x_σstop, σ_stop) — good without consistency, a little blurry;
+- full: run down to σ_min = 0.002 — exact only for a consistency-trained model.
+The left panel shows fixed training examples exactly as the model sees them (clean image
++ its fixed noise), so "what went in" and "what comes out" sit side by side.
+"""
+
+from __future__ import annotations
+
+from absl import logging
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from ambient_jax import sampling
+from ambient_jax import sharding as sharding_lib
+from ambient_jax.data import corruption
+
+
+def tile(images: np.ndarray, pad: int = 1) -> np.ndarray:
+  """[n, H, W, C] in [-1, 1] -> one uint8 [rows·(H+pad), cols·(W+pad), C] mosaic."""
+  n, h, w, c = images.shape
+  cols = int(math.ceil(math.sqrt(n)))
+  rows = int(math.ceil(n / cols))
+  out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
+  pixels = np.clip(np.rint((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+  for k in range(n):
+    r, q = divmod(k, cols)
+    out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = pixels[k]
+  return out
+
+
+def save_png(path: str, panels: list[tuple[str, np.ndarray]], suptitle: str) -> None:
+  """Side-by-side titled mosaics (uint8 [H, W, C]) -> PNG."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  h, w = panels[0][1].shape[:2]
+  scale = max(1.0, 300.0 / max(h, w))  # at least ~300 px a panel
+  dpi = 100
+  fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * w * scale / dpi + 0.4,
+                                                    h * scale / dpi + 0.9), dpi=dpi)
+  for ax, (title, mosaic) in zip(np.atleast_1d(axes), panels):
+    ax.imshow(mosaic[..., 0] if mosaic.shape[-1] == 1 else mosaic, cmap="gray", vmin=0, vmax=255,
+              interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+  fig.suptitle(suptitle, fontsize=10)
+  fig.tight_layout()
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=dpi)
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+class SampleGrid:
+  """Jitted sampler over the mesh + the fixed noisy-example panel."""
+
+  def __init__(self, config: Any, mesh: jax.sharding.Mesh, model_def: Any, dataset: Any,
+               param_shardings: Any, workdir: str):
+    self.config, self.model_def, self.workdir = config, model_def, workdir
+    self.num_images = n = int(config.sample.num_images)
+    self.dir = os.path.join(workdir, "samples")
+    table = dataset.sigma_n
+    t = float(config.sample.truncate_sigma)
+    self.sigma_stop = float(table.max()) if t == -1 else t
+    self.batch_sharding = sharding_lib.batch_sharding(mesh)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(config.sample.seed), i))(
+        jnp.arange(n))
+    self.keys = jax.device_put(keys, self.batch_sharding)
+    self.labels = None
+    if model_def.label_dim:
+      self.labels = jax.device_put(jnp.arange(n, dtype=jnp.int32) % model_def.label_dim,
+                                   self.batch_sharding)
+
+    # Fixed training examples, spread over the dataset, exactly as the model sees them.
+    idx = (np.arange(n) * dataset.num_examples) // n
+    images, _ = dataset.source.get(idx)
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+      self.noisy = np.asarray(corruption.corrupt(
+          corruption.uint8_to_float(jnp.asarray(images)), jnp.asarray(idx),
+          jnp.asarray(table[idx]), dataset.corruption_seed))
+    levels = sorted(set(np.round(table[idx], 4).tolist()))
+    self.noisy_title = "training images as seen (σ_n = " + ", ".join(f"{s:g}" for s in levels) + ")"
+
+    shape = model_def.image_shape
+    truncate = self.sigma_stop > 0
+    num_steps, churn = int(config.sample.num_steps), float(config.sample.s_churn)
+
+    def sample(params, keys, labels):
+      latents = sampling.latents_from_keys(keys, shape)
+      stop = jnp.zeros((n,), jnp.float32)
+      if truncate:  # one sampler call for both kinds, on the same latents
+        latents = jnp.concatenate([latents, latents])
+        keys = jnp.concatenate([keys, keys])
+        stop = jnp.concatenate([stop, jnp.full((n,), self.sigma_stop, jnp.float32)])
+        labels = None if labels is None else jnp.concatenate([labels, labels])
+      denoise = model_def.denoiser(params, train=False, labels=labels)
+      return sampling.edm_sampler(denoise, latents, num_steps, sigma_stop=stop,
+                                  keys=keys if churn > 0 else None, S_churn=churn)
+
+    self._sample = jax.jit(sample, in_shardings=(param_shardings, self.batch_sharding,
+                                                 self.batch_sharding),
+                           out_shardings=self.batch_sharding)
+
+  def samples(self, params: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """(full [n, H, W, C], truncated [n, H, W, C] or None) as host numpy (all processes call)."""
+    out = self._sample(params, self.keys, self.labels)
+    out = np.asarray(multihost_utils.process_allgather(out, tiled=True))
+    n = self.num_images
+    return out[:n], (out[n:] if self.sigma_stop > 0 else None)
+
+  def write(self, step: int, params: Any, writer: Any = None) -> str:
+    """Samples with `params`, writes DIR/samples/step_XXXXXXX.png (process 0); returns its path."""
+    full, truncated = self.samples(params)
+    path = os.path.join(self.dir, f"step_{step:07d}.png")
+    if jax.process_index() != 0:
+      return path
+    os.makedirs(self.dir, exist_ok=True)
+    panels = [(self.noisy_title, tile(self.noisy))]
+    if truncated is not None:
+      panels.append((f"generated, truncated at σ = {self.sigma_stop:g} (Tweedie)", tile(truncated)))
+    panels.append((f"generated, full ({self.config.sample.num_steps} Heun steps)", tile(full)))
+    save_png(path, panels, f"step {step} · {self.config.data.name} · loss {self.config.loss.kind}")
+    if writer is not None:
+      imgs = {"samples/full": tile(full)[None]}
+      if truncated is not None:
+        imgs["samples/truncated"] = tile(truncated)[None]
+      writer.write_images(step, imgs)
+    logging.info("Wrote sample grid %s", path)
+    return path

@@ -1,0 +1,282 @@
+"""`train_and_evaluate(config, workdir)`: ambient (+ consistency) training, sharded and resumable.
+
+One `jax.jit`-compiled step over the mesh, state donated, batch sharded on ("data",
+"fsdp"); the compiler averages gradients. Per step, with key = fold_in(key(seed), step):
+  x_n  = x0 + σ_n z[index]                                   (fixed corruption, data/)
+  loss = mean_B ambient_loss(D, x_n, σ_n) + λ_c(step) · mean_k consistency_loss(D, x_n[::s], σ_n[::s])
+where λ_c(step) = consistency.weight once step >= consistency.start_step (a lax.cond:
+before that the consistency branch costs nothing) and every s-th example (s =
+1/batch_fraction) gets the consistency term. loss.kind="naive" passes σ_n = 0 (plain
+EDM on the noisy images: the baseline). Then Adam (warm-up, clipping) and the EMAs.
+
+The loop: restore the newest complete checkpoint of WORKDIR (or initialise), then for
+each step fetch the previous step's metrics (one step behind, so dispatch stays
+asynchronous), stop on a non-finite loss naming the step and the last good checkpoint,
+log / sample / checkpoint on schedule, and on SIGTERM save and return.
+"""
+
+from __future__ import annotations
+
+import collections
+from absl import logging
+import os
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from ambient_jax import checkpoint as checkpoint_lib
+from ambient_jax import config_validation, ema, losses
+from ambient_jax import sharding as sharding_lib
+from ambient_jax import train_state as ts
+from ambient_jax.data import corruption
+from ambient_jax import data as data_lib
+
+_STEP_SALT = 0x57E9
+
+
+def make_train_step(config: Any, model_def: ts.ModelDef, tx: optax.GradientTransformation):
+  """The pure step (state, batch) -> (state, metrics); jit it with `jit_train_step`."""
+  batch_size = int(config.batch_size)
+  naive = config.loss.kind == "naive"
+  ambient_kwargs = config.loss.ambient.to_dict()
+  cons_weight = float(config.consistency.weight)
+  cons_start = int(config.consistency.start_step)
+  cons_kwargs = config.consistency.kwargs.to_dict()
+  stride = (int(round(1.0 / config.consistency.batch_fraction))
+            if cons_weight > 0 else 0)
+  halflives = tuple(float(h) for h in config.ema.halflife_kimg)
+  rampup = float(config.ema.rampup_ratio)
+  schedule = ts.learning_rate_schedule(config.optim)
+  seed, corruption_seed = int(config.seed), int(config.data.corruption_seed)
+  use_labels = model_def.label_dim > 0
+
+  def train_step(state: ts.TrainState, batch: dict) -> tuple[ts.TrainState, dict]:
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _STEP_SALT), state.step)
+    k_ambient, k_cons, k_dropout = jax.random.split(key, 3)
+    x0 = corruption.uint8_to_float(batch["image"])
+    sigma_n = batch["sigma_n"]
+    x_n = corruption.corrupt(x0, batch["index"], sigma_n, corruption_seed)
+    sigma_loss = jnp.zeros_like(sigma_n) if naive else sigma_n
+    labels = batch["label"] if use_labels else None
+
+    def loss_fn(params):
+      denoise = model_def.denoiser(params, train=True, key=k_dropout, labels=labels)
+      per_example, aux = losses.ambient_loss(denoise, x_n, sigma_loss, k_ambient, **ambient_kwargs)
+      ambient_loss = jnp.mean(per_example)
+      metrics = {"ambient_loss": ambient_loss, "sigma_mean": jnp.mean(aux["sigma"])}
+      total = ambient_loss
+      if cons_weight > 0:
+
+        def consistency():
+          sub_labels = None if labels is None else labels[::stride]
+          d = model_def.denoiser(params, train=True, key=jax.random.fold_in(k_dropout, 1 << 20),
+                                 labels=sub_labels)
+          loss_c, _ = losses.consistency_loss(d, x_n[::stride], sigma_loss[::stride], k_cons,
+                                              **cons_kwargs)
+          return jnp.mean(loss_c)
+
+        active = state.step >= cons_start
+        cons = jax.lax.cond(active, consistency, lambda: jnp.zeros((), jnp.float32))
+        total = total + cons_weight * cons
+        metrics["consistency_loss"] = cons
+        metrics["consistency_weight"] = jnp.where(active, cons_weight, 0.0)
+      metrics["loss"] = total
+      return total, metrics
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    emas = ema.update(state.ema, params, state.step, batch_size, halflives, rampup)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["lr"] = schedule(state.step)
+    new_state = ts.TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=emas)
+    return new_state, metrics
+
+  return train_step
+
+
+def jit_train_step(step_fn, mesh: jax.sharding.Mesh, state_shardings: Any):
+  """jax.jit over the mesh: state donated and kept in place, batch split, metrics replicated."""
+  batch_sh = sharding_lib.batch_sharding(mesh)
+  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sh),
+                 out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
+                 donate_argnums=(0,))
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+class Trainer:
+  """Everything one run needs, built once; `run()` trains to config.num_train_steps."""
+
+  def __init__(self, config: Any, workdir: str,
+               devices: Optional[Sequence[jax.Device]] = None):
+    devices = list(jax.devices() if devices is None else devices)
+    config_validation.validate(config, num_devices=len(devices))
+    self.config, self.workdir = config, os.path.abspath(workdir)
+    self.is_main = jax.process_index() == 0
+    os.makedirs(self.workdir, exist_ok=True)
+    self.mesh = sharding_lib.make_mesh(config.mesh, devices)
+    barrier = None
+    if jax.process_count() > 1:
+      barrier = lambda: multihost_utils.sync_global_devices("ambient_jax:dataset_prepared")
+    self.dataset = data_lib.load_dataset(config.data, barrier=barrier)
+    self.batch_sharding = sharding_lib.batch_sharding(self.mesh)
+    self.loader = data_lib.GlobalBatchLoader(self.dataset.source, self.dataset.sigma_n,
+                                             config.batch_size, config.seed, self.batch_sharding)
+    self.model_def = ts.make_model_def(config, self.dataset.image_shape)
+    self.tx = ts.make_optimizer(config.optim)
+    self.abstract_state, self.state_shardings = ts.abstract_train_state(config, self.mesh, self.tx)
+    self.train_step = jit_train_step(make_train_step(config, self.model_def, self.tx),
+                                     self.mesh, self.state_shardings)
+    self.checkpointer = checkpoint_lib.Checkpointer(
+        os.path.join(self.workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
+        keep_every_steps=config.checkpoint.keep_every_steps,
+        async_save=config.checkpoint.async_save)
+    self._sampler = None
+
+  @property
+  def sampler(self):
+    from ambient_jax import sample_grid  # pylint: disable=g-import-not-at-top
+    if self._sampler is None:
+      k = int(self.config.ema.sample_with)
+      self._sampler = sample_grid.SampleGrid(self.config, self.mesh, self.model_def, self.dataset,
+                                             self.state_shardings.ema[k], self.workdir)
+    return self._sampler
+
+  def initial_state(self) -> ts.TrainState:
+    """The newest complete checkpoint of the workdir, laid out on this mesh, or step 0."""
+    step = self.checkpointer.latest_step()
+    if step is None:
+      logging.info("No checkpoint in %s: starting from step 0.", self.checkpointer.directory)
+      return jax.jit(ts.init_fn(self.config, self.tx), out_shardings=self.state_shardings)()
+    try:
+      state, meta = self.checkpointer.restore(self.abstract_state, step)
+    except Exception as e:
+      raise RuntimeError(
+          f"Checkpoint {self.checkpointer.path(step)} does not fit this config (changed model, "
+          f"optimizer or EMAs?). Use a new --workdir for a new experiment. Cause: {e}") from e
+    logging.info("Resumed from %s (step %d, saved on %s devices).", self.checkpointer.path(step),
+                 step, meta.get("num_devices", "?"))
+    return state
+
+  def save(self, step: int, state: ts.TrainState) -> None:
+    self.checkpointer.save(step, state, meta=dict(
+        num_devices=jax.device_count(), images_seen=step * int(self.config.batch_size),
+        dataset=self.config.data.name))
+
+  def run(self, state: Optional[ts.TrainState] = None) -> ts.TrainState:
+    from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+    from ambient_jax import metrics_io  # pylint: disable=g-import-not-at-top
+    config = self.config
+    state = self.initial_state() if state is None else state
+    start = int(jax.device_get(state.step))
+    total = int(config.num_train_steps)
+    if self.is_main:
+      metrics_io.write_config_json(self.workdir, config)
+    writer = metrics_io.MetricsWriter(self.workdir, start_step=start, is_main=self.is_main)
+    if start == 0:
+      writer.write_hparams(config.to_dict())
+    report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer.clu,
+                                             every_steps=config.log_every_steps, every_secs=None)
+    last_good = self.checkpointer.latest_step()
+    sums: dict[str, float] = collections.defaultdict(float)
+    count = 0
+    pending = None
+    t_log, step_log = time.time(), start
+    stopped_early = False
+
+    def consume(item):
+      nonlocal count
+      done, metrics = item
+      values = jax.device_get(metrics)
+      if not np.isfinite(values["loss"]):
+        self.checkpointer.wait()
+        where = (f"{self.checkpointer.path(last_good)} (step {last_good})" if last_good is not None
+                 else "none (no checkpoint was written yet)")
+        writer.write_scalars(done, {k: v for k, v in values.items()})
+        raise NonFiniteLossError(
+            f"Non-finite loss ({values['loss']}) at step {done}; stopping. Last good checkpoint: "
+            f"{where}. Metrics of that step: { {k: float(v) for k, v in values.items()} }. "
+            "Lower --config.optim.lr or raise --config.optim.warmup_steps and resume from it.")
+      for k, v in values.items():
+        sums[k] += float(v)
+      count += 1
+
+    logging.info("Training %s from step %d to %d on %d devices (mesh %s), global batch %d.",
+                 config.data.name, start, total, self.mesh.size, dict(self.mesh.shape),
+                 config.batch_size)
+    try:
+      with checkpoint_lib.SigtermFlag() as sigterm:
+        for step, batch in self.loader.iterate(start, total):
+          state, metrics = self.train_step(state, batch)
+          done = step + 1
+          if pending is not None:
+            consume(pending)
+          pending = (done, metrics)
+          report(done)
+          is_last = done == total
+          stop = sigterm.triggered or self.checkpointer.reached_preemption(done)
+          if done % config.log_every_steps == 0 or is_last or stop:
+            consume(pending)
+            pending = None
+            now = time.time()
+            rate = (done - step_log) / max(now - t_log, 1e-9)
+            eta = (total - done) / max(rate, 1e-9)
+            scalars = {k: v / count for k, v in sums.items()}
+            scalars["steps_per_sec"] = rate
+            writer.write_scalars(done, scalars)
+            logging.info("step %d/%d  loss %.4f  %.2f steps/s  ETA %s", done, total,
+                         scalars["loss"], rate, _format_seconds(eta))
+            sums.clear()
+            count, t_log, step_log = 0, now, done
+          if config.sample.every_steps and done % config.sample.every_steps == 0 and not is_last:
+            self.sampler.write(done, state.ema[config.ema.sample_with], writer)
+          if done % config.checkpoint.every_steps == 0 or is_last or stop:
+            if pending is not None:
+              consume(pending)
+              pending = None
+            self.save(done, state)
+            last_good = done
+          if stop:
+            logging.warning("Stopping at step %d after SIGTERM/preemption; checkpoint %s.",
+                            done, self.checkpointer.path(done))
+            stopped_early = True
+            break
+      if not stopped_early and (start < total or self._final_grid_missing(total)):
+        self.sampler.write(total, state.ema[config.ema.sample_with], writer)
+    finally:
+      self.checkpointer.wait()
+      writer.close()
+    if self.train_step._cache_size() > 1:  # pylint: disable=protected-access
+      logging.warning("The train step was compiled %d times (expected 1).",
+                      self.train_step._cache_size())  # pylint: disable=protected-access
+    return state
+
+  def _final_grid_missing(self, total: int) -> bool:
+    return not os.path.exists(os.path.join(self.workdir, "samples", f"step_{total:07d}.png"))
+
+  def close(self) -> None:
+    self.checkpointer.close()
+
+
+def _format_seconds(seconds: float) -> str:
+  seconds = int(seconds)
+  if seconds >= 3600:
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+  return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def train_and_evaluate(config: Any, workdir: str) -> ts.TrainState:
+  """Trains `config` in `workdir` (resuming whatever is there); returns the final state."""
+  trainer = Trainer(config, workdir)
+  try:
+    return trainer.run()
+  finally:
+    trainer.close()
