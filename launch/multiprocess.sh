@@ -10,11 +10,11 @@
 #   JAX_COORDINATOR_ADDRESS  host:port of process 0 (it listens there; all others connect)
 #   JAX_NUM_PROCESSES        total number of processes
 #   JAX_PROCESS_ID           this process's index, 0 .. N-1
-#   JAX_LOCAL_DEVICE_IDS     GPUs this process uses (read by jax.distributed itself)
-# The trainer is started with exactly these variables set; ambient_jax.main reads them and
-# calls sharding.initialize_distributed(coordinator_address, num_processes, process_id)
-# before touching any device. The script `exec`s the trainer, so SIGTERM reaches it directly
-# (it saves a checkpoint), and its exit status is the trainer's.
+#   JAX_LOCAL_DEVICE_IDS     GPUs this process uses (passed on: jax.distributed reads it)
+# The trainer gets them as ambient_jax.main's flags --coordinator_address, --num_processes
+# and --process_id (main calls sharding.initialize_distributed with them before touching a
+# device). The script `exec`s the trainer, so SIGTERM reaches it directly (it saves a
+# checkpoint), and its exit status is the trainer's.
 # The workdir must be one directory every process can reach (shared filesystem or gs://).
 set -euo pipefail
 
@@ -69,6 +69,10 @@ port="${COORD##*:}"; [[ "$port" -ge 1 && "$port" -le 65535 ]] || die "coordinato
 [[ -z "$PLATFORM" || "$PLATFORM" =~ ^(cpu|gpu|cuda|rocm|tpu)$ ]] || die "platform '$PLATFORM': one of cpu gpu tpu"
 [[ -z "$CPU_DEVICES" || "$CPU_DEVICES" =~ ^[1-9][0-9]*$ ]] || die "--cpu-devices '$CPU_DEVICES' must be a positive integer"
 [[ "$MODULE" =~ ^[A-Za-z_][A-Za-z0-9_.]*$ ]] || die "--module '$MODULE' is not a Python module name"
+for a in ${MAIN_ARGS[@]+"${MAIN_ARGS[@]}"}; do
+  case "$a" in --coordinator_address*|--num_processes*|--process_id*|--distributed|--nodistributed)
+    die "'$a' after --: give the coordinator, process count and id to $PROG itself" ;; esac
+done
 if [[ "$MODULE" == ambient_jax.main ]]; then
   have_cfg=0; have_wd=0
   for a in ${MAIN_ARGS[@]+"${MAIN_ARGS[@]}"}; do
@@ -78,7 +82,7 @@ if [[ "$MODULE" == ambient_jax.main ]]; then
   [[ $have_wd -eq 1 ]] || die "give the trainer --workdir=DIR after -- (the same shared directory on every process)"
 fi
 
-envs=(JAX_COORDINATOR_ADDRESS="$COORD" JAX_NUM_PROCESSES="$NPROC" JAX_PROCESS_ID="$PID_")
+envs=()
 [[ -n "$LOCAL_IDS" ]] && envs+=(JAX_LOCAL_DEVICE_IDS="$LOCAL_IDS")
 [[ -n "$PLATFORM" ]] && envs+=(JAX_PLATFORMS="$PLATFORM")
 if [[ -n "$CPU_DEVICES" ]]; then
@@ -86,6 +90,8 @@ if [[ -n "$CPU_DEVICES" ]]; then
   xla="${xla:+$xla }--xla_force_host_platform_device_count=$CPU_DEVICES"
   envs+=(XLA_FLAGS="$xla")
 fi
-cmd=(env "${envs[@]}" "$PYTHON" -m "$MODULE" ${MAIN_ARGS[@]+"${MAIN_ARGS[@]}"})
+cmd=("$PYTHON" -m "$MODULE" --coordinator_address="$COORD" --num_processes="$NPROC" --process_id="$PID_"
+     ${MAIN_ARGS[@]+"${MAIN_ARGS[@]}"})
+[[ ${#envs[@]} -gt 0 ]] && cmd=(env "${envs[@]}" "${cmd[@]}")
 if [[ $DRY_RUN -eq 1 ]]; then show "${cmd[@]}"; echo; exit 0; fi
 exec "${cmd[@]}"

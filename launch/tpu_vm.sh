@@ -145,7 +145,9 @@ case "$ACTION" in
     [[ "$WORKDIR" == gs://?* ]] || die "--workdir='$WORKDIR' must be a gs:// path: every worker writes to it and it must outlive the VM"
     for a in ${MAIN_ARGS[@]+"${MAIN_ARGS[@]}"}; do
       case "$a" in --config=*|--workdir=*|--config|--workdir)
-        die "give --config/--workdir to $PROG itself, not after --" ;; esac
+        die "give --config/--workdir to $PROG itself, not after --" ;;
+      --distributed|--coordinator_address*|--num_processes*|--process_id*)
+        die "'$a': every worker already runs with --distributed (JAX finds the slice itself)" ;; esac
     done
     if [[ "$CODE" == scp ]]; then
       cfg_file="${CONFIG%%:*}"
@@ -269,7 +271,7 @@ worker_run_cmd() {  # the remote command that runs ambient_jax.main on a worker
 RUN_COUNT=0
 run_training() {  # streams the logs of all workers; returns the first failing status
   RUN_COUNT=$((RUN_COUNT + 1))
-  note "on every worker: cd ~/ambient_jax && python -m ambient_jax.main $(show --config="$CONFIG" --workdir="$WORKDIR" ${MAIN_ARGS[@]+"${MAIN_ARGS[@]}"})"
+  note "on every worker: cd ~/ambient_jax && python -m ambient_jax.main --distributed $(show --config="$CONFIG" --workdir="$WORKDIR" ${MAIN_ARGS[@]+"${MAIN_ARGS[@]}"})"
   local rc=0
   ssh_all all "$(worker_run_cmd)" || rc=$?
   if [[ $DRY_RUN -eq 1 && $RESUME_LOOP -eq 1 && $RUN_COUNT -le $SIMULATE_PREEMPTIONS ]]; then

@@ -111,9 +111,9 @@ cmd_run() {
   for e in ${envs[@]+"${envs[@]}"}; do
     [[ "$e" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "run: --env wants NAME=VALUE, got '$e'"
   done
-  # jax.distributed.initialize() with no arguments finds the other workers of the slice.
-  local cmd=(env AMBIENT_JAX_DISTRIBUTED=auto ${envs[@]+"${envs[@]}"}
-             "$VENV/bin/python" -m ambient_jax.main "$@")
+  # --distributed: jax.distributed.initialize() with no arguments finds the slice's workers.
+  local cmd=("$VENV/bin/python" -m ambient_jax.main --distributed "$@")
+  [[ ${#envs[@]} -gt 0 ]] && cmd=(env "${envs[@]}" "${cmd[@]}")
   local wid; wid="$(worker_id)"
   if [[ $dry -eq 1 ]]; then echo "cd $CODE_DIR && $(show "${cmd[@]}")"; return 0; fi
   mkdir -p "$RUN_DIR"

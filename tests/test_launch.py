@@ -110,7 +110,7 @@ def test_tpu_launch_dry_run(repo):
   assert "--output-directory=tpu_logs/amb-test" in gcloud[7]
   assert gcloud[-1][-1] == "--quiet"
   # The exact trainer command is shown, and the workdir is used by the trainer only.
-  assert ("# on every worker: cd ~/ambient_jax && python -m ambient_jax.main "
+  assert ("# on every worker: cd ~/ambient_jax && python -m ambient_jax.main --distributed "
           "--config=configs/cifar10.py:0.2 --workdir=gs://my-bucket/runs/c10 "
           "--config.optim.lr=3e-4 --config.note='a b'") in r.stdout
   assert [line for line in r.stdout.splitlines()
@@ -264,7 +264,7 @@ def test_tpu_reuses_ready_vm(repo, fake_gcloud):
 
 FAKE_PYTHON = """#!/usr/bin/env bash
 trap 'echo "trainer: SIGTERM, checkpoint saved"; exit 0' TERM
-echo "trainer args: $* DIST=$AMBIENT_JAX_DISTRIBUTED DATA=$TFDS_DATA_DIR"
+echo "trainer args: $* DATA=$TFDS_DATA_DIR"
 for i in $(seq "${STEPS:-3}"); do echo "step $i"; sleep 0.1 & wait $!; done
 exit "${RC:-0}"
 """
@@ -281,8 +281,8 @@ def test_tpu_worker(tmp_path):
   dry = run([*worker, "run", "--dry-run", "--env=TFDS_DATA_DIR=gs://b/tfds", "--",
              "--config=configs/x.py", "--workdir=gs://b/r"], env=env)
   assert dry.stdout.strip() == (
-      f"cd {tmp_path} && env AMBIENT_JAX_DISTRIBUTED=auto TFDS_DATA_DIR=gs://b/tfds "
-      f"{venv}/bin/python -m ambient_jax.main --config=configs/x.py --workdir=gs://b/r")
+      f"cd {tmp_path} && env TFDS_DATA_DIR=gs://b/tfds "
+      f"{venv}/bin/python -m ambient_jax.main --distributed --config=configs/x.py --workdir=gs://b/r")
   setup = run([*worker, "setup", "--dry-run", "--jax-version=0.10.2"], env=env).stdout
   assert "uv pip install --python" in setup and "'jax[tpu]==0.10.2' -e" in setup
   assert "uv venv --python 3.11" in setup
@@ -290,7 +290,7 @@ def test_tpu_worker(tmp_path):
   r = run([*worker, "run", "--env=TFDS_DATA_DIR=d", "--", "--config=c", "--workdir=w"],
           env={**env, "RC": "4"})
   assert r.returncode == 4
-  assert "[w0] trainer args: -m ambient_jax.main --config=c --workdir=w DIST=auto DATA=d" in r.stdout
+  assert "[w0] trainer args: -m ambient_jax.main --distributed --config=c --workdir=w DATA=d" in r.stdout
   assert "[w0] step 3" in r.stdout
   assert run([*worker, "status"], env=env).stdout.strip() == "exited 4"
 
@@ -318,8 +318,9 @@ def test_slurm_dry_run():
   assert r.returncode == 0, r.stderr
   lines = r.stdout.splitlines()
   assert "sbatch launch/slurm.sbatch --config=configs/cifar10.py --workdir=/shared/runs/c10 --config.note='a b'" in lines
-  assert "export AMBIENT_JAX_DISTRIBUTED=auto" in lines
-  assert ("srun --kill-on-bad-exit=1 --label python -m ambient_jax.main --config=configs/cifar10.py "
+  assert not any(line.startswith("export") for line in lines)
+  assert ("srun --kill-on-bad-exit=1 --label python -m ambient_jax.main --distributed "
+          "--config=configs/cifar10.py "
           "--workdir=/shared/runs/c10 --config.note='a b' &") in lines
   assert "mkdir -p /shared/runs/c10" in lines
   header = (LAUNCH / "slurm.sbatch").read_text()
@@ -330,7 +331,7 @@ def test_slurm_dry_run():
   r = run(["bash", LAUNCH / "slurm.sbatch", "--dry-run", "--config=c", "--workdir=gs://b/r"],
           env={"SLURM_JOB_ID": "7", "SLURM_NTASKS_PER_NODE": "1", "SLURM_GPUS_ON_NODE": "4",
                "SLURM_SUBMIT_DIR": "/repo"})
-  assert "export AMBIENT_JAX_DISTRIBUTED=auto JAX_LOCAL_DEVICE_IDS=0,1,2,3" in r.stdout.splitlines()
+  assert "export JAX_LOCAL_DEVICE_IDS=0,1,2,3" in r.stdout.splitlines()
   assert "cd /repo" in r.stdout and "mkdir" not in r.stdout
 
 
@@ -339,6 +340,7 @@ def test_slurm_dry_run():
     (["--config=c"], "give --workdir="),
     (["--config=c", "--workdir=relative/dir"], "must be an absolute path on shared storage"),
     (["--config", "c", "--workdir=/x"], "write --config=VALUE"),
+    (["--config=c", "--workdir=/x", "--process_id=1"], "passes --distributed itself"),
 ])
 def test_slurm_bad_options(args, message):
   r = run(["bash", LAUNCH / "slurm.sbatch", "--dry-run", *args])
@@ -373,8 +375,8 @@ def test_slurm_forwards_sigterm_and_requeues(tmp_path, sig, requeued):
     time.sleep(0.05)
   p.send_signal(sig)
   out, _ = p.communicate(timeout=30)
-  assert (fake / "srun_args").read_text().split()[:5] == [
-      "--kill-on-bad-exit=1", "--label", "python", "-m", "ambient_jax.main"]
+  assert (fake / "srun_args").read_text().split()[:6] == [
+      "--kill-on-bad-exit=1", "--label", "python", "-m", "ambient_jax.main", "--distributed"]
   assert (fake / "srun_signal").read_text().strip() == "TERM", out
   assert (tmp_path / "wd").is_dir()
   if requeued:
@@ -391,14 +393,15 @@ def test_multiprocess_dry_run_env_names():
            "--workdir=/shared/r"])
   assert r.returncode == 0, r.stderr
   assert shlex.split(r.stdout) == [
-      "env", "JAX_COORDINATOR_ADDRESS=10.0.0.1:1234", "JAX_NUM_PROCESSES=4", "JAX_PROCESS_ID=3",
-      "JAX_LOCAL_DEVICE_IDS=0,1", "python", "-m", "ambient_jax.main", "--config=configs/x.py",
-      "--workdir=/shared/r"]
+      "env", "JAX_LOCAL_DEVICE_IDS=0,1", "python", "-m", "ambient_jax.main",
+      "--coordinator_address=10.0.0.1:1234", "--num_processes=4", "--process_id=3",
+      "--config=configs/x.py", "--workdir=/shared/r"]
   # The same values from the environment; a flag wins over the environment.
   r = run(["bash", LAUNCH / "multiprocess.sh", "--process-id=1", "--dry-run", "--", "--config=c",
            "--workdir=w"],
           env={"JAX_COORDINATOR_ADDRESS": "h:9", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"})
-  assert "JAX_COORDINATOR_ADDRESS=h:9 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=1 " in r.stdout
+  assert r.stdout.strip() == ("python -m ambient_jax.main --coordinator_address=h:9 --num_processes=2 "
+                              "--process_id=1 --config=c --workdir=w")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -411,6 +414,8 @@ def test_multiprocess_dry_run_env_names():
     (["--coordinator=h:1", "--num-processes=2", "--process-id=2"], "must be smaller than"),
     (["--coordinator=h:1", "--num-processes=2", "--process-id=0", "--platform=fpga"], "platform 'fpga'"),
     (["--coordinator=h:1", "--num-processes=2", "--process-id=0", "--what"], "unknown option '--what'"),
+    (["--coordinator=h:1", "--num-processes=2", "--process-id=0", "--", "--process_id=1"],
+     "give the coordinator, process count and id to"),
 ])
 def test_multiprocess_bad_options(args, message):
   env = {k: "" for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
@@ -430,8 +435,9 @@ def test_local_dry_run(tmp_path):
     assert (f"--coordinator=127.0.0.1:23456 --num-processes=2 --process-id={i} --platform=cpu "
             f"--cpu-devices=4 --module=ambient_jax.main -- --config=configs/default.py "
             f"--workdir={tmp_path}/run > {tmp_path}/run/local_logs/proc_{i}.log 2>&1 &") in out
-    assert (f"#   which runs: env JAX_COORDINATOR_ADDRESS=127.0.0.1:23456 JAX_NUM_PROCESSES=2 "
-            f"JAX_PROCESS_ID={i} JAX_PLATFORMS=cpu ") in out
+    assert f"#   which runs: env JAX_PLATFORMS=cpu " in out
+    assert (f"python -m ambient_jax.main --coordinator_address=127.0.0.1:23456 --num_processes=2 "
+            f"--process_id={i} --config=configs/default.py --workdir={tmp_path}/run\n") in out
   trainer = shlex.split(out.split("#   which runs: ")[1].splitlines()[0])
   xla = [a for a in trainer if a.startswith("XLA_FLAGS=")]
   assert len(xla) == 1 and xla[0].endswith(" --xla_force_host_platform_device_count=4"[1:])
