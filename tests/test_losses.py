@@ -216,3 +216,24 @@ def test_math_modules_import_no_framework():
           "{'tensorflow', 'orbax', 'flax', 'clu', 'optax', 'torch'}); print(bad); assert not bad")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
   assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mixture_denoiser_matches_the_gaussian_closed_form_and_tweedie():
+  from ambient_jax import gaussian_mixture
+  single = gaussian_mixture.GaussianMixture(np.full((1, DIM), gaussian.MU, np.float32),
+                                            np.array([gaussian.S], np.float32), np.ones(1, np.float32))
+  x = jax.random.normal(jax.random.key(0), (64, DIM))
+  sigma = jnp.geomspace(0.01, 10.0, 64)
+  np.testing.assert_allclose(np.asarray(single.denoise(x, sigma)),
+                             np.asarray(gaussian.exact_denoiser()(x, sigma)), rtol=1e-5, atol=1e-6)
+  # Tweedie: D(x, σ) = x + σ² ∇ log p_σ(x) for a real mixture
+  mix = gaussian_mixture.four_clusters_2d()
+  def log_density(x, s):
+    var = mix.stds**2 + s**2
+    sq = jnp.sum(jnp.square(x[None] - mix.means), -1)
+    return jax.scipy.special.logsumexp(jnp.log(mix.weights) - 0.5 * sq / var - jnp.log(var))
+  x2 = jnp.array([[0.3, 0.1], [-0.4, 0.6], [0.0, 0.0]])
+  for s in (0.05, 0.3, 2.0):
+    score = jax.vmap(jax.grad(log_density), (0, None))(x2, s)
+    np.testing.assert_allclose(np.asarray(mix.denoise(x2, jnp.full((3,), s))),
+                               np.asarray(x2 + s**2 * score), rtol=1e-4, atol=1e-5)
