@@ -11,6 +11,7 @@ Every parameter carries logical axis names (see `ambient_jax.models` docstring).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple, Sequence
 
@@ -47,30 +48,51 @@ def _param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
   return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
+@functools.partial(jax.jit, static_argnames=("size", "normal", "dtype"))
+def _draw_flat(key: jax.Array, size: int, normal: bool, dtype: Dtype) -> jax.Array:
+  return (jax.random.normal(key, (size,), dtype) if normal
+          else jax.random.uniform(key, (size,), dtype, -1.0, 1.0))
+
+
+@functools.partial(jax.jit, static_argnames=("shape",))
+def _scale_reshape(u: jax.Array, scale: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  return (scale * u[:math.prod(shape)]).astype(u.dtype).reshape(shape)
+
+
+def _draw(key: jax.Array, scale: float, shape: tuple[int, ...], normal: bool,
+          dtype: Dtype) -> jax.Array:
+  """scale · (N(0,1) or U(-1,1)) of `shape`.
+
+  Drawn as a 1-D vector whose length is rounded up to a power of two (>= 1024), then
+  cut and reshaped: eager construction then compiles the (slow-to-compile) threefry
+  kernel once per size bucket instead of once per parameter shape (~4x faster on CPU).
+  """
+  bucket = max(1024, 1 << (math.prod(shape) - 1).bit_length())
+  u = _draw_flat(key, bucket, normal, dtype)
+  return _scale_reshape(u, jnp.asarray(scale, dtype), shape)
+
+
 def init_array(key: jax.Array, shape: Sequence[int], mode: str, fan_in: int, fan_out: int,
-               dtype: Dtype = jnp.float32) -> jax.Array:
-  """EDM's `weight_init`: xavier/kaiming, uniform/normal, with explicit fans."""
-  if mode == "xavier_uniform":
-    return math.sqrt(6 / (fan_in + fan_out)) * jax.random.uniform(key, shape, dtype, -1.0, 1.0)
-  if mode == "xavier_normal":
-    return math.sqrt(2 / (fan_in + fan_out)) * jax.random.normal(key, shape, dtype)
-  if mode == "kaiming_uniform":
-    return math.sqrt(3 / fan_in) * jax.random.uniform(key, shape, dtype, -1.0, 1.0)
-  if mode == "kaiming_normal":
-    return math.sqrt(1 / fan_in) * jax.random.normal(key, shape, dtype)
-  raise ValueError(f"init mode must be one of xavier_uniform, xavier_normal, kaiming_uniform, "
-                   f"kaiming_normal; got {mode!r}.")
+               dtype: Dtype = jnp.float32, gain: float = 1.0) -> jax.Array:
+  """EDM's `weight_init` times `gain`: xavier/kaiming, uniform/normal, explicit fans."""
+  scales = {"xavier_uniform": math.sqrt(6 / (fan_in + fan_out)),
+            "xavier_normal": math.sqrt(2 / (fan_in + fan_out)),
+            "kaiming_uniform": math.sqrt(3 / fan_in),
+            "kaiming_normal": math.sqrt(1 / fan_in)}
+  if mode not in scales:
+    raise ValueError(f"init mode must be one of {sorted(scales)}; got {mode!r}.")
+  return _draw(key, scales[mode] * gain, tuple(shape), mode.endswith("normal"), jnp.dtype(dtype))
 
 
 def _weight_and_bias(rngs: nnx.Rngs, w_shape, b_shape, init: Init, fan_in: int, fan_out: int,
                      w_axes, b_axes, use_bias: bool, param_dtype: Dtype):
-  w = init_array(rngs.params(), w_shape, init.mode, fan_in, fan_out, param_dtype) * init.weight
+  w = init_array(rngs.params(), w_shape, init.mode, fan_in, fan_out, param_dtype, init.weight)
   if not use_bias:
     return _param(w, w_axes), None
   if init.bias == 0:
     b = jnp.zeros(b_shape, param_dtype)
   else:
-    b = init_array(rngs.params(), b_shape, init.mode, fan_in, fan_out, param_dtype) * init.bias
+    b = init_array(rngs.params(), b_shape, init.mode, fan_in, fan_out, param_dtype, init.bias)
   return _param(w, w_axes), _param(b, b_axes)
 
 
@@ -256,6 +278,11 @@ class LabelDropout(nnx.Module):
       return labels
     keep = jax.random.uniform(self.rngs(), (labels.shape[0], 1)) >= self.rate
     return labels * keep.astype(labels.dtype)
+
+  def set_view(self, deterministic: bool | None = None):
+    """Lets `nnx.view(model, deterministic=...)` switch this layer like `nnx.Dropout`."""
+    if deterministic is not None:
+      self.deterministic = deterministic
 
 
 # ----------------------------------------------------------------------------- U-Net block
