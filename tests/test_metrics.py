@@ -174,3 +174,27 @@ def test_missing_weights_error_names_the_file_and_does_not_download(tmp_path):
     inception.load_fid_inception(str(tmp_path / "nope.npz"))
   with pytest.raises(inception.MissingInceptionWeightsError, match="Nothing is downloaded"):
     inception.load_fid_inception(None)
+
+
+def test_digit_feature_net_trains_caches_and_separates_classes(tmp_path):
+  from ambient_jax.metrics import digit_features as df
+  logs = []
+  net = df.get_digit_feature_net(12, seed=1, cache_dir=str(tmp_path), log=logs.append, steps=100)
+  assert any("accuracy" in line for line in logs)
+  assert 0.7 < net.test_accuracy <= 1.0  # chance is 0.1
+  images, labels = df.load_digits(12)
+  _, test_idx = df.split_indices(len(images), df.RECIPE["test_size"], 1)
+  assert np.mean(net.predict(images[test_idx]) == labels[test_idx]) == pytest.approx(net.test_accuracy)
+  logs.clear()
+  again = df.get_digit_feature_net(12, seed=1, cache_dir=str(tmp_path), log=logs.append, steps=100)
+  assert logs == []  # loaded, not retrained
+  f1, f2 = net.features(images[:50]), again.features(images[:50])
+  np.testing.assert_array_equal(f1, f2)
+  assert f1.shape == (50, df.FEATURE_DIM)
+  assert df.cache_key(12, 1, 100) != df.cache_key(12, 2, 100) != df.cache_key(16, 1, 100)
+  # Features carry the class: FD between two halves of one class < FD between classes.
+  f = net.features(images)
+  zeros, ones = f[labels == 0], f[labels == 1]
+  assert frechet.fd_from_features(zeros[:250], zeros[250:]) < 0.2 * frechet.fd_from_features(zeros, ones)
+  with pytest.raises(ValueError, match=r"\[B, 12, 12, 1\]"):
+    net.features(np.zeros((2, 16, 16, 1)))

