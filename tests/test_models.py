@@ -21,12 +21,20 @@ TINY64 = dict(name="adm", img_resolution=64, in_channels=3, model_channels=32,
               channel_mult=(1, 2, 2), num_blocks=1, attn_resolutions=(16,), channels_per_head=16)
 
 
+TRACES = []  # one entry per trace of `_apply`.
+KEY = jax.random.key(0)
+
+
 @functools.partial(jax.jit, static_argnums=0)
-def _apply(graphdef, state, x, sigma, labels=None, key=None):
-  """The pure forward used by the trainer: merge inside jit, reseed dropout from `key`."""
+def _apply(graphdef, state, x, sigma, labels, key):
+  """The pure forward a trainer jits: merge inside jit, reseed dropout from `key`.
+
+  Every test calls it with the same argument structure, so models with equal graphdefs
+  share one compilation.
+  """
+  TRACES.append((graphdef, x.shape))
   model = nnx.merge(graphdef, state)
-  if key is not None:
-    nnx.reseed(model, dropout=key)
+  nnx.reseed(model, dropout=key)
   return model(x, sigma, labels)
 
 
@@ -47,10 +55,16 @@ def _images(shape, seed=0):
   return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
 
 
+def _tiny28(dtype="float32"):
+  """A perturbed tiny class-conditional DDPM++ (same params for every dtype)."""
+  return _perturbed(models.build_model(dict(TINY28, dtype=dtype),
+                                       rngs=nnx.Rngs(params=0, dropout=1)))
+
+
 @pytest.fixture(scope="module")
 def tiny28():
-  """(graphdef_train, graphdef_eval, state) of a perturbed tiny class-conditional DDPM++."""
-  model = _perturbed(models.build_model(TINY28, rngs=nnx.Rngs(params=0, dropout=1)))
+  """(graphdef_train, graphdef_eval, state) of `_tiny28()`."""
+  model = _tiny28()
   graphdef_train, state = nnx.split(model)
   model.eval()
   graphdef_eval, _ = nnx.split(model)
@@ -183,15 +197,22 @@ def test_attention_matches_edm_channel_layout():
 # ----------------------------------------------------------------------------- forward
 
 
-@pytest.mark.parametrize("config,shape", [(TINY28, (2, 28, 28, 1)), (TINY32, (2, 32, 32, 3)),
-                                          (TINY64, (2, 64, 64, 3))],
-                         ids=["ddpmpp28x28x1", "ncsnpp32x32x3", "adm64x64x3"])
+@pytest.mark.parametrize("config,shape", [(TINY32, (2, 32, 32, 3)), (TINY64, (2, 64, 64, 3))],
+                         ids=["ncsnpp32x32x3", "adm64x64x3"])
 def test_output_shape_equals_input_shape(config, shape):
   model = models.build_model(config, rngs=nnx.Rngs(0))
   model.eval()
   graphdef, state = nnx.split(model)
-  y = _apply(graphdef, state, _images(shape), jnp.full((shape[0],), 2.0))
+  y = _apply(graphdef, state, _images(shape), jnp.full((shape[0],), 2.0), None, KEY)
   assert y.shape == shape and y.dtype == jnp.float32
+  assert bool(jnp.all(jnp.isfinite(y)))
+
+
+def test_output_shape_28x28x1(tiny28):
+  _, graphdef, state = tiny28
+  x = _images((2, 28, 28, 1))
+  y = _apply(graphdef, state, x, jnp.full((2,), 2.0), jnp.array([0, 1]), KEY)
+  assert y.shape == x.shape and y.dtype == jnp.float32
   assert bool(jnp.all(jnp.isfinite(y)))
 
 
@@ -201,39 +222,47 @@ def test_mlp_denoiser_on_vectors():
   model.eval()
   graphdef, state = nnx.split(model)
   x = _images((5, 2))
-  y1, y2 = (_apply(graphdef, state, x, jnp.full((5,), s)) for s in (0.5, 2.0))
+  y1, y2 = (jax.jit(models.make_denoise_fn(graphdef, state))(x, jnp.full((5,), s))
+            for s in (0.5, 2.0))
   assert y1.shape == (5, 2) and y1.dtype == jnp.float32
   assert not np.allclose(y1, y2)
+  np.testing.assert_allclose(y1, _apply(graphdef, state, x, jnp.full((5,), 0.5), None, KEY),
+                             rtol=1e-6)
 
 
-def _residual(graphdef, state, x, sigma, labels=None):
+def test_labels_accept_ids_and_one_hot():
+  model = nnx.eval_shape(lambda: models.build_model(TINY28, rngs=nnx.Rngs(0)))
+  ids = jnp.array([3, 0])
+  np.testing.assert_array_equal(model._labels(ids, 2), jax.nn.one_hot(ids, 10))
+  np.testing.assert_array_equal(model._labels(None, 2), jnp.zeros((2, 10)))
+  with pytest.raises(ValueError, match="unconditional"):
+    models.EDMPrecond(models.MLP(2, model_channels=8, rngs=nnx.Rngs(0)))._labels(ids, 2)
+
+
+def _residual(graphdef, state, x, sigma, labels):
   """F(c_in x, c_noise) recovered from D: (D − c_skip x) / c_out."""
   c_skip, c_out, _, _ = precond.edm_coefficients(sigma)
-  d = _apply(graphdef, state, x, sigma, labels)
+  d = _apply(graphdef, state, x, sigma, labels, KEY)
   return (d - c_skip[:, None, None, None] * x) / c_out[:, None, None, None]
 
 
 def test_denoiser_depends_on_sigma_and_labels(tiny28):
   _, graphdef, state = tiny28
-  x = _images((2, 28, 28, 1))
+  x, labels = _images((2, 28, 28, 1)), jnp.array([1, 2])
   s1, s2 = jnp.full((2,), 0.5), jnp.full((2,), 3.0)
   # Same network input c_in·x for both σ, so only c_noise differs.
   x2 = x * jnp.sqrt((3.0**2 + 0.25) / (0.5**2 + 0.25))
-  f1, f2 = _residual(graphdef, state, x, s1), _residual(graphdef, state, x2, s2)
+  f1, f2 = _residual(graphdef, state, x, s1, labels), _residual(graphdef, state, x2, s2, labels)
   assert float(jnp.abs(f1 - f2).mean()) > 1e-2 * float(jnp.abs(f1).mean())
-  labels_a, labels_b = jnp.array([1, 2]), jnp.array([7, 7])
-  ya = _apply(graphdef, state, x, s1, labels_a)
-  yb = _apply(graphdef, state, x, s1, labels_b)
+  ya = _apply(graphdef, state, x, s1, labels, KEY)
+  yb = _apply(graphdef, state, x, s1, jnp.array([7, 7]), KEY)
   assert float(jnp.abs(ya - yb).mean()) > 1e-3
-  # Integer ids and one-hot rows are the same labels.
-  np.testing.assert_allclose(_apply(graphdef, state, x, s1, jax.nn.one_hot(labels_a, 10)), ya,
-                             rtol=1e-5, atol=1e-5)
 
 
 def test_tiny_sigma_returns_input(tiny28):
   _, graphdef, state = tiny28
   x = _images((2, 28, 28, 1))
-  y = _apply(graphdef, state, x, jnp.full((2,), 1e-4), jnp.array([0, 1]))
+  y = _apply(graphdef, state, x, jnp.full((2,), 1e-4), jnp.array([0, 1]), KEY)
   np.testing.assert_allclose(y, x, atol=2e-3)
 
 
@@ -251,7 +280,8 @@ def test_dropout_only_in_train_mode(tiny28):
 
 
 def test_train_eval_toggle_all_dropouts():
-  model = models.build_model(dict(TINY28, label_dropout=0.1), rngs=nnx.Rngs(0))
+  model = nnx.eval_shape(lambda: models.build_model(dict(TINY28, label_dropout=0.1),
+                                                    rngs=nnx.Rngs(0)))
   flags = lambda m: {mod.deterministic for _, mod in nnx.iter_modules(m)
                      if isinstance(mod, (nnx.Dropout, layers.LabelDropout))}
   assert flags(model) == {False}  # built in training mode
@@ -262,16 +292,15 @@ def test_train_eval_toggle_all_dropouts():
   assert flags(nnx.view(model, deterministic=True)) == {True} and flags(model) == {False}
 
 
-def test_bfloat16_matches_float32():
-  outs = []
-  for dtype in ("float32", "bfloat16"):
-    model = _perturbed(models.build_model(dict(TINY28, dtype=dtype), rngs=nnx.Rngs(0)))
-    model.eval()
-    graphdef, state = nnx.split(model)
-    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    outs.append(_apply(graphdef, state, _images((2, 28, 28, 1)), jnp.full((2,), 1.0),
-                       jnp.array([0, 5])))
-  y32, y16 = outs
+def test_bfloat16_matches_float32(tiny28):
+  _, graphdef, state = tiny28
+  x, sigma, labels = _images((2, 28, 28, 1)), jnp.full((2,), 1.0), jnp.array([0, 5])
+  y32 = _apply(graphdef, state, x, sigma, labels, KEY)
+  model = _tiny28("bfloat16")
+  model.eval()
+  params = jax.tree.leaves(nnx.state(model, nnx.Param))
+  assert all(p.dtype == jnp.float32 for p in params)
+  y16 = _apply(*nnx.split(model), x, sigma, labels, KEY)
   assert y16.dtype == jnp.float32
   err = float(jnp.abs(y16 - y32).max())
   assert 0 < err < 0.03 * float(jnp.abs(y32).max())
@@ -279,16 +308,13 @@ def test_bfloat16_matches_float32():
 
 def test_jitted_forward_traces_once_per_shape(tiny28):
   _, graphdef, state = tiny28
-  traces = []
-
-  @jax.jit
-  def forward(state, x, sigma):
-    traces.append(x.shape)
-    return models.make_denoise_fn(graphdef, state)(x, sigma)
-
-  for _ in range(3):
-    forward(state, _images((2, 28, 28, 1)), jnp.full((2,), 1.0))
-  assert len(traces) == 1
-  forward(state, _images((3, 28, 28, 1)), jnp.full((3,), 1.0))
-  forward(state, _images((2, 28, 28, 1)), jnp.full((2,), 0.3))
-  assert traces == [(2, 28, 28, 1), (3, 28, 28, 1)]
+  labels, start = jnp.array([0, 1]), len(TRACES)
+  for i in range(3):
+    _apply(graphdef, state, _images((2, 28, 28, 1), seed=i), jnp.full((2,), 1.0 + i), labels,
+           jax.random.key(i))
+  assert len(TRACES) - start <= 1  # zero if an earlier test already traced this shape.
+  start = len(TRACES)
+  for i in range(2):
+    _apply(graphdef, state, _images((3, 28, 28, 1)), jnp.full((3,), 0.5), jnp.array([0, 1, 2]),
+           jax.random.key(i))
+  assert len(TRACES) == start + 1
