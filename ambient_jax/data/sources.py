@@ -115,16 +115,26 @@ def _split(spec: registry.DatasetSpec, max_examples: int) -> str:
   return f"{spec.split}[:{max_examples}]" if max_examples else spec.split
 
 
+def _stack(rows: list) -> dict:
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
 class InMemorySource:
   """The whole split as one uint8 array, preprocessed once."""
 
   def __init__(self, data_config: Any):
     spec = registry.get_spec(data_config.name)
     tfds, builder = _builder(data_config, spec)
-    ds = builder.as_dataset(split=_split(spec, data_config.max_examples), shuffle_files=False,
-                            batch_size=1024)
+    split = _split(spec, data_config.max_examples)
+    if getattr(builder.info.file_format, "value", None) == "array_record":  # no tf.data for it
+      rows = builder.as_data_source(split=split)
+      chunks = (_stack(rows.__getitems__(list(range(i, min(i + 1024, len(rows))))))
+                for i in range(0, len(rows), 1024))
+    else:
+      chunks = tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False,
+                                                batch_size=1024))
     images, labels = [], []
-    for batch in tfds.as_numpy(ds):
+    for batch in chunks:
       images.append(preprocess(batch[spec.image_key], spec, data_config.resolution))
       if spec.label_key:
         labels.append(np.asarray(batch[spec.label_key], np.int32))
