@@ -230,6 +230,25 @@ def test_mlp_denoiser_on_vectors():
                              rtol=1e-6)
 
 
+def test_denoise_fn_under_grad_in_train_mode():
+  model = _perturbed(models.build_model(dict(name="mlp", data_dim=3, model_channels=16,
+                                             num_blocks=1, dropout=0.5), rngs=nnx.Rngs(0)),
+                     scale=0.3)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  x, sigma = _images((4, 3)), jnp.full((4,), 1.0)
+
+  @jax.jit
+  def loss_and_grad(params, key):
+    def loss(params):
+      denoise = models.make_denoise_fn(graphdef, params, rest, dropout_key=key)
+      return jnp.mean(jnp.square(denoise(x, sigma))) + jnp.mean(denoise(x, 2 * sigma))
+    return jax.value_and_grad(loss)(nnx.to_pure_dict(params))
+
+  (l1, g1), (l2, _), (l1b, _) = (loss_and_grad(params, jax.random.key(k)) for k in (1, 2, 1))
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(g1))
+  assert float(l1) != float(l2) and float(l1) == float(l1b)
+
+
 def test_labels_accept_ids_and_one_hot():
   model = nnx.eval_shape(lambda: models.build_model(TINY28, rngs=nnx.Rngs(0)))
   ids = jnp.array([3, 0])

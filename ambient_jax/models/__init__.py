@@ -9,12 +9,14 @@ Parameter counts equal NVlabs/edm's `training/networks.py` exactly (tests/test_m
 Modes: models start in training mode (dropout on, as `nnx.Dropout`). `model.eval()` /
 `model.train()` switch every Dropout / LabelDropout (`deterministic` attribute);
 `nnx.view(model, deterministic=True)` gives an eval view without mutating the model.
-Dropout randomness comes from the nnx.Rngs stream "dropout"; in a pure jitted step call
-`nnx.reseed(model, dropout=key)` after `nnx.merge` to make it a function of the key.
+Dropout randomness comes from the nnx.Rngs stream "dropout".
 
-Pure denoiser for jit: `graphdef, state = nnx.split(model)` once outside jit, then
-`make_denoise_fn(graphdef, state, labels)` (or `nnx.merge(graphdef, state)(x, sigma)`)
-inside the jitted function.
+Pure denoiser for jit/grad: `graphdef, params, rest = nnx.split(model, nnx.Param, ...)`
+once outside jit, then inside the jitted function
+`denoise_fn = make_denoise_fn(graphdef, params, rest, labels=..., dropout_key=key)`.
+If you merge by hand, use `nnx.merge(graphdef, params, rest, copy=True)` and then
+`nnx.reseed(model, dropout=key)`: without `copy=True` a train-mode forward inside
+`jax.grad` raises TraceContextError (dropout advances RNG state from another trace).
 
 Logical axis names (metadata `out_sharding` on every nnx.Param, `eager_sharding=False`,
 so building a model never needs a mesh):

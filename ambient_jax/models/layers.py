@@ -96,6 +96,16 @@ def _weight_and_bias(rngs: nnx.Rngs, w_shape, b_shape, init: Init, fan_in: int, 
   return _param(w, w_axes), _param(b, b_axes)
 
 
+def dropout_stream(rngs: nnx.Rngs) -> nnx.RngStream:
+  """A new RNG stream tagged "dropout", seeded from `rngs`' dropout (or default) stream.
+
+  The explicit tag makes `nnx.reseed(model, dropout=key)` reach every dropout layer even
+  when the model was built with a plain `nnx.Rngs(seed)` (whose fallback stream is
+  tagged "default").
+  """
+  return nnx.RngStream(rngs["dropout"](), tag="dropout")
+
+
 # ----------------------------------------------------------------------------- resampling
 
 
@@ -271,7 +281,7 @@ class LabelDropout(nnx.Module):
 
   def __init__(self, rate: float, *, rngs: nnx.Rngs):
     self.rate, self.deterministic = rate, False
-    self.rngs = rngs["dropout"].fork() if rate > 0 else None
+    self.rngs = dropout_stream(rngs) if rate > 0 else None
 
   def __call__(self, labels: jax.Array) -> jax.Array:
     if self.deterministic or self.rate == 0:
@@ -341,7 +351,7 @@ class UNetBlock(nnx.Module):
     self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1), init=init,
                          **kw)
     self.norm1 = GroupNorm(out_channels, **nkw)
-    self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout > 0 else None)
+    self.dropout = nnx.Dropout(dropout, rngs=dropout_stream(rngs) if dropout > 0 else None)
     self.conv1 = Conv2d(out_channels, out_channels, 3, init=init_zero, **kw)
 
     skip = None

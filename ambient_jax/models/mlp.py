@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ambient_jax.models.layers import Dtype, Init, LabelDropout, Linear, PositionalEmbedding
+from ambient_jax.models.layers import (Dtype, Init, LabelDropout, Linear, PositionalEmbedding,
+                                       dropout_stream)
 
 
 class MLPBlock(nnx.Module):
@@ -21,7 +22,7 @@ class MLPBlock(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.fc0 = Linear(width, width, init=Init("xavier_uniform"), **kw)
     self.affine = Linear(emb_channels, width, init=Init("xavier_uniform"), **kw)
-    self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout > 0 else None)
+    self.dropout = nnx.Dropout(dropout, rngs=dropout_stream(rngs) if dropout > 0 else None)
     self.fc1 = Linear(width, width, init=Init("xavier_uniform", weight=1e-5), **kw)
 
   def __call__(self, h: jax.Array, emb: jax.Array) -> jax.Array:

@@ -6,7 +6,7 @@ the output are float32; only F runs in the backbone's compute dtype.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,8 @@ class EDMPrecond(nnx.Module):
   Train / eval: `model.train()` enables dropout (the default on construction, like
   `nnx.Dropout`), `model.eval()` disables it; `nnx.view(model, deterministic=True)` gives
   an eval view without mutating. Dropout keys come from the nnx.Rngs stream "dropout";
-  inside a pure jitted step call `nnx.reseed(model, dropout=key)` after `nnx.merge`.
+  inside a pure jitted step use `make_denoise_fn(..., dropout_key=key)`, or
+  `nnx.merge(graphdef, *states, copy=True)` then `nnx.reseed(model, dropout=key)`.
   """
 
   def __init__(self, backbone: nnx.Module, sigma_data: float = precond.SIGMA_DATA):
@@ -54,18 +55,27 @@ class EDMPrecond(nnx.Module):
     return precond.expand(c_skip, x) * x + precond.expand(c_out, x) * f.astype(jnp.float32)
 
 
-def make_denoise_fn(graphdef: nnx.GraphDef, state: nnx.State, labels: jax.Array | None = None,
-                    augment_labels: jax.Array | None = None
+def make_denoise_fn(graphdef: nnx.GraphDef, *states: Any, labels: jax.Array | None = None,
+                    augment_labels: jax.Array | None = None,
+                    dropout_key: jax.Array | None = None
                     ) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """A pure `denoise_fn(x, sigma) -> x0_hat` from `graphdef, state = nnx.split(model)`.
+  """A pure `denoise_fn(x, sigma) -> x0_hat` from `graphdef, *states = nnx.split(model, ...)`.
 
-  Safe to call inside jax.jit / lax loops: it merges a fresh module from (graphdef, state)
-  on each trace and never mutates the caller's model. Train/eval mode is whatever the
-  model was in when split (it lives in `graphdef`); dropout in train mode draws from the
-  RNG state in `state`.
+  Safe inside jax.jit, grad, scan and cond: every call merges a fresh copy of the module
+  (`nnx.merge(..., copy=True)`; without the copy, a train-mode forward under `jax.grad`
+  raises TraceContextError because dropout advances RNG state created at another trace
+  level) and never mutates the caller's model or states. Train/eval mode is whatever the
+  model was in when split (it lives in `graphdef`). In train mode, call k of this
+  denoise_fn uses dropout key fold_in(dropout_key, k) (k counts traced calls) if
+  `dropout_key` is given, else the RNG state carried in `states`.
   """
+  calls = [0]
 
   def denoise_fn(x: jax.Array, sigma: jax.Array) -> jax.Array:
-    return nnx.merge(graphdef, state)(x, sigma, labels, augment_labels)
+    model = nnx.merge(graphdef, *states, copy=True)
+    if dropout_key is not None:
+      nnx.reseed(model, dropout=jax.random.fold_in(dropout_key, calls[0]))
+      calls[0] += 1
+    return model(x, sigma, labels, augment_labels)
 
   return denoise_fn
