@@ -227,8 +227,12 @@ def evaluate(workdir: str, *, step: Optional[int] = None, sampling: str = "full"
              truncate_sigma: float = -1.0, s_churn: float = 40.0,
              inception_weights: Optional[str] = None, attack_sigma: float = 1.0,
              attack_images: int = 500, posterior_steps: int = 32, kid_subset_size: int = 1000,
-             cache_dir: Optional[str] = None, feature_steps: Optional[int] = None) -> dict:
-  """Evaluates a workdir; returns the metrics dict also written to DIR/eval/STEP/metrics.json."""
+             cache_dir: Optional[str] = None, feature_steps: Optional[int] = None,
+             run: Optional[Run] = None) -> dict:
+  """Evaluates a workdir; returns the metrics dict also written to DIR/eval/STEP/metrics.json.
+
+  `run`: an already restored `Run` of this workdir (skips the restore).
+  """
   from ambient_jax.metrics import digit_features, frechet, memorization  # pylint: disable=g-import-not-at-top
   metrics = tuple(metrics)
   bad = sorted(set(metrics) - set(METRICS))
@@ -239,7 +243,7 @@ def evaluate(workdir: str, *, step: Optional[int] = None, sampling: str = "full"
     raise inception.MissingInceptionWeightsError(inception._missing_message(inception_weights))  # pylint: disable=protected-access
   cache_dir = cache_dir or digit_features.default_cache_dir()
   t_start = time.time()
-  run = Run(workdir, step, ema)
+  run = run if run is not None else Run(workdir, step, ema)
   _log(f"restored {run.workdir} step {run.step} ({run.weights}); dataset "
        f"{run.config.data.name} {run.dataset.image_shape}, σ_n max {run.sigma_n_max:g}")
   sigma_stop = run.sigma_n_max if truncate_sigma < 0 else float(truncate_sigma)
