@@ -103,6 +103,9 @@ def dropout_stream(rngs: nnx.Rngs) -> nnx.RngStream:
   when the model was built with a plain `nnx.Rngs(seed)` (whose fallback stream is
   tagged "default").
   """
+  if "dropout" not in rngs and "default" not in rngs:
+    raise ValueError("dropout > 0 needs an nnx.Rngs with a 'dropout' (or default) stream, "
+                     "e.g. nnx.Rngs(params=0, dropout=1) or nnx.Rngs(0).")
   return nnx.RngStream(rngs["dropout"](), tag="dropout")
 
 
