@@ -247,7 +247,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
   c.int_at_least("checkpoint.every_steps", 1)
   c.int_at_least("checkpoint.max_to_keep", 1)
   c.int_at_least("checkpoint.keep_every_steps", 0)
-  c.int_at_least("sample.every_steps", 0)
+  c.int_at_least("sample.every_steps", -1)
   num_images = c.int_at_least("sample.num_images", 1)
   if dp is not None and num_images is not None and num_images % dp:
     c.fail("sample.num_images", num_images, f"must be divisible by the data-parallel size {dp}")

@@ -5,6 +5,8 @@ Override any field with `--config.FIELD=VALUE` (e.g. `--config.optim.lr=3e-4`). 
 --num_processes and --process_id, or --distributed on a Cloud TPU pod / SLURM.
 """
 
+import logging as std_logging
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -20,9 +22,19 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_addre
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries:
+  """Keeps Orbax's and tfds's INFO chatter out of the console; warnings still show."""
+  NOISY = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/")
+
+  def filter(self, record) -> bool:
+    return record.levelno >= std_logging.WARNING or not any(
+        n in record.pathname for n in self.NOISY)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   from ambient_jax import sharding  # pylint: disable=g-import-not-at-top
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                   auto=_DISTRIBUTED.value)

@@ -56,6 +56,7 @@ def make_train_step(config: Any, model_def: ts.ModelDef, tx: optax.GradientTrans
   use_labels = model_def.label_dim > 0
 
   def train_step(state: ts.TrainState, batch: dict) -> tuple[ts.TrainState, dict]:
+    train_step.num_traces += 1  # runs only while jax traces: counts (re)compilations
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _STEP_SALT), state.step)
     k_ambient, k_cons, k_dropout = jax.random.split(key, 3)
     x0 = corruption.uint8_to_float(batch["image"])
@@ -92,11 +93,12 @@ def make_train_step(config: Any, model_def: ts.ModelDef, tx: optax.GradientTrans
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     emas = ema.update(state.ema, params, state.step, batch_size, halflives, rampup)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["lr"] = schedule(state.step)
     new_state = ts.TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=emas)
     return new_state, metrics
 
+  train_step.num_traces = 0
   return train_step
 
 
@@ -133,8 +135,8 @@ class Trainer:
     self.model_def = ts.make_model_def(config, self.dataset.image_shape)
     self.tx = ts.make_optimizer(config.optim)
     self.abstract_state, self.state_shardings = ts.abstract_train_state(config, self.mesh, self.tx)
-    self.train_step = jit_train_step(make_train_step(config, self.model_def, self.tx),
-                                     self.mesh, self.state_shardings)
+    self.step_fn = make_train_step(config, self.model_def, self.tx)
+    self.train_step = jit_train_step(self.step_fn, self.mesh, self.state_shardings)
     self.checkpointer = checkpoint_lib.Checkpointer(
         os.path.join(self.workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
         keep_every_steps=config.checkpoint.keep_every_steps,
@@ -236,7 +238,7 @@ class Trainer:
                          scalars["loss"], rate, _format_seconds(eta))
             sums.clear()
             count, t_log, step_log = 0, now, done
-          if config.sample.every_steps and done % config.sample.every_steps == 0 and not is_last:
+          if config.sample.every_steps > 0 and done % config.sample.every_steps == 0 and not is_last:
             self.sampler.write(done, state.ema[config.ema.sample_with], writer)
           if done % config.checkpoint.every_steps == 0 or is_last or stop:
             if pending is not None:
@@ -249,14 +251,14 @@ class Trainer:
                             done, self.checkpointer.path(done))
             stopped_early = True
             break
-      if not stopped_early and (start < total or self._final_grid_missing(total)):
+      if config.sample.every_steps >= 0 and not stopped_early and (
+          start < total or self._final_grid_missing(total)):
         self.sampler.write(total, state.ema[config.ema.sample_with], writer)
     finally:
       self.checkpointer.wait()
       writer.close()
-    if self.train_step._cache_size() > 1:  # pylint: disable=protected-access
-      logging.warning("The train step was compiled %d times (expected 1).",
-                      self.train_step._cache_size())  # pylint: disable=protected-access
+    if self.step_fn.num_traces > 1:
+      logging.warning("The train step was traced %d times (expected once).", self.step_fn.num_traces)
     return state
 
   def _final_grid_missing(self, total: int) -> bool:

@@ -90,7 +90,9 @@ def make_model_def(config: Any, image_shape: tuple) -> ModelDef:
   abstract.eval()
   eval_graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
   # The non-Param state (RNG streams) is tiny: build it concretely once.
-  rest = jax.jit(lambda: nnx.split(_build(model_config, jax.random.key(0)), nnx.Param, ...)[2])()
+  # Kept as a pure dict so that every merge makes fresh Variables in the caller's trace.
+  rest = nnx.to_pure_dict(jax.jit(
+      lambda: nnx.split(_build(model_config, jax.random.key(0)), nnx.Param, ...)[2])())
   return ModelDef(train_graphdef, eval_graphdef, rest, tuple(image_shape),
                   model_config["name"] == "mlp", int(model_config.get("label_dim", 0)),
                   model_config)

@@ -84,7 +84,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.async_save = True
 
   c.sample = ml_collections.ConfigDict()
-  c.sample.every_steps = 500      # PNG grid every N steps and at the end; 0 = only at the end
+  c.sample.every_steps = 500      # PNG grid every N steps and at the end; 0 = only at the end;
+                                  # -1 = never (tests, benchmarks)
   c.sample.num_images = 64
   c.sample.num_steps = 18         # EDM Heun steps (2N - 1 network evaluations)
   c.sample.seed = 0               # per-image keys fold_in(key(seed), i): same images every grid

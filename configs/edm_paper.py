@@ -117,6 +117,7 @@ def paper_config(dataset: str, arg=None) -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 1
     c.consistency.start_step = 0
     c.consistency.batch_fraction = 0.25
+    c.consistency.kwargs.chain_steps = 1
     c.checkpoint.every_steps = 2
     c.sample.every_steps = 0
     c.sample.num_images = 8
