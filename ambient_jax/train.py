@@ -185,8 +185,8 @@ class Trainer:
     writer = metrics_io.MetricsWriter(self.workdir, start_step=start, is_main=self.is_main)
     if start == 0:
       writer.write_hparams(config.to_dict())
-    report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer.clu,
-                                             every_steps=config.log_every_steps, every_secs=None)
+    # CLU's progress note (steps/s, %, ETA) once a minute; the loop's own line at each log step.
+    report = periodic_actions.ReportProgress(num_train_steps=total, every_secs=60.0)
     last_good = self.checkpointer.latest_step()
     sums: dict[str, float] = collections.defaultdict(float)
     count = 0

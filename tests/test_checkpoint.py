@@ -1,0 +1,153 @@
+"""Checkpoints: exact resume, restore onto another device count, half-written checkpoints are
+never used, SIGTERM saves before exit, a killed run resumes."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from ambient_jax import checkpoint, train
+from tests.test_train import ROOT, shared_tfds_dir, tiny_config
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+  return shared_tfds_dir(tmp_path_factory)
+
+
+def _assert_bit_identical(a, b):
+  leaves_a, leaves_b = jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))
+  assert len(leaves_a) == len(leaves_b)
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_resume_is_bit_exact_and_restores_onto_fewer_devices(tfds_dir, tmp_path):
+  config = tiny_config(tfds_dir)
+  straight = train.Trainer(config, str(tmp_path / "straight"))
+  full = straight.run()  # 6 steps, checkpoints at 2, 4, 6
+  straight.close()
+
+  half = tiny_config(tfds_dir, num_train_steps=3)
+  first = train.Trainer(half, str(tmp_path / "resumed"))
+  assert int(first.run().step) == 3  # ends with a checkpoint at 3
+  first.close()
+  second = train.Trainer(config, str(tmp_path / "resumed"))  # a fresh start: restores step 3
+  assert int(second.initial_state().step) == 3
+  resumed = second.run()
+  second.close()
+  _assert_bit_identical(full, resumed)  # params, optimizer state, both EMAs, step
+  # The metrics log describes one run: 2 (first), 3 (end of first), 4, 6.
+  steps = [json.loads(l)["step"] for l in (tmp_path / "resumed" / "metrics.jsonl").open()]
+  assert steps == [2, 3, 4, 6]
+
+  # Written on 8 devices, restored onto 2: same values, laid out on the 2-device mesh.
+  two = train.Trainer(config, str(tmp_path / "straight"), devices=jax.devices()[:2])
+  restored = two.initial_state()
+  _assert_bit_identical(full, restored)
+  assert len(restored.params["backbone"]["proj_in"]["kernel"].sharding.device_set) == 2
+  two.close()
+
+
+def test_half_written_checkpoint_is_never_picked_up(tfds_dir, tmp_path):
+  config = tiny_config(tfds_dir, num_train_steps=2)
+  trainer = train.Trainer(config, str(tmp_path / "w"))
+  state = trainer.run()
+  trainer.close()
+  ckpt_dir = tmp_path / "w" / "checkpoints"
+  # What a crash mid-save leaves behind: Orbax's temporary directory, never renamed.
+  tmp = ckpt_dir / "4.orbax-checkpoint-tmp"
+  (tmp / "state").mkdir(parents=True)
+  (tmp / "state" / "garbage").write_bytes(b"\x00" * 100)
+  manager = checkpoint.Checkpointer(str(ckpt_dir))
+  assert manager.latest_step() == 2 and manager.all_steps() == [2]
+  deadline = time.time() + 30
+  while tmp.exists() and time.time() < deadline:  # Orbax cleans it up in the background
+    time.sleep(0.2)
+  assert not tmp.exists()
+  restarted = train.Trainer(config, str(tmp_path / "w"))
+  _assert_bit_identical(state, restarted.initial_state())
+  restarted.close()
+  manager.close()
+
+
+def _write_config_file(path: pathlib.Path, tfds_dir) -> pathlib.Path:
+  """A config file for subprocess runs: the tiny MLP config, long enough to be interrupted."""
+  path.write_text(
+      "import sys\n"
+      f"sys.path.insert(0, {str(ROOT)!r})\n"
+      "from tests.test_train import tiny_config\n\n"
+      "def get_config():\n"
+      f"  return tiny_config({str(tfds_dir)!r}, num_train_steps=100000, log_every_steps=1,\n"
+      "                     **{'checkpoint.every_steps': 1, 'checkpoint.max_to_keep': 2})\n")
+  return path
+
+
+def _start(config_file, workdir, log_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  log = open(log_path, "w")  # a file, not a pipe: a full pipe would block the child
+  return subprocess.Popen(
+      [sys.executable, "-m", "ambient_jax.main", f"--config={config_file}", f"--workdir={workdir}"],
+      cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def _complete_steps(ckpt_dir: pathlib.Path) -> list[int]:
+  """Finished checkpoints, read from the directory names only (opening a CheckpointManager
+  here would clean up the running job's temporary directories)."""
+  return sorted(int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit()) if ckpt_dir.exists() else []
+
+
+def _wait_for_checkpoint(proc, ckpt_dir: pathlib.Path, log_path, at_least: int, timeout=400):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    assert proc.poll() is None, pathlib.Path(log_path).read_text()[-3000:]
+    steps = _complete_steps(ckpt_dir)
+    if steps and steps[-1] >= at_least:
+      return steps[-1]
+    time.sleep(0.5)
+  proc.kill()
+  raise TimeoutError(f"no checkpoint >= {at_least} after {timeout}s:\n"
+                     + pathlib.Path(log_path).read_text()[-3000:])
+
+
+def test_sigterm_saves_and_a_killed_run_resumes(tfds_dir, tmp_path):
+  config_file = _write_config_file(tmp_path / "tiny_config.py", tfds_dir)
+  workdir = tmp_path / "w"
+  ckpt_dir = workdir / "checkpoints"
+
+  # 1. SIGTERM (preemption): the run saves a checkpoint at the step it reached and exits cleanly.
+  log1 = tmp_path / "run1.log"
+  proc = _start(config_file, workdir, log1)
+  _wait_for_checkpoint(proc, ckpt_dir, log1, 3)
+  proc.send_signal(signal.SIGTERM)
+  proc.wait(timeout=120)
+  out = log1.read_text()
+  assert proc.returncode == 0, out[-3000:]
+  assert "Stopping at step" in out
+  stopped = int(out.split("Stopping at step ")[1].split()[0].rstrip(";"))
+  assert _complete_steps(ckpt_dir)[-1] == stopped
+  last_logged = [json.loads(l)["step"] for l in (workdir / "metrics.jsonl").open()][-1]
+  assert last_logged == stopped
+
+  # 2. The same command resumes from there; SIGKILL it (no chance to clean up) while it
+  # writes one checkpoint a step.
+  log2 = tmp_path / "run2.log"
+  proc = _start(config_file, workdir, log2)
+  _wait_for_checkpoint(proc, ckpt_dir, log2, stopped + 3)
+  proc.kill()
+  proc.wait(timeout=60)
+  assert f"Resumed from {ckpt_dir / str(stopped)}" in log2.read_text()
+
+  # 3. Whatever the kill left, the newest complete checkpoint restores, and is newer.
+  trainer = train.Trainer(tiny_config(tfds_dir), str(workdir), devices=jax.devices()[:1])
+  latest = trainer.checkpointer.latest_step()
+  assert latest >= stopped + 3
+  assert int(trainer.initial_state().step) == latest
+  trainer.close()
