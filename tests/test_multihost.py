@@ -1,0 +1,88 @@
+"""Two local CPU processes form one multi-host JAX job (jax.distributed + gloo), train a few
+steps together, and end with the same parameters as one process with the same 4 devices.
+
+Run as a script (`python tests/test_multihost.py worker ...`) this file is one of the workers.
+"""
+
+import hashlib
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+STEPS = 4
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _worker(process_id: int, port: int, workdir: str, tfds_dir: str) -> None:
+  sys.path.insert(0, str(ROOT))
+  from ambient_jax import sharding  # pylint: disable=g-import-not-at-top
+  sharding.initialize_distributed(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+  import jax  # pylint: disable=g-import-not-at-top
+  from ambient_jax import train  # pylint: disable=g-import-not-at-top
+  from tests.test_train import tiny_config  # pylint: disable=g-import-not-at-top
+  state = train.train_and_evaluate(tiny_config(tfds_dir, num_train_steps=STEPS), workdir)
+  leaves = [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(state.params)]
+  digest = hashlib.sha256(b"".join(l.tobytes() for l in leaves)).hexdigest()
+  np.savez(os.path.join(workdir, f"params_{process_id}.npz"), *leaves)
+  print("RESULT " + json.dumps(dict(process=jax.process_index(), processes=jax.process_count(),
+                                    devices=jax.device_count(), local=jax.local_device_count(),
+                                    step=int(state.step), digest=digest)), flush=True)
+  jax.distributed.shutdown()
+
+
+def test_two_processes_train_together_and_agree(tmp_path, tmp_path_factory):
+  import jax  # pylint: disable=g-import-not-at-top
+  from ambient_jax import train  # pylint: disable=g-import-not-at-top
+  from tests.test_train import shared_tfds_dir, tiny_config  # pylint: disable=g-import-not-at-top
+  tfds_dir = shared_tfds_dir(tmp_path_factory)
+  workdir = tmp_path / "multihost"
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  logs = [open(tmp_path / f"proc_{i}.log", "w") for i in range(2)]
+  procs = [subprocess.Popen([sys.executable, __file__, "worker", str(i), str(port), str(workdir),
+                             str(tfds_dir)], cwd=ROOT, env=env, stdout=logs[i],
+                            stderr=subprocess.STDOUT) for i in range(2)]
+  try:
+    for p in procs:
+      p.wait(timeout=600)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  outputs = [(tmp_path / f"proc_{i}.log").read_text() for i in range(2)]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  results = [json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
+             for out in outputs]
+  assert [r["process"] for r in results] == [0, 1]
+  for r in results:
+    assert (r["processes"], r["devices"], r["local"], r["step"]) == (2, 4, 2, STEPS)
+  assert results[0]["digest"] == results[1]["digest"]  # both hosts hold the same parameters
+  # Process 0 wrote the run's files; the checkpoint is shared.
+  assert [json.loads(l)["step"] for l in (workdir / "metrics.jsonl").open()] == [2, 4]
+  assert (workdir / "checkpoints" / str(STEPS)).is_dir()
+
+  # One process with the same 4 devices (same mesh shape) gets the same parameters.
+  single = train.Trainer(tiny_config(tfds_dir, num_train_steps=STEPS), str(tmp_path / "single"),
+                         devices=jax.devices()[:4])
+  state = single.run()
+  single.close()
+  multi = np.load(workdir / "params_0.npz")
+  leaves = jax.tree.leaves(jax.device_get(state.params))
+  for i, leaf in enumerate(leaves):
+    np.testing.assert_allclose(multi[f"arr_{i}"], leaf, rtol=1e-5, atol=1e-7)
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "worker":
+  _worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
