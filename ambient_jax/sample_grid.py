@@ -75,13 +75,16 @@ class SampleGrid:
     t = float(config.sample.truncate_sigma)
     self.sigma_stop = float(table.max()) if t == -1 else t
     self.batch_sharding = sharding_lib.batch_sharding(mesh)
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(config.sample.seed), i))(
-        jnp.arange(n))
-    self.keys = jax.device_put(keys, self.batch_sharding)
+    # Built inside jit with an output sharding: device_put cannot place a global array on a
+    # mesh whose devices belong to other processes (multi-host).
+    seed = int(config.sample.seed)
+    self.keys = jax.jit(lambda: jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(
+        jnp.arange(n)), out_shardings=self.batch_sharding)()
     self.labels = None
     if model_def.label_dim:
-      self.labels = jax.device_put(jnp.arange(n, dtype=jnp.int32) % model_def.label_dim,
-                                   self.batch_sharding)
+      label_dim = int(model_def.label_dim)
+      self.labels = jax.jit(lambda: jnp.arange(n, dtype=jnp.int32) % label_dim,
+                            out_shardings=self.batch_sharding)()
 
     # Fixed training examples, spread over the dataset, exactly as the model sees them.
     idx = (np.arange(n) * dataset.num_examples) // n
