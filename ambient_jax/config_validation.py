@@ -242,6 +242,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
     c.fail("batch_size", batch, f"must be divisible by the data-parallel size {dp} "
            f"(mesh.data × mesh.fsdp over {num_devices} devices)")
 
+  c.int_at_least("cpu_devices", 0)
+
   # logging, checkpoints, samples
   c.int_at_least("log_every_steps", 1)
   c.int_at_least("checkpoint.every_steps", 1)

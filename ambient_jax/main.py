@@ -6,6 +6,7 @@ Override any field with `--config.FIELD=VALUE` (e.g. `--config.optim.lr=3e-4`). 
 """
 
 import logging as std_logging
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -31,10 +32,20 @@ class _QuietLibraries:
         n in record.pathname for n in self.NOISY)
 
 
+def _split_cpu(num_devices: int) -> None:
+  """config.cpu_devices > 0: N XLA devices on the CPU platform (before jax starts)."""
+  flags_now = os.environ.get("XLA_FLAGS", "")
+  if not num_devices or "xla_force_host_platform_device_count" in flags_now:
+    return
+  os.environ["XLA_FLAGS"] = (
+      f"{flags_now} --xla_force_host_platform_device_count={int(num_devices)}").strip()
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  _split_cpu(_CONFIG.value.get("cpu_devices", 0))
   from ambient_jax import sharding  # pylint: disable=g-import-not-at-top
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                   auto=_DISTRIBUTED.value)

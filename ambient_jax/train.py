@@ -4,9 +4,11 @@ One `jax.jit`-compiled step over the mesh, state donated, batch sharded on ("dat
 "fsdp"); the compiler averages gradients. Per step, with key = fold_in(key(seed), step):
   x_n  = x0 + σ_n z[index]                                   (fixed corruption, data/)
   loss = mean_B ambient_loss(D, x_n, σ_n) + λ_c(step) · mean_k consistency_loss(D, x_n[::s], σ_n[::s])
-where λ_c(step) = consistency.weight once step >= consistency.start_step (a lax.cond:
-before that the consistency branch costs nothing) and every s-th example (s =
-1/batch_fraction) gets the consistency term. loss.kind="naive" passes σ_n = 0 (plain
+where λ_c(step) = consistency.weight once step >= consistency.start_step, and every s-th
+example (s = 1/batch_fraction) gets the consistency term. The kick-in is a static
+argument of the jitted step: it is traced once per phase (at most twice a run), and
+before it the consistency term costs nothing. (A lax.cond on the step would trace once,
+but XLA:CPU runs a conditional's branch ~6x slower than the same ops outside one.) loss.kind="naive" passes σ_n = 0 (plain
 EDM on the noisy images: the baseline). Then Adam (warm-up, clipping) and the EMAs.
 
 The loop: restore the newest complete checkpoint of WORKDIR (or initialise), then for
@@ -45,7 +47,6 @@ def make_train_step(config: Any, model_def: ts.ModelDef, tx: optax.GradientTrans
   naive = config.loss.kind == "naive"
   ambient_kwargs = config.loss.ambient.to_dict()
   cons_weight = float(config.consistency.weight)
-  cons_start = int(config.consistency.start_step)
   cons_kwargs = config.consistency.kwargs.to_dict()
   stride = (int(round(1.0 / config.consistency.batch_fraction))
             if cons_weight > 0 else 0)
@@ -55,7 +56,9 @@ def make_train_step(config: Any, model_def: ts.ModelDef, tx: optax.GradientTrans
   seed, corruption_seed = int(config.seed), int(config.data.corruption_seed)
   use_labels = model_def.label_dim > 0
 
-  def train_step(state: ts.TrainState, batch: dict) -> tuple[ts.TrainState, dict]:
+  def train_step(state: ts.TrainState, batch: dict, consistency: bool = False
+                 ) -> tuple[ts.TrainState, dict]:
+    """consistency (static): whether λ_c is on, i.e. step >= consistency.start_step."""
     train_step.num_traces += 1  # runs only while jax traces: counts (re)compilations
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _STEP_SALT), state.step)
     k_ambient, k_cons, k_dropout = jax.random.split(key, 3)
@@ -71,21 +74,18 @@ def make_train_step(config: Any, model_def: ts.ModelDef, tx: optax.GradientTrans
       ambient_loss = jnp.mean(per_example)
       metrics = {"ambient_loss": ambient_loss, "sigma_mean": jnp.mean(aux["sigma"])}
       total = ambient_loss
-      if cons_weight > 0:
-
-        def consistency():
-          sub_labels = None if labels is None else labels[::stride]
-          d = model_def.denoiser(params, train=True, key=jax.random.fold_in(k_dropout, 1 << 20),
-                                 labels=sub_labels)
-          loss_c, _ = losses.consistency_loss(d, x_n[::stride], sigma_loss[::stride], k_cons,
-                                              **cons_kwargs)
-          return jnp.mean(loss_c)
-
-        active = state.step >= cons_start
-        cons = jax.lax.cond(active, consistency, lambda: jnp.zeros((), jnp.float32))
+      if cons_weight > 0 and consistency:
+        sub_labels = None if labels is None else labels[::stride]
+        d = model_def.denoiser(params, train=True, key=jax.random.fold_in(k_dropout, 1 << 20),
+                               labels=sub_labels)
+        loss_c, _ = losses.consistency_loss(d, x_n[::stride], sigma_loss[::stride], k_cons,
+                                            **cons_kwargs)
+        cons = jnp.mean(loss_c)
         total = total + cons_weight * cons
-        metrics["consistency_loss"] = cons
-        metrics["consistency_weight"] = jnp.where(active, cons_weight, 0.0)
+      else:
+        cons = jnp.zeros((), jnp.float32)
+      metrics["consistency_loss"] = cons
+      metrics["consistency_weight"] = jnp.asarray(cons_weight if consistency else 0.0)
       metrics["loss"] = total
       return total, metrics
 
@@ -103,11 +103,19 @@ def make_train_step(config: Any, model_def: ts.ModelDef, tx: optax.GradientTrans
 
 
 def jit_train_step(step_fn, mesh: jax.sharding.Mesh, state_shardings: Any):
-  """jax.jit over the mesh: state donated and kept in place, batch split, metrics replicated."""
+  """jax.jit over the mesh: state donated and kept in place, batch split, metrics replicated.
+
+  Call as `train_step(state, batch, consistency_active(config, step))` (the flag is static).
+  """
   batch_sh = sharding_lib.batch_sharding(mesh)
   return jax.jit(step_fn, in_shardings=(state_shardings, batch_sh),
                  out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
-                 donate_argnums=(0,))
+                 donate_argnums=(0,), static_argnums=(2,))
+
+
+def consistency_active(config: Any, step: int) -> bool:
+  """Whether training step `step` (0-based) includes the consistency term."""
+  return config.consistency.weight > 0 and step >= config.consistency.start_step
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -217,7 +225,7 @@ class Trainer:
     try:
       with checkpoint_lib.SigtermFlag() as sigterm:
         for step, batch in self.loader.iterate(start, total):
-          state, metrics = self.train_step(state, batch)
+          state, metrics = self.train_step(state, batch, consistency_active(config, step))
           done = step + 1
           if pending is not None:
             consume(pending)
@@ -257,8 +265,9 @@ class Trainer:
     finally:
       self.checkpointer.wait()
       writer.close()
-    if self.step_fn.num_traces > 1:
-      logging.warning("The train step was traced %d times (expected once).", self.step_fn.num_traces)
+    if self.step_fn.num_traces > 2:
+      logging.warning("The train step was traced %d times (expected once per consistency phase).",
+                      self.step_fn.num_traces)
     return state
 
   def _final_grid_missing(self, total: int) -> bool:

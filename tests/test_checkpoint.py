@@ -56,18 +56,22 @@ def test_resume_is_bit_exact_and_restores_onto_fewer_devices(tfds_dir, tmp_path)
   two.close()
 
 
-def test_half_written_checkpoint_is_never_picked_up(tfds_dir, tmp_path):
-  config = tiny_config(tfds_dir, num_train_steps=2)
+def test_keep_last_n_plus_every_k_and_half_written_checkpoints_are_never_picked_up(
+    tfds_dir, tmp_path):
+  config = tiny_config(tfds_dir, num_train_steps=5, **{
+      "checkpoint.every_steps": 1, "checkpoint.max_to_keep": 1,
+      "checkpoint.keep_every_steps": 2})
   trainer = train.Trainer(config, str(tmp_path / "w"))
   state = trainer.run()
   trainer.close()
   ckpt_dir = tmp_path / "w" / "checkpoints"
+  assert checkpoint.Checkpointer(str(ckpt_dir)).all_steps() == [2, 4, 5]  # every 2nd + last
   # What a crash mid-save leaves behind: Orbax's temporary directory, never renamed.
   tmp = ckpt_dir / "4.orbax-checkpoint-tmp"
   (tmp / "state").mkdir(parents=True)
   (tmp / "state" / "garbage").write_bytes(b"\x00" * 100)
   manager = checkpoint.Checkpointer(str(ckpt_dir))
-  assert manager.latest_step() == 2 and manager.all_steps() == [2]
+  assert manager.latest_step() == 5 and manager.all_steps() == [2, 4, 5]
   deadline = time.time() + 30
   while tmp.exists() and time.time() < deadline:  # Orbax cleans it up in the background
     time.sleep(0.2)

@@ -1,6 +1,7 @@
 """Configs: every file and variant loads and validates; bad fields get one clear message;
 each paper architecture runs one tiny training step on CPU."""
 
+import functools
 import os
 import pathlib
 import subprocess
@@ -148,14 +149,14 @@ def _tiny_step(config, devices, compile_and_run=True):
           "label": rng.integers(0, max(spec.num_classes, 1), (b,)).astype(np.int32)}
   if not compile_and_run:
     state = jax.eval_shape(ts.init_fn(config, tx))
-    new_state, metrics = jax.eval_shape(step_fn, state, host)
+    new_state, metrics = jax.eval_shape(functools.partial(step_fn, consistency=True), state, host)
     assert jax.tree.structure(new_state) == jax.tree.structure(state)
     assert metrics["loss"].shape == ()
     return metrics
   state, shardings = ts.create_train_state(config, mesh, tx)
   step = train.jit_train_step(step_fn, mesh, shardings)
   batch = sharding.global_batch_from_host(sharding.batch_sharding(mesh), host, b)
-  state, metrics = step(state, batch)
+  state, metrics = step(state, batch, True)
   metrics = jax.device_get(metrics)
   assert int(state.step) == 1
   assert np.isfinite(metrics["loss"]) and metrics["loss"] > 0, metrics
@@ -170,10 +171,12 @@ def test_paper_config_runs_one_tiny_step():
   _tiny_step(config, jax.devices()[:2])
 
 
-@pytest.mark.parametrize("spec", ["ffhq64.py:smoke,sigma_n=0.05",  # DDPM++ 64 (CelebA, AFHQ too)
-                                  "imagenet64.py:smoke,clean_fraction=0.5"])  # ADM, conditional
-def test_paper_config_step_traces(spec):
+@pytest.mark.parametrize("spec,overrides", [
+    ("ffhq64.py:smoke,sigma_n=0.05", ()),  # DDPM++ 64x64 (CelebA, AFHQ too)
+    ("imagenet64.py:smoke,clean_fraction=0.5", ()),  # ADM, class-conditional
+    ("cifar10.py:smoke", ("--config.model.dtype=bfloat16",))])  # bf16 compute
+def test_paper_config_step_traces(spec, overrides):
   """The other architectures: the whole step traced at smoke size (compiling costs minutes)."""
-  config = load(spec)
+  config = load(spec, *overrides)
   config_validation.validate(config, num_devices=2)
   _tiny_step(config, jax.devices()[:2], compile_and_run=False)

@@ -21,7 +21,8 @@ def _data_config(tmp_dir, **overrides):
 
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("tfds")
+  from tests.test_train import shared_tfds_dir  # one prepared copy per test session
+  return shared_tfds_dir(tmp_path_factory)
 
 
 def test_offline_digits_builder(tfds_dir):
