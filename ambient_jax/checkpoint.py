@@ -33,15 +33,21 @@ class Checkpointer:
   """Async CheckpointManager over WORKDIR/checkpoints with keep-last-N + keep-every-K."""
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, keep_every_steps: int = 0,
-               async_save: bool = True):
+               async_save: bool = True, read_only: bool = False):
+    """read_only=True: for readers (evaluation) of a directory a live run may be writing;
+    it neither creates the directory nor removes the run's in-progress temporary ones."""
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
-        keep_period=keep_every_steps or None,
-        enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True,
-        create=True,
-    )
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False,
+                                             enable_async_checkpointing=False)
+    else:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=max_to_keep,
+          keep_period=keep_every_steps or None,
+          enable_async_checkpointing=async_save,
+          cleanup_tmp_directories=True,
+          create=True,
+      )
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=(STATE, META))
 

@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from ambient_jax import checkpoint, train
+from ambient_jax import checkpoint, sharding, train
+from ambient_jax import train_state as ts
 from tests.test_train import ROOT, shared_tfds_dir, tiny_config
 
 
@@ -67,9 +68,16 @@ def test_keep_last_n_plus_every_k_and_half_written_checkpoints_are_never_picked_
   ckpt_dir = tmp_path / "w" / "checkpoints"
   assert checkpoint.Checkpointer(str(ckpt_dir)).all_steps() == [2, 4, 5]  # every 2nd + last
   # What a crash mid-save leaves behind: Orbax's temporary directory, never renamed.
-  tmp = ckpt_dir / "4.orbax-checkpoint-tmp"
+  tmp = ckpt_dir / "6.orbax-checkpoint-tmp"
   (tmp / "state").mkdir(parents=True)
   (tmp / "state" / "garbage").write_bytes(b"\x00" * 100)
+  reader = checkpoint.Checkpointer(str(ckpt_dir), read_only=True)  # e.g. evaluation
+  assert reader.latest_step() == 5
+  mesh = sharding.make_mesh(config.mesh)
+  abstract, _ = ts.abstract_train_state(config, mesh, ts.make_optimizer(config.optim))
+  _assert_bit_identical(state.params, reader.restore(abstract)[0].params)
+  reader.close()
+  assert tmp.exists()  # a reader never touches what a live run may be writing
   manager = checkpoint.Checkpointer(str(ckpt_dir))
   assert manager.latest_step() == 5 and manager.all_steps() == [2, 4, 5]
   deadline = time.time() + 30

@@ -79,23 +79,29 @@ def _run_steps(trainer, num_steps):
 
 
 def test_step_is_traced_once_and_agrees_across_1_and_8_devices(tfds_dir, tmp_path):
-  """Same config on 1 and on 8 devices: the same parameters after 3 steps (the third with
-  consistency on), to float tolerance; the step traced once per consistency phase."""
-  config = tiny_config(tfds_dir)
+  """Same config on 1 device, 8 devices (data parallel) and 8 devices as 4 data x 2 fsdp:
+  the same parameters after 3 steps (the third with consistency on), to float tolerance;
+  the step traced once per consistency phase."""
   results = {}
-  for n in (1, 8):
-    trainer = train.Trainer(config, str(tmp_path / f"d{n}"), devices=jax.devices()[:n])
+  for n, fsdp in ((1, 1), (8, 1), (8, 2)):  # 256 channels: large enough for FSDP
+    cfg = tiny_config(tfds_dir, **{"model.model_channels": 256, "mesh.fsdp": fsdp})
+    trainer = train.Trainer(cfg, str(tmp_path / f"d{n}_{fsdp}"), devices=jax.devices()[:n])
     state, metrics = _run_steps(trainer, 3)
     assert trainer.step_fn.num_traces == 2  # steps 0-1 without λ_c, step 2 with it
-    assert len(state.params["backbone"]["proj_in"]["kernel"].sharding.device_set) == n
+    kernel = state.params["backbone"]["blocks"][0]["fc0"]["kernel"]  # 256 x 256
+    assert len(kernel.sharding.device_set) == n
+    assert kernel.sharding.spec == (jax.sharding.PartitionSpec(None, "fsdp") if fsdp > 1
+                                    else jax.sharding.PartitionSpec())
     assert metrics[0]["consistency_weight"] == 0 and metrics[2]["consistency_weight"] > 0
-    results[n] = (jax.device_get(state), metrics)
+    results[(n, fsdp)] = (jax.device_get(state), metrics)
     trainer.close()
-  (s1, m1), (s8, m8) = results[1], results[8]
-  np.testing.assert_allclose([m["loss"] for m in m1], [m["loss"] for m in m8], rtol=1e-4)
-  for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s8)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  assert int(s8.step) == 3
+  s1, m1 = results[(1, 1)]
+  for key in ((8, 1), (8, 2)):
+    s8, m8 = results[key]
+    np.testing.assert_allclose([m["loss"] for m in m1], [m["loss"] for m in m8], rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s8)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert int(s8.step) == 3
 
 
 def test_a_run_leaves_config_metrics_tensorboard_checkpoints_and_stops_on_nan(tfds_dir, tmp_path):
