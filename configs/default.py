@@ -99,24 +99,24 @@ def base_config() -> ml_collections.ConfigDict:
 def get_config(arg=None) -> ml_collections.ConfigDict:
   del arg
   c = base_config()
-  # Measured on 2 CPU cores (benchmarks/train_speed.py, README "Measured"): ~0.25 s/step
-  # before the consistency term, ~0.36 s/step with it, on 2 CPU devices; ~12-13 min in all.
-  c.num_train_steps = 2400
+  # Measured on 2 CPU cores (benchmarks/train_speed.py, README "Measured"): ~4 steps/s
+  # before the consistency term, ~2.4 steps/s with it, on 2 CPU devices; ~12 min in all.
+  c.num_train_steps = 2200
   c.batch_size = 32
-  c.cpu_devices = 2               # both cores: ~1.3x the steps/s of one CPU device
+  c.cpu_devices = 2               # both cores: ~1.15x the steps/s of one CPU device
   c.data.resolution = 28
   c.model.img_resolution = 28
   c.model.model_channels = 16     # 16/32/64 channels at 28/14/7 px: 0.7M parameters
   c.model.channel_mult = (1, 2, 4)
   c.model.num_blocks = 1
   c.optim.warmup_steps = 100
-  c.ema.halflife_kimg = (5.0,)    # capped by the ramp-up at 5 % of the ~77k images seen
+  c.ema.halflife_kimg = (5.0,)    # capped by the ramp-up at 5 % of the ~70k images seen
   # Ambient loss alone first, then ambient + consistency as a fine-tune (the papers' order).
   c.consistency.weight = 1.0
-  c.consistency.start_step = 1800
+  c.consistency.start_step = 1700
   c.consistency.batch_fraction = 0.25
   c.consistency.kwargs = ml_collections.ConfigDict({"step": "posterior", "chain_steps": 1})
   c.log_every_steps = 100
   c.checkpoint.every_steps = 500
-  c.sample.every_steps = 1200
+  c.sample.every_steps = 1100
   return c
