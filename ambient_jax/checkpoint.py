@@ -18,13 +18,14 @@ Layout: WORKDIR/checkpoints/<step>/{state, meta}. `state` is the whole train sta
 from __future__ import annotations
 
 from absl import logging
-import os
 import signal
 import threading
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+
+from ambient_jax import storage
 
 STATE, META = "state", "meta"
 
@@ -36,7 +37,8 @@ class Checkpointer:
                async_save: bool = True, read_only: bool = False):
     """read_only=True: for readers (evaluation) of a directory a live run may be writing;
     it neither creates the directory nor removes the run's in-progress temporary ones."""
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.resolve(directory)  # local or gs://
+    storage.check_checkpoint_backend(self.directory)
     if read_only:
       options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False,
                                              enable_async_checkpointing=False)
@@ -59,7 +61,7 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def path(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return str(self.directory / str(step))
 
   def save(self, step: int, state: Any, meta: Optional[dict] = None) -> None:
     """Starts writing `state` as checkpoint `step` (returns once device buffers are copied)."""

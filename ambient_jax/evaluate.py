@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ambient_jax import storage
+
 METRICS = ("fd", "kid", "fid", "memorization")
 SAMPLING_MODES = ("full", "truncated", "stochastic")
 
@@ -47,11 +49,10 @@ def _log(msg: str) -> None:
 
 def load_config(workdir: str):
   import ml_collections  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = storage.resolve(workdir) / "config.json"
+  if not path.exists():
     raise FileNotFoundError(f"{path} not found: is {workdir!r} a training workdir?")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 class Run:
@@ -63,18 +64,22 @@ class Run:
     from ambient_jax import data as data_lib  # pylint: disable=g-import-not-at-top
     from ambient_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
     from ambient_jax import train_state as ts  # pylint: disable=g-import-not-at-top
-    self.workdir = os.path.abspath(workdir)
+    self.workdir = str(storage.resolve(workdir))  # local or gs://
     self.config = load_config(self.workdir)
     devices = list(jax.devices() if devices is None else devices)
-    self.mesh = sharding_lib.make_mesh(self.config.mesh, devices) if \
-        sharding_lib.mesh_shape(self.config.mesh, len(devices))[0] * int(self.config.mesh.fsdp) \
-        == len(devices) else sharding_lib.make_mesh({"data": -1, "fsdp": 1}, devices)
+    data, fsdp = sharding_lib.mesh_shape(self.config.mesh, len(devices))
+    if data * fsdp == len(devices):
+      self.mesh = sharding_lib.make_mesh(self.config.mesh, devices)
+    else:  # e.g. a run trained on a TPU slice evaluated on one GPU: data-parallel over all
+      _log(f"the run's mesh (data={data}, fsdp={fsdp}) does not fit {len(devices)} devices; "
+           f"evaluating data-parallel over all {len(devices)}")
+      self.mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1}, devices)
     self.batch_sharding = sharding_lib.batch_sharding(self.mesh)
     self.dataset = data_lib.load_dataset(self.config.data)
     self.model_def = ts.make_model_def(self.config, self.dataset.image_shape)
     tx = ts.make_optimizer(self.config.optim)
     abstract, shardings = ts.abstract_train_state(self.config, self.mesh, tx)
-    ckpt = checkpoint_lib.Checkpointer(os.path.join(self.workdir, "checkpoints"),
+    ckpt = checkpoint_lib.Checkpointer(storage.resolve(self.workdir) / "checkpoints",
                                        async_save=False)
     try:
       available = ckpt.all_steps()
@@ -130,20 +135,27 @@ def make_sampler(model_def, image_shape, mode: str, *, num_steps: int = 18,
 
 def generate(sample_fn, params, num_samples: int, *, seed: int = 0, batch_size: int = 256,
              batch_sharding=None, param_sharding=None, log=_log) -> np.ndarray:
-  """num_samples images, image k from fold_in(key(seed), k), in fixed-size batches."""
+  """num_samples images, image k from fold_in(key(seed), k), in fixed-size batches.
+
+  Multi-process: every process calls this with the same arguments and gets all images
+  (the batch is split over every process's devices, then gathered).
+  """
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   n_dev = 1 if batch_sharding is None else int(np.prod(list(batch_sharding.mesh.shape.values())))
   batch_size = max(n_dev, (min(batch_size, num_samples) + n_dev - 1) // n_dev * n_dev)
   jitted = jax.jit(sample_fn) if batch_sharding is None else jax.jit(
       sample_fn, in_shardings=(param_sharding, batch_sharding), out_shardings=batch_sharding)
   base = jax.random.key(seed)
+  # The keys are made inside jit, straight into their shards: device_put cannot place a
+  # host array on devices that belong to other processes.
+  make_keys = jax.jit(lambda start: jax.vmap(lambda i: jax.random.fold_in(base, start + i))(
+      jnp.arange(batch_size)), out_shardings=batch_sharding)
   out, t0 = [], time.time()
-  for start in range(0, num_samples, batch_size):
-    idx = np.arange(start, start + batch_size)  # the tail batch is padded with extra images
-    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(idx))
-    if batch_sharding is not None:
-      keys = jax.device_put(keys, batch_sharding)
-    images = np.asarray(jitted(params, keys))[:num_samples - start]
-    out.append(images)
+  for start in range(0, num_samples, batch_size):  # the tail batch is padded with extra images
+    images = jitted(params, make_keys(jnp.int32(start)))
+    if not images.is_fully_addressable:
+      images = multihost_utils.process_allgather(images, tiled=True)
+    out.append(np.asarray(images)[:num_samples - start])
     done = min(start + batch_size, num_samples)
     if log:
       rate = done / max(time.time() - t0, 1e-9)
@@ -175,7 +187,7 @@ def _save_grid(path: str, images: np.ndarray, title: str) -> str:
   ax.set_axis_off()
   ax.set_title(title, fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  storage.save_figure(fig, path, dpi=100)
   plt.close(fig)
   return path
 
@@ -253,15 +265,14 @@ def evaluate(workdir: str, *, step: Optional[int] = None, sampling: str = "full"
   samples = generate(sample_fn, run.params, num_samples, seed=seed, batch_size=batch_size,
                      batch_sharding=run.batch_sharding, param_sharding=run.param_shardings)
   sample_seconds = time.time() - t0
-  out_dir = os.path.join(run.workdir, "eval", str(run.step))
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = storage.resolve(run.workdir) / "eval" / str(run.step)
   samples_q = quantize(samples)
   result: dict[str, Any] = dict(
       workdir=run.workdir, step=run.step, weights=run.weights, sampling=sampling,
       num_samples=num_samples, seed=seed, num_steps=num_steps,
       sigma_stop=sigma_stop if sampling == "truncated" else None,
       s_churn=s_churn if sampling == "stochastic" else None, sample_seconds=sample_seconds,
-      samples_png=_save_grid(os.path.join(out_dir, f"samples_{sampling}.png"), samples_q,
+      samples_png=_save_grid(str(out_dir / f"samples_{sampling}.png"), samples_q,
                              f"{os.path.basename(run.workdir)} step {run.step}, {sampling}"))
   clean = None
   if {"fd", "kid", "memorization"} & set(metrics):
@@ -291,17 +302,15 @@ def evaluate(workdir: str, *, step: Optional[int] = None, sampling: str = "full"
     sims.pop("noisy_input", None)
     result["memorization"] = dict(attack.summary, samples=nn_summary, attacked_clean_images=True)
     result["memorization_png"] = memorization.similarity_histogram_png(
-        os.path.join(out_dir, "memorization_hist.png"), sims,
+        str(out_dir / "memorization_hist.png"), sims,
         f"step {run.step}: attack at σ={attack_sigma:g} (digit features)")
     _log("memorization: " + ", ".join(
         f"{m} >0.95 {result['memorization'][m]['frac_sim_above_0.95']:.3f}"
         for m in ("mmse", "posterior", "samples")))
   result["seconds"] = time.time() - t_start
   if jax.process_index() == 0:
-    path = os.path.join(out_dir, "metrics.json")
-    with open(path + ".tmp", "w") as f:
-      json.dump(result, f, indent=1, default=float)
-    os.replace(path + ".tmp", path)
+    path = storage.write_atomic(out_dir / "metrics.json",
+                                json.dumps(result, indent=1, default=float))
     _log(f"wrote {path}")
   return result
 

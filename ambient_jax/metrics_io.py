@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 from absl import logging
 import math
-import os
 from typing import Any, Mapping
 
 import numpy as np
+
+from ambient_jax import storage
 
 
 def _flatten(d: Mapping, prefix: str = "") -> dict:
@@ -31,23 +32,19 @@ def _flatten(d: Mapping, prefix: str = "") -> dict:
 
 def write_config_json(workdir: str, config: Any) -> None:
   """Writes DIR/config.json; logs every field that differs from the previous start's."""
-  path = os.path.join(workdir, "config.json")
+  path = storage.resolve(workdir) / "config.json"
   text = config.to_json_best_effort(indent=2, sort_keys=True)
-  if os.path.exists(path):
-    with open(path) as f:
-      try:
-        old = _flatten(json.load(f))
-      except json.JSONDecodeError:
-        old = {}
+  if path.exists():
+    try:
+      old = _flatten(json.loads(path.read_text()))
+    except json.JSONDecodeError:
+      old = {}
     new = _flatten(json.loads(text))
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     for k in changed:
       logging.warning("Config changed since the last start of this workdir: %s: %r -> %r",
                       k, old.get(k), new.get(k))
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text + "\n")
-  os.replace(tmp, path)
+  storage.write_atomic(path, text + "\n")
 
 
 def _jsonable(v):
@@ -63,24 +60,23 @@ class MetricsWriter:
   def __init__(self, workdir: str, *, start_step: int, is_main: bool):
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
     self.is_main = is_main
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    if is_main and os.path.exists(self.path):
+    self.path = storage.resolve(workdir) / "metrics.jsonl"
+    if is_main and self.path.exists():
       self._truncate(start_step)
-    self._file = open(self.path, "a") if is_main else None
-    self.clu = metric_writers.create_default_writer(workdir, just_logging=not is_main,
+    self._file = self.path.open("a") if is_main else None
+    self.clu = metric_writers.create_default_writer(str(workdir), just_logging=not is_main,
                                                     asynchronous=True)
 
   def _truncate(self, start_step: int) -> None:
     kept = []
-    with open(self.path) as f:
+    with self.path.open() as f:
       for line in f:
         try:
           if json.loads(line)["step"] <= start_step:
             kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
           pass  # a line cut short by a kill
-    with open(self.path, "w") as f:
-      f.writelines(kept)
+    storage.write_atomic(self.path, "".join(kept))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     scalars = {k: _jsonable(v) for k, v in scalars.items()}

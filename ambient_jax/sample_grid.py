@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from absl import logging
 import math
-import os
 from typing import Any
 
 import jax
@@ -24,6 +23,7 @@ from jax.experimental import multihost_utils
 
 from ambient_jax import sampling
 from ambient_jax import sharding as sharding_lib
+from ambient_jax import storage
 from ambient_jax.data import corruption
 
 
@@ -57,10 +57,8 @@ def save_png(path: str, panels: list[tuple[str, np.ndarray]], suptitle: str) -> 
     ax.axis("off")
   fig.suptitle(suptitle, fontsize=10)
   fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=dpi)
+  storage.save_figure(fig, path, dpi=dpi)
   plt.close(fig)
-  os.replace(tmp, path)
 
 
 class SampleGrid:
@@ -70,7 +68,7 @@ class SampleGrid:
                param_shardings: Any, workdir: str):
     self.config, self.model_def, self.workdir = config, model_def, workdir
     self.num_images = n = int(config.sample.num_images)
-    self.dir = os.path.join(workdir, "samples")
+    self.dir = storage.resolve(workdir) / "samples"
     table = dataset.sigma_n
     t = float(config.sample.truncate_sigma)
     self.sigma_stop = float(table.max()) if t == -1 else t
@@ -126,10 +124,9 @@ class SampleGrid:
   def write(self, step: int, params: Any, writer: Any = None) -> str:
     """Samples with `params`, writes DIR/samples/step_XXXXXXX.png (process 0); returns its path."""
     full, truncated = self.samples(params)
-    path = os.path.join(self.dir, f"step_{step:07d}.png")
+    path = str(self.dir / f"step_{step:07d}.png")
     if jax.process_index() != 0:
       return path
-    os.makedirs(self.dir, exist_ok=True)
     panels = [(self.noisy_title, tile(self.noisy))]
     if truncated is not None:
       panels.append((f"generated, truncated at σ = {self.sigma_stop:g} (Tweedie)", tile(truncated)))

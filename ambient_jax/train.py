@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 from absl import logging
-import os
 import time
 from typing import Any, Optional, Sequence
 
@@ -34,6 +33,7 @@ from jax.experimental import multihost_utils
 from ambient_jax import checkpoint as checkpoint_lib
 from ambient_jax import config_validation, ema, losses
 from ambient_jax import sharding as sharding_lib
+from ambient_jax import storage
 from ambient_jax import train_state as ts
 from ambient_jax.data import corruption
 from ambient_jax import data as data_lib
@@ -41,8 +41,14 @@ from ambient_jax import data as data_lib
 _STEP_SALT = 0x57E9
 
 
-def make_train_step(config: Any, model_def: ts.ModelDef, tx: optax.GradientTransformation):
-  """The pure step (state, batch) -> (state, metrics); jit it with `jit_train_step`."""
+def make_train_step(config: Any, model_def: ts.ModelDef, tx: optax.GradientTransformation,
+                    mesh: Optional[jax.sharding.Mesh] = None):
+  """The pure step (state, batch) -> (state, metrics); jit it with `jit_train_step`.
+
+  With an fsdp axis in `mesh`, every parameter is all-gathered right before the network
+  uses it (ZeRO-3): the compiler then moves one parameter's worth of bytes each way per
+  step instead of resharding activations inside every layer.
+  """
   batch_size = int(config.batch_size)
   naive = config.loss.kind == "naive"
   ambient_kwargs = config.loss.ambient.to_dict()
@@ -55,6 +61,7 @@ def make_train_step(config: Any, model_def: ts.ModelDef, tx: optax.GradientTrans
   schedule = ts.learning_rate_schedule(config.optim)
   seed, corruption_seed = int(config.seed), int(config.data.corruption_seed)
   use_labels = model_def.label_dim > 0
+  gather_params = sharding_lib.gather_for_use(mesh)
 
   def train_step(state: ts.TrainState, batch: dict, consistency: bool = False
                  ) -> tuple[ts.TrainState, dict]:
@@ -69,6 +76,7 @@ def make_train_step(config: Any, model_def: ts.ModelDef, tx: optax.GradientTrans
     labels = batch["label"] if use_labels else None
 
     def loss_fn(params):
+      params = gather_params(params)
       denoise = model_def.denoiser(params, train=True, key=k_dropout, labels=labels)
       per_example, aux = losses.ambient_loss(denoise, x_n, sigma_loss, k_ambient, **ambient_kwargs)
       ambient_loss = jnp.mean(per_example)
@@ -129,9 +137,9 @@ class Trainer:
                devices: Optional[Sequence[jax.Device]] = None):
     devices = list(jax.devices() if devices is None else devices)
     config_validation.validate(config, num_devices=len(devices))
-    self.config, self.workdir = config, os.path.abspath(workdir)
+    self.config, self.workdir = config, str(storage.resolve(workdir))  # local or gs://
     self.is_main = jax.process_index() == 0
-    os.makedirs(self.workdir, exist_ok=True)
+    storage.resolve(self.workdir).mkdir(parents=True, exist_ok=True)
     self.mesh = sharding_lib.make_mesh(config.mesh, devices)
     barrier = None
     if jax.process_count() > 1:
@@ -143,10 +151,10 @@ class Trainer:
     self.model_def = ts.make_model_def(config, self.dataset.image_shape)
     self.tx = ts.make_optimizer(config.optim)
     self.abstract_state, self.state_shardings = ts.abstract_train_state(config, self.mesh, self.tx)
-    self.step_fn = make_train_step(config, self.model_def, self.tx)
+    self.step_fn = make_train_step(config, self.model_def, self.tx, self.mesh)
     self.train_step = jit_train_step(self.step_fn, self.mesh, self.state_shardings)
     self.checkpointer = checkpoint_lib.Checkpointer(
-        os.path.join(self.workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
+        storage.resolve(self.workdir) / "checkpoints", max_to_keep=config.checkpoint.max_to_keep,
         keep_every_steps=config.checkpoint.keep_every_steps,
         async_save=config.checkpoint.async_save)
     self._sampler = None
@@ -271,7 +279,7 @@ class Trainer:
     return state
 
   def _final_grid_missing(self, total: int) -> bool:
-    return not os.path.exists(os.path.join(self.workdir, "samples", f"step_{total:07d}.png"))
+    return not (storage.resolve(self.workdir) / "samples" / f"step_{total:07d}.png").exists()
 
   def close(self) -> None:
     self.checkpointer.close()

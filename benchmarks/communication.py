@@ -168,10 +168,8 @@ def _load_config(spec: str):
   return module.get_config(arg) if arg else module.get_config()
 
 
-def measure(config_spec: str, data: int, fsdp: int, batch_size: int | None = None,
-            gather_params: bool = False) -> dict:
+def measure(config_spec: str, data: int, fsdp: int, batch_size: int | None = None) -> dict:
   """Compiles the trainer's step for a data x fsdp mesh and measures its collectives."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -192,23 +190,10 @@ def measure(config_spec: str, data: int, fsdp: int, batch_size: int | None = Non
   res = int(config.data.resolution)
   image_shape = (res, res, spec.channels)
   model_def = ts.make_model_def(config, image_shape)
-  if gather_params:
-    # ZeRO-3 style: every parameter is all-gathered right before the network uses it, so its
-    # gradient is reduce-scattered back to the shards. (Experiment; not in the trainer.)
-    replicated = sharding_lib.replicated(mesh)
-
-    @dataclasses.dataclass(frozen=True)
-    class GatheredModelDef(type(model_def)):
-
-      def denoiser(self, params, **kwargs):
-        params = jax.tree.map(lambda p: jax.lax.with_sharding_constraint(p, replicated), params)
-        return super().denoiser(params, **kwargs)
-
-    model_def = GatheredModelDef(**{f.name: getattr(model_def, f.name)
-                                    for f in dataclasses.fields(model_def)})
   tx = ts.make_optimizer(config.optim)
   abstract_state, state_shardings = ts.abstract_train_state(config, mesh, tx)
-  step = train.jit_train_step(train.make_train_step(config, model_def, tx), mesh, state_shardings)
+  step = train.jit_train_step(train.make_train_step(config, model_def, tx, mesh), mesh,
+                              state_shardings)
   b, bsh = int(config.batch_size), sharding_lib.batch_sharding(mesh)
   batch = {"image": jax.ShapeDtypeStruct((b, *image_shape), jnp.uint8, sharding=bsh),
            "index": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=bsh),
@@ -234,7 +219,7 @@ def measure(config_spec: str, data: int, fsdp: int, batch_size: int | None = Non
   in_loops = sum(o["bytes"] for o in ops
                  if any(o["computation"] in callees for c in graph.values()
                         for kind, callees in c if kind == "while"))
-  return dict(config=config_spec, mesh=f"{data}x{fsdp}", gather_params=gather_params,
+  return dict(config=config_spec, mesh=f"{data}x{fsdp}",
               devices=len(devices), batch=b, model=config.model.name,
               num_params=sum(int(np.prod(x.shape)) for x in leaves), param_bytes=param_bytes,
               fsdp_sharded_param_bytes=sharded, compile_s=round(compile_s, 1),
@@ -251,8 +236,7 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--config", action="append", help="configs/X.py[:ARG]; repeatable "
                  "(default configs/default.py)")
-  p.add_argument("--mesh", action="append", help="DATAxFSDP, repeatable; a +g suffix all-gathers "
-                 "each parameter before use (ZeRO-3 experiment). Default: 8x1 1x8 1x8+g")
+  p.add_argument("--mesh", action="append", help="DATAxFSDP, repeatable. Default: 8x1 2x4 1x8")
   p.add_argument("--devices", type=int, default=8, help="fake CPU devices (default 8)")
   p.add_argument("--batch-size", type=int, default=None, help="override config.batch_size")
   p.add_argument("--json", help="also write the results (without the op list) here")
@@ -263,21 +247,21 @@ def main(argv=None) -> int:
   sys.path.insert(0, here)
   configs = args.config or [os.path.join(here, "configs", "default.py")]
   meshes = []
-  for m in args.mesh or ["8x1", "1x8", "1x8+g"]:
-    if not re.fullmatch(r"\d+x\d+(\+g)?", m):
-      p.error(f"--mesh={m!r}: write DATAxFSDP[+g], e.g. 8x1, 2x4 or 1x8+g")
-    d, f = map(int, m.rstrip("+g").split("x"))
+  for m in args.mesh or ["8x1", "2x4", "1x8"]:
+    if not re.fullmatch(r"\d+x\d+", m):
+      p.error(f"--mesh={m!r}: write DATAxFSDP, e.g. 8x1, 2x4 or 1x8")
+    d, f = map(int, m.split("x"))
     if d * f > args.devices:
       p.error(f"--mesh={m}: needs {d * f} devices, --devices={args.devices}")
-    meshes.append((d, f, m.endswith("+g")))
+    meshes.append((d, f))
 
   results = []
   print(f"{'config':22} {'mesh':>7} {'params MB':>9} {'all-reduce MB (n)':>18} "
         f"{'reduce-scatter MB (n)':>21} {'all-gather MB (n)':>18} {'per step MB':>15} "
         f"{'/ params':>13} {'ring MB/dev':>15}")
   for cfg in configs:
-    for d, f, gather in meshes:
-      r = measure(cfg, d, f, args.batch_size, gather)
+    for d, f in meshes:
+      r = measure(cfg, d, f, args.batch_size)
       results.append(r)
       c = r["collectives"]
 
@@ -291,7 +275,7 @@ def main(argv=None) -> int:
             f"{fmt(lo).strip()}-{fmt(hi).strip()}")
 
       name = os.path.relpath(cfg, here) if os.path.isabs(cfg) else cfg
-      mesh = r["mesh"] + ("+g" if gather else "")
+      mesh = r["mesh"]
       print(f"{name:22} {mesh:>7} {_mb(r['param_bytes']):>9} {cell('all-reduce', 18)} "
             f"{cell('reduce-scatter', 21)} {cell('all-gather', 18)} {span(r['step_bytes']):>15} "
             f"{span(r['step_over_params'], lambda v: f'{v:.3f}'):>13} "

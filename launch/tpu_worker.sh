@@ -70,7 +70,7 @@ cmd_setup() {
   local steps=(
     "[ -x $uv ] || curl -LsSf https://astral.sh/uv/install.sh | sh"
     "[ -x $VENV/bin/python ] || $uv venv --python $python $VENV"
-    "$uv pip install --python $VENV/bin/python $(show "jax[tpu]==$jax_version" -e "$CODE_DIR" ${pip_args[@]+"${pip_args[@]}"})"
+    "$uv pip install --python $VENV/bin/python $(show "jax[tpu]==$jax_version" -e "$CODE_DIR[gcs]" ${pip_args[@]+"${pip_args[@]}"})"
     "$VENV/bin/python -c 'import jax, ambient_jax; print(\"jax\", jax.__version__, \"ambient_jax ok\")'"
   )
   local s

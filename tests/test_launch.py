@@ -284,7 +284,7 @@ def test_tpu_worker(tmp_path):
       f"cd {tmp_path} && env TFDS_DATA_DIR=gs://b/tfds "
       f"{venv}/bin/python -m ambient_jax.main --distributed --config=configs/x.py --workdir=gs://b/r")
   setup = run([*worker, "setup", "--dry-run", "--jax-version=0.10.2"], env=env).stdout
-  assert "uv pip install --python" in setup and "'jax[tpu]==0.10.2' -e" in setup
+  assert "uv pip install --python" in setup and "'jax[tpu]==0.10.2' -e" in setup and "[gcs]" in setup
   assert "uv venv --python 3.11" in setup
 
   r = run([*worker, "run", "--env=TFDS_DATA_DIR=d", "--", "--config=c", "--workdir=w"],

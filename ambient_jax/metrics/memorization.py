@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ambient_jax import sampling
+from ambient_jax import sampling, storage
 
 THRESHOLDS = (0.9, 0.95)
 FeatureFn = Callable[[np.ndarray], np.ndarray]
@@ -168,7 +168,7 @@ def similarity_histogram_png(path: str, similarities: dict[str, np.ndarray], tit
   ax.set_title(title)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  storage.save_figure(fig, path, dpi=100)
   plt.close(fig)
   return path
 

@@ -1,0 +1,62 @@
+"""Workdir paths that are local directories or cloud buckets (gs://, s3://) alike.
+
+Every file a run or an evaluation writes outside Orbax (config.json, metrics.jsonl,
+sample grids, eval outputs) goes through these helpers, which use `etils.epath`: local
+paths go to the OS, `gs://` paths to TensorFlow's GCS filesystem (tensorflow-cpu is
+already a dependency of CLU's TensorBoard writer). Orbax takes the same `epath.Path`s.
+A TPU pod slice therefore needs nothing but `--workdir=gs://bucket/run`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+from typing import Any, Union
+
+from etils import epath
+
+PathLike = Union[str, epath.Path]
+
+
+def is_remote(p: PathLike) -> bool:
+  """True for bucket URIs (gs://, s3://, ...), False for local paths."""
+  return "://" in str(p)
+
+
+def resolve(p: PathLike) -> epath.Path:
+  """A workdir as an epath.Path: local paths made absolute, bucket URIs kept as they are."""
+  return epath.Path(p) if is_remote(p) else epath.Path(p).expanduser().resolve()
+
+
+def _has_gcs_client() -> bool:
+  return importlib.util.find_spec("google.cloud.storage") is not None
+
+
+def check_checkpoint_backend(p: PathLike) -> None:
+  """Orbax needs the google-cloud-storage client for gs:// checkpoint directories (it asks
+  the bucket for its namespace layout); say how to get it instead of failing deep inside."""
+  if str(p).startswith("gs://") and not _has_gcs_client():
+    raise ImportError(f"Checkpoints in {p} need the google-cloud-storage client, which Orbax "
+                      "uses for gs:// paths: pip install -e '.[gcs]' (launch/tpu_worker.sh "
+                      "installs it on TPU VMs).")
+
+
+def write_atomic(path: PathLike, data: Union[str, bytes]) -> epath.Path:
+  """Writes `data` to `path` through a temporary file + rename, so readers (and a run
+  killed mid-write) never see half a file. Creates the parent directory."""
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / (path.name + ".tmp")
+  if isinstance(data, str):
+    tmp.write_text(data)
+  else:
+    tmp.write_bytes(data)
+  tmp.replace(path)
+  return path
+
+
+def save_figure(fig: Any, path: PathLike, **savefig_kwargs) -> epath.Path:
+  """A matplotlib figure -> PNG at `path` (local or bucket), written atomically."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", **savefig_kwargs)
+  return write_atomic(path, buffer.getvalue())
