@@ -168,8 +168,11 @@ def _load_config(spec: str):
   return module.get_config(arg) if arg else module.get_config()
 
 
-def measure(config_spec: str, data: int, fsdp: int, batch_size: int | None = None) -> dict:
-  """Compiles the trainer's step for a data x fsdp mesh and measures its collectives."""
+def measure(config_spec, data: int, fsdp: int, batch_size: int | None = None) -> dict:
+  """Compiles the trainer's step for a data x fsdp mesh and measures its collectives.
+
+  config_spec: "configs/X.py[:ARG]" or a ConfigDict (copied, not changed).
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -178,7 +181,8 @@ def measure(config_spec: str, data: int, fsdp: int, batch_size: int | None = Non
   from ambient_jax import train_state as ts  # pylint: disable=g-import-not-at-top
   from ambient_jax.data import registry  # pylint: disable=g-import-not-at-top
 
-  config = _load_config(config_spec)
+  config = (_load_config(config_spec) if isinstance(config_spec, str)
+            else config_spec.copy_and_resolve_references())
   with config.unlocked():
     config.mesh.data, config.mesh.fsdp = data, fsdp
     if batch_size:
