@@ -45,7 +45,12 @@ def test_paper_settings_and_variants():
   assert (c.batch_size, c.optim.lr, c.model.dropout, c.ema.halflife_kimg, c.num_train_steps) == (
       512, 1e-3, 0.13, (500.0,), 200_000)
   assert c.model.name == "ddpmpp" and c.data.sigma_n == 0.1 and c.loss.kind == "ambient"
-  assert c.consistency.weight > 0 and c.consistency.batch_fraction * c.batch_size == 32
+  assert c.consistency.batch_fraction * c.batch_size == 32
+  # The paper's λ_c: 0.01, but 1e-4 at its highest noise level (larger collapsed there).
+  assert c.consistency.weight == 0.01
+  assert load("cifar10.py").consistency.weight == 1e-4  # σ_n = 0.2 by default
+  assert load("cifar10.py:consistency=0.5").consistency.weight == 0.5
+  assert load("cifar10.py:ambient_only").consistency.weight == 0
   clean = load("cifar10.py:clean")
   assert clean.data.sigma_n == 0 and clean.consistency.weight == 0
   naive = load("cifar10.py:naive,sigma_n=0.2")
