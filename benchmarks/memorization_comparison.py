@@ -38,11 +38,27 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+
+def _split_cpu(argv) -> int:
+  """--cpu_devices=N (default 2): split the CPU into N XLA devices before jax starts; the
+  batch is spread over them (about halves a step's time on 2 cores)."""
+  n = 2
+  for i, a in enumerate(argv):
+    if a.startswith("--cpu_devices"):
+      n = int(a.split("=", 1)[1] if "=" in a else argv[i + 1])
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={n}")
+  return n
+
+
+_split_cpu(sys.argv)
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from ambient_jax import losses, sampling  # noqa: E402
 from ambient_jax.metrics import digit_features, frechet, memorization  # noqa: E402
@@ -67,9 +83,19 @@ def training_set(n: int, resolution: int, seed: int):
 _STEP_CACHE = {}
 
 
-def _step_fn(graphdef, tx, n: int, batch: int, seed: int):
-  """One jitted step shared by all four methods (method = data), so it compiles once."""
-  cache_key = (n, batch, seed)
+def _mesh():
+  """All local devices as one data-parallel axis."""
+  devices = jax.devices()
+  return jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,), devices=devices)
+
+
+def _step_fn(graphdef, tx, n: int, batch: int, seed: int, with_consistency: bool):
+  """One jitted step shared by all methods (method = data + level), compiled once per phase.
+
+  The consistency phase is a separate compiled step rather than a lax.cond: XLA:CPU runs
+  a cond with a consistency branch several times slower even when the branch is off.
+  """
+  cache_key = (n, batch, seed, with_consistency)
   if cache_key in _STEP_CACHE:
     return _STEP_CACHE[cache_key]
 
@@ -78,17 +104,16 @@ def _step_fn(graphdef, tx, n: int, batch: int, seed: int):
     key = jax.random.fold_in(jax.random.key(seed), i)
     k_idx, k_loss, k_cons = jax.random.split(key, 3)
     idx = jax.random.choice(k_idx, n, (batch,), replace=False)
-    xb, sn = data[idx], jnp.full((batch,), level, jnp.float32)
+    xb = jax.lax.with_sharding_constraint(data[idx], NamedSharding(_mesh(), P("data")))
+    sn = jnp.full((batch,), level, jnp.float32)
 
     def loss_fn(p):
       denoise = lambda x, s: nnx.merge(graphdef, p)(x, s)
       per, _ = losses.ambient_loss(denoise, xb, sn, k_loss)
-      cons = jax.lax.cond(
-          cons_weight > 0,
-          lambda: jnp.mean(losses.consistency_loss(denoise, xb[::4], sn[::4], k_cons,
-                                                   chain_steps=2)[0]),
-          lambda: jnp.zeros((), jnp.float32))
-      return jnp.mean(per) + cons_weight * cons
+      if not with_consistency:
+        return jnp.mean(per)
+      cons, _ = losses.consistency_loss(denoise, xb[::4], sn[::4], k_cons, chain_steps=2)
+      return jnp.mean(per) + cons_weight * jnp.mean(cons)
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -101,27 +126,31 @@ def _step_fn(graphdef, tx, n: int, batch: int, seed: int):
   return step
 
 
-def train(method: str, x0: np.ndarray, sigma_n: float, *, steps: int, batch: int, lr: float,
-          seed: int, cons_weight: float = 0.1, ema_halflife_steps: float = 100.0):
+def train(method: str, x0: np.ndarray, sigma_n: float, model_cfg: dict, *, steps: int,
+          batch: int, lr: float, seed: int, cons_weight: float = 0.1, ema_halflife_steps: float = 100.0):
   """Trains one model; returns (ema params, graphdef, seconds)."""
-  model = build_model(MODEL, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+  model = build_model(model_cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
   model.eval()
   graphdef, params = nnx.split(model)
+  replicated = NamedSharding(_mesh(), P())
+  params = jax.device_put(params, replicated)
   z = jax.random.normal(jax.random.key(10_000 + seed), x0.shape)  # fixed corruption per example
-  data = jnp.asarray(x0) if method == "clean" else jnp.asarray(x0) + sigma_n * z
+  data = jax.device_put(jnp.asarray(x0) if method == "clean" else jnp.asarray(x0) + sigma_n * z,
+                        replicated)
   level = jnp.float32(0.0 if method in ("clean", "noisy_edm") else sigma_n)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(
       lambda c: lr * jnp.minimum(1.0, (c + 1.0) / 100.0)))
   opt_state = tx.init(params)
-  step = _step_fn(graphdef, tx, x0.shape[0], batch, seed)
+  steps_by_phase = [_step_fn(graphdef, tx, x0.shape[0], batch, seed, c) for c in (False, True)]
   cons_start = steps // 3
   ema_beta = jnp.float32(0.5 ** (1.0 / ema_halflife_steps))
   ema = jax.tree.map(jnp.copy, params)
   t0 = time.time()
   recent = []
   for i in range(steps):
-    w = jnp.float32(cons_weight if method == "ambient_consistency" and i >= cons_start else 0.0)
-    params, ema, opt_state, loss = step(params, ema, opt_state, jnp.int32(i), data, level, w,
+    consistent = method == "ambient_consistency" and i >= cons_start
+    w = jnp.float32(cons_weight if consistent else 0.0)
+    params, ema, opt_state, loss = steps_by_phase[consistent](params, ema, opt_state, jnp.int32(i), data, level, w,
                                         ema_beta)
     recent.append(loss)
     if (i + 1) % max(steps // 4, 1) == 0:
@@ -132,36 +161,46 @@ def train(method: str, x0: np.ndarray, sigma_n: float, *, steps: int, batch: int
   return ema, graphdef, time.time() - t0
 
 
-_SAMPLER = {}
+_SAMPLERS = {}
 
 
-def evaluate_model(method, ema, graphdef, x_train, all_digits, sigma_n, net, index, args, seed):
-  denoise = lambda x, s: nnx.merge(graphdef, ema)(x, s)
-  stop_level = jnp.float32(sigma_n if method == "ambient" else 0.0)  # 0 = full sampling
-  if "f" not in _SAMPLER:  # one compile for every model and both sampling modes
+def evaluate_model(kind, denoiser_of, params, stop_level, x_train, all_digits, net, index, args):
+  """Samples (18 Heun steps, truncated at `stop_level` when > 0), FD/KID, the attack at each
+  --attack_sigma and the samples' nearest training images.
+
+  denoiser_of(params) -> denoise(x, σ); one compiled sampler per `kind` ("net" for every
+  U-Net, "memorizer" for the empirical denoiser).
+  """
+  if kind not in _SAMPLERS:
 
     @jax.jit
     def sample(params, keys, stop_level):
       latents = sampling.latents_from_keys(keys, x_train.shape[1:])
-      return sampling.edm_sampler(lambda x, s: nnx.merge(graphdef, params)(x, s), latents, 18,
+      return sampling.edm_sampler(denoiser_of(params), latents, 18,
                                   sigma_stop=jnp.full((keys.shape[0],), stop_level))
 
-    _SAMPLER["f"] = sample
-  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(args.num_samples))
+    _SAMPLERS[kind] = sample
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(args.seed), i))(
+      jnp.arange(args.num_samples))
   t0 = time.time()
-  samples = np.concatenate([np.asarray(_SAMPLER["f"](ema, keys[i:i + 100], stop_level))
-                            for i in range(0, args.num_samples, 100)])
+  samples = np.concatenate([
+      np.asarray(_SAMPLERS[kind](params, keys[i:i + 100], jnp.float32(stop_level)))
+      for i in range(0, args.num_samples, 100)])
   samples = np.clip(np.rint((samples + 1) * 127.5), 0, 255) / 127.5 - 1  # as saved images
   f_s, f_ref = net.features(samples), net.features(all_digits)
   fd = frechet.fd_from_features(f_s, f_ref)
   kid, kid_std = frechet.kernel_inception_distance(f_s, f_ref, num_subsets=50,
                                                    subset_size=min(500, args.num_samples))
-  attack = memorization.memorization_attack(denoise, x_train, sigma=args.attack_sigma,
-                                            key=jax.random.key(seed + 7), index=index,
-                                            posterior_steps=args.posterior_steps, batch_size=100)
-  nn, nn_sims = memorization.nearest_neighbours(samples, index=index)
-  return dict(fd=fd, kid=kid, kid_std=kid_std, attack=attack.summary, samples_nn=nn,
-              eval_seconds=time.time() - t0), dict(attack.similarities, samples=nn_sims), samples
+  attacks, sims = {}, {}
+  for sigma in args.attack_sigma:
+    attack = memorization.memorization_attack(
+        denoiser_of(params), x_train, sigma=sigma, key=jax.random.key(args.seed + 7), index=index,
+        posterior_steps=args.posterior_steps, batch_size=100)
+    attacks[f"{sigma:g}"] = attack.summary
+    sims[f"posterior σ={sigma:g}"] = attack.similarities["posterior"]
+  nn, sims["samples"] = memorization.nearest_neighbours(samples, index=index)
+  return dict(fd=fd, kid=kid, kid_std=kid_std, attack=attacks, samples_nn=nn,
+              eval_seconds=time.time() - t0), sims
 
 
 def main():
@@ -170,16 +209,23 @@ def main():
   p.add_argument("--steps", type=int, default=None)
   p.add_argument("--train_size", type=int, default=None)
   p.add_argument("--sigma_n", type=float, nargs="+", default=None)
+  p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                 help="which models to train (clean is trained once, at σ_n = 0)")
+  p.add_argument("--model_channels", type=int, default=MODEL["model_channels"])
+  p.add_argument("--consistency_weight", type=float, default=0.1)
   p.add_argument("--num_samples", type=int, default=None)
-  p.add_argument("--attack_sigma", type=float, default=1.0)
+  p.add_argument("--attack_sigma", type=float, nargs="+", default=[1.0, 5.0],
+                 help="VE noise levels of the attack (5 ≈ SDXL's t = 800 in VP terms)")
   p.add_argument("--posterior_steps", type=int, default=16)
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--lr", type=float, default=2e-3)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--cpu_devices", type=int, default=2,
+                 help="XLA CPU devices the training batch is split over (read before jax starts)")
   p.add_argument("--out", default=None)
   args = p.parse_args()
   q = args.quick
-  args.steps = args.steps or (150 if q else 2000)
+  args.steps = args.steps or (300 if q else 4000)
   args.train_size = args.train_size or (200 if q else 300)
   args.sigma_n = args.sigma_n or ([0.2] if q else [0.2, 0.4])
   args.num_samples = args.num_samples or (200 if q else 1000)
@@ -191,47 +237,63 @@ def main():
   all_digits, x_train, _ = training_set(args.train_size, 16, args.seed)
   net = digit_features.get_digit_feature_net(16, log=log)
   index = memorization.NearestNeighbourIndex(x_train, net.features)
-  n_params = count_params(build_model(MODEL, rngs=nnx.Rngs(0)))
+  model_cfg = dict(MODEL, model_channels=args.model_channels)
+  n_params = count_params(build_model(model_cfg, rngs=nnx.Rngs(0)))
   log(f"16x16 digits, training subset {args.train_size}, U-Net {n_params:,} params, {args.steps} "
       f"steps x batch {args.batch} each; feature net test accuracy {net.test_accuracy:.4f}")
   rows = []
-  runs = [("clean", 0.0)] + [(m, s) for s in args.sigma_n for m in METHODS[1:]]
-  for method, sigma_n in runs:
-    log(f"== {method} (σ_n = {sigma_n:g})")
-    ema, graphdef, train_s = train(method, x_train, sigma_n, steps=args.steps, batch=args.batch,
-                                   lr=args.lr, seed=args.seed)
-    res, sims, samples = evaluate_model(method, ema, graphdef, x_train, all_digits, sigma_n, net,
-                                        index, args, args.seed)
-    res.update(method=method, sigma_n=sigma_n, train_seconds=train_s,
-               sampling="truncated" if method == "ambient" else "full")
+
+  def record(res, name, sigma_n, sampling_mode, train_s, sims):
+    res.update(method=name, sigma_n=sigma_n, train_seconds=train_s, sampling=sampling_mode)
     rows.append(res)
-    tag = f"{method}_s{sigma_n:g}"
-    memorization.similarity_histogram_png(f"{out}_{tag}_hist.png", sims,
-                                          f"{method} σ_n={sigma_n:g}: NN similarity (digit features)")
-    a = res["attack"]
-    log(f"   FD {res['fd']:.3f}  KID {res['kid']:.4f}  attack>0.95 mmse {a['mmse']['frac_sim_above_0.95']:.3f} "
-        f"post {a['posterior']['frac_sim_above_0.95']:.3f} self-match post {a['posterior']['self_match_features']:.3f} "
-        f"samples>0.95 {res['samples_nn']['frac_sim_above_0.95']:.3f}  train {train_s:.0f} s")
+    memorization.similarity_histogram_png(f"{out}_{name}_s{sigma_n:g}_hist.png", sims,
+                                          f"{name} σ_n={sigma_n:g}: NN similarity (digit features)")
+    att = ", ".join(f"σ={k}: post>0.95 {v['posterior']['frac_sim_above_0.95']:.3f} "
+                    f"self {v['posterior']['self_match_features']:.3f}"
+                    for k, v in res["attack"].items())
+    log(f"   FD {res['fd']:.3f}  KID {res['kid']:.4f}  attack {att}  samples>0.95 "
+        f"{res['samples_nn']['frac_sim_above_0.95']:.3f}  train {train_s:.0f} s")
     with open(out + ".json", "w") as f:
-      json.dump(dict(args=vars(args), model=MODEL, params=n_params,
+      json.dump(dict(args=vars(args), model=model_cfg, params=n_params,
                      feature_net_test_accuracy=net.test_accuracy, rows=rows), f, indent=1,
                 default=float)
+
+  # Reference: the exact denoiser of the 300 clean images, i.e. perfect memorization.
+  log("== memorizer (exact empirical denoiser of the clean training set)")
+  memorizer = memorization.empirical_denoiser(x_train)
+  res, sims = evaluate_model("memorizer", lambda _: memorizer, jnp.zeros(()), 0.0, x_train,
+                             all_digits, net, index, args)
+  record(res, "memorizer", 0.0, "full", 0.0, sims)
+  runs = ([("clean", 0.0)] if "clean" in args.methods else []) + [
+      (m, s) for s in args.sigma_n for m in METHODS[1:] if m in args.methods]
+  for method, sigma_n in runs:
+    log(f"== {method} (σ_n = {sigma_n:g})")
+    ema, graphdef, train_s = train(method, x_train, sigma_n, model_cfg, steps=args.steps,
+                                   batch=args.batch, lr=args.lr, seed=args.seed,
+                                   cons_weight=args.consistency_weight)
+    stop = sigma_n if method == "ambient" else 0.0  # truncated at σ_n, else full sampling
+    res, sims = evaluate_model(
+        "net", lambda p, g=graphdef: (lambda x, s: nnx.merge(g, p)(x, s)), ema, stop, x_train,
+        all_digits, net, index, args)
+    record(res, method, sigma_n, "truncated" if stop else "full", train_s, sims)
+
+  f2 = lambda d: f"{d['frac_sim_above_0.9']:.2f} / {d['frac_sim_above_0.95']:.2f}"
+  head = ["model", "σ_n", "sampling", "FD ↓", "KID ↓"] + [
+      f"attack σ={k}: posterior >0.9 / >0.95 / self (MMSE >0.95)"
+      for k in rows[0]["attack"]] + ["samples NN >0.9 / >0.95", "train s"]
   lines = [
       f"`python benchmarks/memorization_comparison.py{' --quick' if q else ''}` — 16x16 digits, "
       f"{args.train_size} training images, {args.steps} steps x batch {args.batch}, U-Net "
-      f"{n_params:,} params, {args.num_samples} samples, attack σ = {args.attack_sigma:g} on all "
-      f"training images; digit-feature net test acc {net.test_accuracy:.3f}; total "
-      f"{(time.time() - t_all) / 60:.1f} min.", "",
-      "| model | σ_n | sampling | FD ↓ | KID ↓ | attack MMSE >0.9 / >0.95 / self | "
-      "attack posterior >0.9 / >0.95 / self | samples NN >0.9 / >0.95 | train s |",
-      "|---|---|---|---|---|---|---|---|---|"]
+      f"{n_params:,} params, {args.num_samples} samples, attack on all training images "
+      f"({args.posterior_steps} posterior steps); digit-feature net test acc "
+      f"{net.test_accuracy:.3f}; total {(time.time() - t_all) / 60:.1f} min.", "",
+      "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
-    a, s = r["attack"], r["samples_nn"]
-    f3 = lambda d: f"{d['frac_sim_above_0.9']:.2f} / {d['frac_sim_above_0.95']:.2f}"
-    lines.append(f"| {r['method']} | {r['sigma_n']:g} | {r['sampling']} | {r['fd']:.2f} | "
-                 f"{r['kid']:.3f} | {f3(a['mmse'])} / {a['mmse']['self_match_features']:.2f} | "
-                 f"{f3(a['posterior'])} / {a['posterior']['self_match_features']:.2f} | {f3(s)} | "
-                 f"{r['train_seconds']:.0f} |")
+    cells = [r["method"], f"{r['sigma_n']:g}", r["sampling"], f"{r['fd']:.2f}", f"{r['kid']:.3f}"]
+    cells += [f"{f2(a['posterior'])} / {a['posterior']['self_match_features']:.2f} "
+              f"({a['mmse']['frac_sim_above_0.95']:.2f})" for a in r["attack"].values()]
+    cells += [f2(r["samples_nn"]), f"{r['train_seconds']:.0f}"]
+    lines.append("| " + " | ".join(cells) + " |")
   with open(out + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
   log("\n".join(lines))
