@@ -259,16 +259,10 @@ def consistency_loss(denoise_fn: DenoiseFn, x_noisy: jax.Array, sigma_n: jax.Arr
 
   # 4. M independent chains from x_a to σ_b, batched as [M·B, ...] for one network call a step.
   tile = lambda v: jnp.concatenate([v] * num_samples, axis=0)
-  x_chain = tile(x_a)
   sigma_a_m, sigma_b_m = tile(sigma_a), tile(sigma_b)
   first = tile(denoised_a if grad_through_sampler else jax.lax.stop_gradient(denoised_a))
-  levels = jnp.exp(jnp.log(sigma_a_m)[None] + (jnp.arange(chain_steps + 1, dtype=jnp.float32)
-                   / chain_steps)[:, None] * (jnp.log(sigma_b_m) - jnp.log(sigma_a_m))[None])
-  move = sampling.STEP_FUNCTIONS[step]
-  for k in range(chain_steps):
-    denoised = first if k == 0 else denoise_in_chain(x_chain, levels[k])
-    noise = jax.random.normal(jax.random.fold_in(k_chains, k), x_chain.shape, x_chain.dtype)
-    x_chain = no_grad(move(denoised, x_chain, levels[k], levels[k + 1], noise))
+  x_chain = no_grad(sampling.reverse_chain(denoise_in_chain, tile(x_a), sigma_a_m, sigma_b_m,
+                                           chain_steps, k_chains, step, first_denoised=first))
   denoised_b = denoise_fn(x_chain, sigma_b_m).reshape((num_samples,) + x_noisy.shape)
 
   # 5. estimator of the squared distance between the chains' mean and the anchor.

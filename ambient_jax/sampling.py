@@ -163,25 +163,34 @@ STEP_FUNCTIONS = {"posterior": posterior_step, "euler_maruyama": euler_maruyama_
 STEP_KINDS = tuple(STEP_FUNCTIONS)
 
 
+def geometric_levels(sigma_from: jax.Array, sigma_to: jax.Array, num_steps: int) -> jax.Array:
+  """[num_steps + 1, B] noise levels from σ_from to σ_to ([B] each), evenly spaced in log σ;
+  the first and last rows are σ_from and σ_to exactly."""
+  sigma_from, sigma_to = jnp.asarray(sigma_from, jnp.float32), jnp.asarray(sigma_to, jnp.float32)
+  frac = (jnp.arange(num_steps + 1, dtype=jnp.float32) / num_steps)[:, None]
+  levels = jnp.exp(jnp.log(sigma_from)[None] + frac * (jnp.log(sigma_to) - jnp.log(sigma_from))[None])
+  return levels.at[0].set(sigma_from).at[-1].set(sigma_to)
+
+
 def reverse_chain(denoise_fn: DenoiseFn, x: jax.Array, sigma_from: jax.Array,
                   sigma_to: jax.Array, num_steps: int, key: jax.Array,
-                  step: str = "posterior") -> jax.Array:
+                  step: str = "posterior", first_denoised: jax.Array | None = None) -> jax.Array:
   """Runs `num_steps` reverse steps from σ_from to σ_to ([B] each), geometrically spaced.
 
   x: [B, ...] at level σ_from -> [B, ...] at level σ_to. `key` is one key for the whole
   batch (used by the consistency loss, whose keys are already per example-and-step);
   samplers that need batch invariance pass per-image keys through `ancestral_sampler`.
+  `first_denoised`: D(x, σ_from) when the caller already has it (saves one network call).
   """
   checks.one_of("step", step, STEP_KINDS)
   if num_steps < 1:
     raise ValueError(f"`num_steps` must be >= 1; got {num_steps}.")
   move = STEP_FUNCTIONS[step]
-  log_from, log_to = jnp.log(sigma_from), jnp.log(sigma_to)
+  levels = geometric_levels(sigma_from, sigma_to, num_steps)
   for k in range(num_steps):
-    s_i = jnp.exp(log_from + (log_to - log_from) * (k / num_steps))
-    s_j = sigma_to if k == num_steps - 1 else jnp.exp(log_from + (log_to - log_from) * ((k + 1) / num_steps))
+    denoised = first_denoised if k == 0 and first_denoised is not None else denoise_fn(x, levels[k])
     noise = jax.random.normal(jax.random.fold_in(key, k), x.shape, x.dtype)
-    x = move(denoise_fn(x, s_i), x, s_i, s_j, noise)
+    x = move(denoised, x, levels[k], levels[k + 1], noise)
   return x
 
 
@@ -200,8 +209,7 @@ def ancestral_sampler(denoise_fn: DenoiseFn, x: jax.Array, sigma_from: jax.Array
   sigma_from = jnp.broadcast_to(jnp.asarray(sigma_from, jnp.float32), (batch,))
   sigma_to = jnp.broadcast_to(jnp.asarray(sigma_to, jnp.float32), (batch,))
   move = STEP_FUNCTIONS[step]
-  frac = jnp.arange(num_steps + 1, dtype=jnp.float32) / num_steps
-  levels = jnp.exp(jnp.log(sigma_from)[None] + frac[:, None] * (jnp.log(sigma_to) - jnp.log(sigma_from))[None])
+  levels = geometric_levels(sigma_from, sigma_to, num_steps)
 
   def body(x, inputs):
     i, s_i, s_j = inputs
