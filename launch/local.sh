@@ -22,15 +22,7 @@ set -euo pipefail
 
 PROG="launch/local.sh"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-die() { echo "$PROG: error: $*" >&2; echo "Run '$PROG --help' for usage." >&2; exit 2; }
-q() {
-  local safe='^[A-Za-z0-9_./:=,@+%^-]+$'
-  if [[ "$1" =~ $safe ]]; then printf '%s' "$1"
-  elif [[ "$1" =~ ^(--[A-Za-z0-9_.-]+=)(.*)$ ]]; then
-    printf "%s'%s'" "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]//\'/\'\\\'\'}"
-  else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
-show() { local a out=""; for a in "$@"; do out+="$(q "$a") "; done; printf '%s' "${out% }"; }
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 case "${1:-}" in -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d;s/^# \{0,1\}//'; exit 0 ;; esac
 [[ $# -ge 1 ]] || die "give the number of processes first, e.g. '$PROG 2 -- --config=configs/default.py --workdir=/tmp/run'"

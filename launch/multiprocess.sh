@@ -19,15 +19,7 @@
 set -euo pipefail
 
 PROG="launch/multiprocess.sh"
-die() { echo "$PROG: error: $*" >&2; echo "Run '$PROG --help' for usage." >&2; exit 2; }
-q() {
-  local safe='^[A-Za-z0-9_./:=,@+%^-]+$'
-  if [[ "$1" =~ $safe ]]; then printf '%s' "$1"
-  elif [[ "$1" =~ ^(--[A-Za-z0-9_.-]+=)(.*)$ ]]; then
-    printf "%s'%s'" "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]//\'/\'\\\'\'}"
-  else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
-show() { local a out=""; for a in "$@"; do out+="$(q "$a") "; done; printf '%s' "${out% }"; }
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 COORD="${JAX_COORDINATOR_ADDRESS:-}"; NPROC="${JAX_NUM_PROCESSES:-}"; PID_="${JAX_PROCESS_ID:-}"
 LOCAL_IDS="${JAX_LOCAL_DEVICE_IDS:-}"; PLATFORM=""; CPU_DEVICES=""; MODULE="ambient_jax.main"

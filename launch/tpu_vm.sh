@@ -48,17 +48,7 @@
 set -euo pipefail
 
 PROG="launch/tpu_vm.sh"
-die() { echo "$PROG: error: $*" >&2; echo "Run '$PROG --help' for usage." >&2; exit 2; }
-
-# Quote one argument for printing/for the remote shell: bare when safe, else single quotes.
-q() {
-  local safe='^[A-Za-z0-9_./:=,@+%^-]+$'
-  if [[ "$1" =~ $safe ]]; then printf '%s' "$1"
-  elif [[ "$1" =~ ^(--[A-Za-z0-9_.-]+=)(.*)$ ]]; then  # --flag='value'
-    printf "%s'%s'" "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]//\'/\'\\\'\'}"
-  else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
-show() { local a out=""; for a in "$@"; do out+="$(q "$a") "; done; printf '%s' "${out% }"; }
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 # ---- options -------------------------------------------------------------------------
 ACTION=launch

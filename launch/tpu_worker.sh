@@ -29,17 +29,8 @@ LOG="$RUN_DIR/train.log"
 PID_FILE="$RUN_DIR/pid"
 RC_FILE="$RUN_DIR/rc"
 
-die() { echo "tpu_worker.sh: error: $*" >&2; exit 2; }
-
-# Quote one argument for display, single quotes only when needed.
-q() {
-  local safe='^[A-Za-z0-9_./:=,@+%^-]+$'
-  if [[ "$1" =~ $safe ]]; then printf '%s' "$1"
-  elif [[ "$1" =~ ^(--[A-Za-z0-9_.-]+=)(.*)$ ]]; then  # --flag='value'
-    printf "%s'%s'" "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]//\'/\'\\\'\'}"
-  else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
-show() { local a out=""; for a in "$@"; do out+="$(q "$a") "; done; echo "${out% }"; }
+PROG="tpu_worker.sh"; NO_HELP_HINT=1
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 worker_id() {
   # TPU VM hostnames end in -w-<index>; fall back to the metadata-provided env or 0.
