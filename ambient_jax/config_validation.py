@@ -221,6 +221,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
   # mesh and the batch split
   data_size = c.get("mesh.data")
   fsdp = c.int_at_least("mesh.fsdp", 1)
+  c.int_at_least("mesh.fsdp_min_size", 1)
   if not _is_int(data_size) or not (data_size == -1 or data_size >= 1):
     c.fail("mesh.data", data_size, "must be -1 (all remaining devices) or an integer >= 1")
     data_size = None

@@ -87,12 +87,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def param_sharding(mesh: Mesh, abstract_tree: Any, min_size: int = 2**14) -> Any:
+FSDP_MIN_SIZE = 2**14  # default config.mesh.fsdp_min_size
+
+
+def param_sharding(mesh: Mesh, abstract_tree: Any, min_size: int = FSDP_MIN_SIZE) -> Any:
   """Sharding for each parameter-like leaf: replicated, or FSDP-sharded when fsdp > 1.
 
   With fsdp > 1 a leaf of at least `min_size` elements is split along its largest
   dimension divisible by the fsdp size (big_vision's rule); smaller or indivisible
-  leaves stay replicated.
+  leaves stay replicated. A rule by shape, not by the models' logical axis names, so that it
+  covers any network and the optimizer state alike; the names stay available for users who
+  want `nnx.logical_to_mesh_sharding`.
   """
   fsdp = mesh.shape["fsdp"]
 

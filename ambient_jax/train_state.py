@@ -133,16 +133,18 @@ def init_fn(config: Any, tx: optax.GradientTransformation) -> Callable[[], Train
   return init
 
 
-def state_shardings(mesh: jax.sharding.Mesh, abstract_state: TrainState) -> TrainState:
-  """Where each leaf lives: replicated, or FSDP-sharded by shape when mesh.fsdp > 1."""
-  return sharding_lib.param_sharding(mesh, abstract_state)
+def state_shardings(config: Any, mesh: jax.sharding.Mesh, abstract_state: TrainState) -> TrainState:
+  """Where each leaf lives: replicated, or FSDP-sharded by shape when mesh.fsdp > 1 (leaves
+  of at least config.mesh.fsdp_min_size elements; see sharding.param_sharding)."""
+  min_size = int(config.mesh.get("fsdp_min_size", sharding_lib.FSDP_MIN_SIZE))
+  return sharding_lib.param_sharding(mesh, abstract_state, min_size=min_size)
 
 
 def create_train_state(config: Any, mesh: jax.sharding.Mesh,
                        tx: optax.GradientTransformation) -> tuple[TrainState, TrainState]:
   """(state at step 0 placed on the mesh, its shardings)."""
   init = init_fn(config, tx)
-  shardings = state_shardings(mesh, jax.eval_shape(init))
+  shardings = state_shardings(config, mesh, jax.eval_shape(init))
   return jax.jit(init, out_shardings=shardings)(), shardings
 
 
@@ -150,6 +152,6 @@ def abstract_train_state(config: Any, mesh: jax.sharding.Mesh,
                          tx: optax.GradientTransformation) -> tuple[TrainState, TrainState]:
   """(ShapeDtypeStructs of the state carrying their target shardings, the shardings)."""
   abstract = jax.eval_shape(init_fn(config, tx))
-  shardings = state_shardings(mesh, abstract)
+  shardings = state_shardings(config, mesh, abstract)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       abstract, shardings), shardings

@@ -74,7 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                # -1 = all devices not used by fsdp
-  c.mesh.fsdp = 1
+  c.mesh.fsdp = 1                 # > 1: shard parameters, Adam state and EMAs over this axis
+  c.mesh.fsdp_min_size = 2**14    # fsdp: leaves with fewer elements stay replicated
   c.cpu_devices = 0               # CPU only: split the host into N XLA devices (main.py sets
                                   # XLA_FLAGS before jax starts; an existing setting wins); 0 = 1
 

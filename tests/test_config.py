@@ -188,3 +188,23 @@ def test_paper_config_step_traces(spec, overrides):
   config = load(spec, *overrides)
   config_validation.validate(config, num_devices=2)
   _tiny_step(config, jax.devices()[:2], compile_and_run=False)
+
+
+def test_fsdp_sharding_rule_comes_from_the_config():
+  """mesh.fsdp_min_size decides which leaves FSDP shards: the default shards the large
+  kernels of the default U-Net (params, Adam moments and EMA alike); a huge threshold
+  leaves everything replicated."""
+  c = load("default.py", "--config.mesh.fsdp=2")
+  mesh = sharding.make_mesh(c.mesh, jax.devices()[:2])
+  tx = ts.make_optimizer(c.optim)
+
+  def sharded_fraction(config):
+    abstract, _ = ts.abstract_train_state(config, mesh, tx)
+    leaves = jax.tree.leaves(abstract)
+    big = [x for x in leaves if any(p is not None for p in x.sharding.spec)]
+    return sum(int(np.prod(x.shape)) for x in big) / sum(int(np.prod(x.shape)) for x in leaves)
+
+  assert sharded_fraction(c) > 0.5
+  with c.unlocked():
+    c.mesh.fsdp_min_size = 10**9
+  assert sharded_fraction(c) == 0.0
