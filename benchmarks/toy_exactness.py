@@ -54,8 +54,9 @@ _COMPILED = {}
 
 def _chunk_runner(graphdef, rest, objective, batch, seed, lr, consistency_weight,
                   consistency_options, ambient_options, chunk):
-  """A jitted `chunk`-step scan for one training recipe, compiled once and reused."""
-  cache_key = (objective, batch, seed, lr, consistency_weight, json.dumps(consistency_options, sort_keys=True),
+  """A jitted `chunk`-step scan for one training recipe and network, compiled once and reused
+  (the cache key holds the GraphDef itself: hashable, equal for equal structures)."""
+  cache_key = (graphdef, objective, batch, seed, lr, consistency_weight, json.dumps(consistency_options, sort_keys=True),
                json.dumps(ambient_options, sort_keys=True), chunk)
   if cache_key in _COMPILED:
     return _COMPILED[cache_key]
@@ -159,7 +160,7 @@ def evaluate(graphdef, rest, params, mixture, sigmas, key, num_samples, seed, si
     truncated = sampling.edm_sampler(fn, latents, num_steps=18, sigma_stop=jnp.full((num_samples,), sigma_n))
     return errors, full, truncated
 
-  key_ = (id(graphdef), mixture.dim, num_samples, sigma_n)
+  key_ = (graphdef, mixture.dim, num_samples, sigma_n)
   if key_ not in _COMPILED:
     _COMPILED[key_] = run
   return _COMPILED[key_](params)
