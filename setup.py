@@ -11,6 +11,8 @@ CORE = [
     "orbax-checkpoint==0.12.8",
     "ml-collections==1.1.0",
     "tensorflow-datasets==4.9.10",
+    # tfds 4.9.10 imports this backport when it prepares a dataset but does not declare it.
+    "importlib_resources==7.1.0",
     "clu==0.0.12",
     "chex==0.1.92",
     # clu.metric_writers needs TensorFlow + TensorBoard; the CPU build is enough for the input pipeline.

@@ -13,7 +13,6 @@ deterministic tfds read order (`shuffle_files=False`), the same on every host.
 from __future__ import annotations
 
 from absl import logging
-import sys
 from typing import Any, Optional, Protocol
 
 import numpy as np
@@ -58,20 +57,7 @@ def preprocess(images: np.ndarray, spec: registry.DatasetSpec, resolution: int) 
   return out
 
 
-def _ensure_importlib_resources() -> None:
-  """tfds 4.9 imports the `importlib_resources` backport when preparing any dataset, but no
-  longer declares it as a dependency; the standard library's `importlib.resources` (3.11+)
-  has everything it uses (`abc.Traversable`), so stand it in when the backport is absent."""
-  try:
-    import importlib_resources  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    import importlib.resources  # pylint: disable=g-import-not-at-top
-    import importlib.resources.abc  # pylint: disable=g-import-not-at-top,unused-import
-    sys.modules["importlib_resources"] = importlib.resources
-
-
 def _builder(data_config: Any, spec: registry.DatasetSpec):
-  _ensure_importlib_resources()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from ambient_jax.data import builders  # pylint: disable=g-import-not-at-top,unused-import
   return tfds, tfds.builder(spec.tfds_name, data_dir=data_config.tfds_data_dir or None)
