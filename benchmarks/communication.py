@@ -168,10 +168,12 @@ def _load_config(spec: str):
   return module.get_config(arg) if arg else module.get_config()
 
 
-def measure(config_spec, data: int, fsdp: int, batch_size: int | None = None) -> dict:
+def measure(config_spec, data: int, fsdp: int, batch_size: int | None = None,
+            consistency: bool = False) -> dict:
   """Compiles the trainer's step for a data x fsdp mesh and measures its collectives.
 
   config_spec: "configs/X.py[:ARG]" or a ConfigDict (copied, not changed).
+  consistency: compile the step of the consistency phase (λ_c on) instead of the plain one.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -204,7 +206,7 @@ def measure(config_spec, data: int, fsdp: int, batch_size: int | None = None) ->
            "sigma_n": jax.ShapeDtypeStruct((b,), jnp.float32, sharding=bsh),
            "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=bsh)}
   t0 = time.time()
-  text = step.lower(abstract_state, batch).compile().as_text()
+  text = step.lower(abstract_state, batch, consistency).compile().as_text()
   compile_s = time.time() - t0
 
   leaves = jax.tree.leaves(abstract_state.params)
@@ -244,6 +246,8 @@ def main(argv=None) -> int:
   p.add_argument("--devices", type=int, default=8, help="fake CPU devices (default 8)")
   p.add_argument("--batch-size", type=int, default=None, help="override config.batch_size")
   p.add_argument("--json", help="also write the results (without the op list) here")
+  p.add_argument("--consistency", action="store_true",
+                 help="measure the consistency phase's step (config.consistency.weight > 0)")
   p.add_argument("--ops", action="store_true", help="list every collective instruction")
   args = p.parse_args(argv)
   _setup_devices(args.devices)
@@ -265,7 +269,7 @@ def main(argv=None) -> int:
         f"{'/ params':>13} {'ring MB/dev':>15}")
   for cfg in configs:
     for d, f in meshes:
-      r = measure(cfg, d, f, args.batch_size)
+      r = measure(cfg, d, f, args.batch_size, args.consistency)
       results.append(r)
       c = r["collectives"]
 
@@ -279,7 +283,7 @@ def main(argv=None) -> int:
             f"{fmt(lo).strip()}-{fmt(hi).strip()}")
 
       name = os.path.relpath(cfg, here) if os.path.isabs(cfg) else cfg
-      mesh = r["mesh"]
+      mesh = r["mesh"] + ("+c" if args.consistency else "")  # +c: the consistency phase
       print(f"{name:22} {mesh:>7} {_mb(r['param_bytes']):>9} {cell('all-reduce', 18)} "
             f"{cell('reduce-scatter', 21)} {cell('all-gather', 18)} {span(r['step_bytes']):>15} "
             f"{span(r['step_over_params'], lambda v: f'{v:.3f}'):>13} "
