@@ -79,8 +79,10 @@ class Run:
     self.model_def = ts.make_model_def(self.config, self.dataset.image_shape)
     tx = ts.make_optimizer(self.config.optim)
     abstract, shardings = ts.abstract_train_state(self.config, self.mesh, tx)
+    # read_only: a live run may be writing this directory (its temporary checkpoint
+    # directories must not be cleaned up by us).
     ckpt = checkpoint_lib.Checkpointer(storage.resolve(self.workdir) / "checkpoints",
-                                       async_save=False)
+                                       read_only=True)
     try:
       available = ckpt.all_steps()
       if step is not None and step not in available:
@@ -170,6 +172,9 @@ def quantize(images: np.ndarray) -> np.ndarray:
 
 
 def _save_grid(path: str, images: np.ndarray, title: str) -> str:
+  """The first 64 images as a titled PNG (process 0 writes; every process gets the path)."""
+  if jax.process_index() != 0:
+    return path
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -301,9 +306,11 @@ def evaluate(workdir: str, *, step: Optional[int] = None, sampling: str = "full"
     sims = dict(attack.similarities, samples=nn_sims)
     sims.pop("noisy_input", None)
     result["memorization"] = dict(attack.summary, samples=nn_summary, attacked_clean_images=True)
-    result["memorization_png"] = memorization.similarity_histogram_png(
-        str(out_dir / "memorization_hist.png"), sims,
-        f"step {run.step}: attack at σ={attack_sigma:g} (digit features)")
+    result["memorization_png"] = str(out_dir / "memorization_hist.png")
+    if jax.process_index() == 0:
+      memorization.similarity_histogram_png(
+          result["memorization_png"], sims,
+          f"step {run.step}: attack at σ={attack_sigma:g} (digit features)")
     _log("memorization: " + ", ".join(
         f"{m} >0.95 {result['memorization'][m]['frac_sim_above_0.95']:.3f}"
         for m in ("mmse", "posterior", "samples")))

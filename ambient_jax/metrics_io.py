@@ -63,7 +63,7 @@ class MetricsWriter:
     self.path = storage.resolve(workdir) / "metrics.jsonl"
     if is_main and self.path.exists():
       self._truncate(start_step)
-    self._file = self.path.open("a") if is_main else None
+    self._file = storage.AppendFile(self.path) if is_main else None
     self.clu = metric_writers.create_default_writer(str(workdir), just_logging=not is_main,
                                                     asynchronous=True)
 

@@ -4,7 +4,8 @@ One mesh with two axes, both `AxisType.Auto` (jax 0.10's `jax.make_mesh` default
 explicit axes, which a plain data-parallel convolution net rejects):
   data  batch split; parameters replicated across it;
   fsdp  batch split too, and each large parameter sharded along its largest divisible
-        dimension (ZeRO-3 style). fsdp = 1 (the default) is plain data parallelism.
+        dimension; gathered for use in the step (`gather_for_use`). fsdp = 1 (the
+        default) is plain data parallelism.
 The global batch is sharded over ("data", "fsdp"), so its size must be divisible by
 data * fsdp. Gradients are averaged by the compiler (a mean over a sharded batch).
 """
@@ -115,19 +116,44 @@ def param_sharding(mesh: Mesh, abstract_tree: Any, min_size: int = FSDP_MIN_SIZE
   return jax.tree.map(one, abstract_tree)
 
 
-def gather_for_use(mesh: Optional[Mesh]) -> Callable[[Any], Any]:
-  """params -> params constrained to be replicated, when `mesh` shards them (fsdp > 1).
+def _gather_one(full: NamedSharding, home: NamedSharding) -> Callable[[jax.Array], jax.Array]:
+  """x -> x replicated on `full`; its cotangent goes back to `home` (the FSDP layout).
 
-  Called inside the jitted step on the parameters just before the forward pass: one
-  all-gather per parameter, and by transposition one reduce-scatter of its gradient.
-  Without it XLA keeps the weights sharded and reshards activations in every layer
-  instead (measured 10-34x the parameter bytes per step; benchmarks/communication.py).
-  The identity for data-parallel meshes and when no mesh is given.
+  A plain with_sharding_constraint would transpose to the same (replicated) constraint on
+  the gradient: one full all-reduce and a full-size gradient on every device. Constraining
+  the cotangent to the parameter's own sharding lets XLA reduce-scatter it instead.
   """
-  if mesh is None or mesh.shape["fsdp"] == 1:
+
+  @jax.custom_vjp
+  def gather(x):
+    return jax.lax.with_sharding_constraint(x, full)
+
+  def forward(x):
+    return gather(x), None
+
+  def backward(_, cotangent):
+    return (jax.lax.with_sharding_constraint(cotangent, home),)
+
+  gather.defvjp(forward, backward)
+  return gather
+
+
+def gather_for_use(param_shardings: Any = None) -> Callable[[Any], Any]:
+  """params -> params replicated for the forward pass, when `param_shardings` shard them.
+
+  Called inside the jitted step on the parameters just before the network uses them
+  (ZeRO-3 style): one all-gather per FSDP-sharded parameter, and in the backward pass its
+  gradient reduced straight into its shards (reduce-scatter), so gradients, optimizer
+  update and EMAs stay sharded. Without it XLA keeps the weights sharded and reshards
+  activations in every layer instead (measured 10-34x the parameter bytes per step;
+  benchmarks/communication.py). The identity when nothing is sharded or no shardings given.
+  """
+  leaves = jax.tree.leaves(param_shardings)
+  if not leaves or all(all(p is None for p in s.spec) for s in leaves):
     return lambda params: params
-  full = replicated(mesh)
-  return lambda params: jax.tree.map(lambda p: jax.lax.with_sharding_constraint(p, full), params)
+  full = replicated(leaves[0].mesh)
+  gathers = jax.tree.map(lambda s: _gather_one(full, s), param_shardings)
+  return lambda params: jax.tree.map(lambda g, p: g(p), gathers, params)
 
 
 def host_rows(sharding: NamedSharding, global_batch: int) -> tuple[int, int]:

@@ -9,9 +9,12 @@ A TPU pod slice therefore needs nothing but `--workdir=gs://bucket/run`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
-from typing import Any, Union
+import os
+import uuid
+from typing import Any, IO, Union
 
 from etils import epath
 
@@ -29,7 +32,10 @@ def resolve(p: PathLike) -> epath.Path:
 
 
 def _has_gcs_client() -> bool:
-  return importlib.util.find_spec("google.cloud.storage") is not None
+  try:
+    return importlib.util.find_spec("google.cloud.storage") is not None
+  except ModuleNotFoundError:  # no google.cloud namespace at all
+    return False
 
 
 def check_checkpoint_backend(p: PathLike) -> None:
@@ -41,12 +47,35 @@ def check_checkpoint_backend(p: PathLike) -> None:
                       "installs it on TPU VMs).")
 
 
+class AppendFile:
+  """A text file kept open for appending (local or bucket) until `close()`.
+
+  epath's TensorFlow backend (used for gs:// whenever TF is installed) returns a context
+  manager from `open`, not a file, so the file is entered on an ExitStack. On GCS every
+  `flush()` re-uploads the object: flush at logging frequency, not per line.
+  """
+
+  def __init__(self, path: PathLike):
+    self._stack = contextlib.ExitStack()
+    self._file: IO[str] = self._stack.enter_context(epath.Path(path).open("a"))
+
+  def write(self, text: str) -> None:
+    self._file.write(text)
+
+  def flush(self) -> None:
+    self._file.flush()
+
+  def close(self) -> None:
+    self._stack.close()
+
+
 def write_atomic(path: PathLike, data: Union[str, bytes]) -> epath.Path:
   """Writes `data` to `path` through a temporary file + rename, so readers (and a run
-  killed mid-write) never see half a file. Creates the parent directory."""
+  killed mid-write) never see half a file. Creates the parent directory. The temporary
+  name is unique, so concurrent writers of the same file do not trip over each other."""
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / (path.name + ".tmp")
+  tmp = path.parent / f"{path.name}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}"
   if isinstance(data, str):
     tmp.write_text(data)
   else:

@@ -42,12 +42,13 @@ _STEP_SALT = 0x57E9
 
 
 def make_train_step(config: Any, model_def: ts.ModelDef, tx: optax.GradientTransformation,
-                    mesh: Optional[jax.sharding.Mesh] = None):
+                    param_shardings: Any = None):
   """The pure step (state, batch) -> (state, metrics); jit it with `jit_train_step`.
 
-  With an fsdp axis in `mesh`, every parameter is all-gathered right before the network
-  uses it (ZeRO-3): the compiler then moves one parameter's worth of bytes each way per
-  step instead of resharding activations inside every layer.
+  `param_shardings` (the state's `.params` shardings): when they are FSDP-sharded, every
+  parameter is all-gathered right before the network uses it and its gradient
+  reduce-scattered back (`sharding.gather_for_use`), so the step moves parameters and
+  gradients instead of resharding activations inside every layer.
   """
   batch_size = int(config.batch_size)
   naive = config.loss.kind == "naive"
@@ -61,7 +62,7 @@ def make_train_step(config: Any, model_def: ts.ModelDef, tx: optax.GradientTrans
   schedule = ts.learning_rate_schedule(config.optim)
   seed, corruption_seed = int(config.seed), int(config.data.corruption_seed)
   use_labels = model_def.label_dim > 0
-  gather_params = sharding_lib.gather_for_use(mesh)
+  gather_params = sharding_lib.gather_for_use(param_shardings)
 
   def train_step(state: ts.TrainState, batch: dict, consistency: bool = False
                  ) -> tuple[ts.TrainState, dict]:
@@ -151,7 +152,7 @@ class Trainer:
     self.model_def = ts.make_model_def(config, self.dataset.image_shape)
     self.tx = ts.make_optimizer(config.optim)
     self.abstract_state, self.state_shardings = ts.abstract_train_state(config, self.mesh, self.tx)
-    self.step_fn = make_train_step(config, self.model_def, self.tx, self.mesh)
+    self.step_fn = make_train_step(config, self.model_def, self.tx, self.state_shardings.params)
     self.train_step = jit_train_step(self.step_fn, self.mesh, self.state_shardings)
     self.checkpointer = checkpoint_lib.Checkpointer(
         storage.resolve(self.workdir) / "checkpoints", max_to_keep=config.checkpoint.max_to_keep,

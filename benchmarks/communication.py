@@ -198,7 +198,7 @@ def measure(config_spec, data: int, fsdp: int, batch_size: int | None = None,
   model_def = ts.make_model_def(config, image_shape)
   tx = ts.make_optimizer(config.optim)
   abstract_state, state_shardings = ts.abstract_train_state(config, mesh, tx)
-  step = train.jit_train_step(train.make_train_step(config, model_def, tx, mesh), mesh,
+  step = train.jit_train_step(train.make_train_step(config, model_def, tx, state_shardings.params), mesh,
                               state_shardings)
   b, bsh = int(config.batch_size), sharding_lib.batch_sharding(mesh)
   batch = {"image": jax.ShapeDtypeStruct((b, *image_shape), jnp.uint8, sharding=bsh),

@@ -4,6 +4,7 @@ through etils.epath, so `--workdir=gs://...` works. Nothing here reaches Google 
 plain `open`/`os` functions instead would land in the working directory (as `gs:/...`),
 which every test checks stays empty."""
 
+import contextlib
 import json
 import os
 
@@ -35,10 +36,17 @@ def fake_gcs(tmp_path, monkeypatch):
   def routed(original_fn, *args, **kwargs):
     return original_fn(*map(translate, args), **kwargs)
 
-  names = ("copy", "exists", "glob", "isdir", "listdir", "makedirs", "mkdir", "open", "remove",
+  @contextlib.contextmanager
+  def open_like_tf(original_fn, path, mode):
+    """Like epath's TF backend (the one gs:// uses): `open` gives a context manager, so
+    code that calls `path.open()` without `with` fails here as it would on GCS."""
+    with original_fn(translate(path), mode) as f:
+      yield f
+
+  names = ("copy", "exists", "glob", "isdir", "listdir", "makedirs", "mkdir", "remove",
            "rename", "replace", "rmtree", "stat", "walk")
   monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)  # else gs:// goes to tf.io.gfile
-  with epath_testing.mock_epath(**{n: routed for n in names}):
+  with epath_testing.mock_epath(open=open_like_tf, **{n: routed for n in names}):
     yield root / BUCKET[len("gs://"):]
   assert not os.listdir(cwd), f"something bypassed epath and wrote {os.listdir(cwd)}"
 
@@ -93,11 +101,22 @@ def test_pictures_in_a_bucket(fake_gcs):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_checkpointer_in_a_bucket_needs_the_gcs_client(fake_gcs, monkeypatch):
-  """Orbax is handed the gs:// path itself (an abspath would turn it into a local
-  directory), and without google-cloud-storage the error says how to install it."""
+def test_checkpointer_hands_orbax_the_bucket_path(fake_gcs, monkeypatch):
+  """Orbax gets the gs:// path itself (an abspath would turn it into a local directory);
+  without google-cloud-storage the error says how to install it."""
   monkeypatch.setattr(storage, "_has_gcs_client", lambda: False)
   with pytest.raises(ImportError, match=r"pip install -e '\.\[gcs\]'"):
     checkpoint.Checkpointer(f"{BUCKET}/checkpoints")
   storage.check_checkpoint_backend(str(fake_gcs))  # local paths never need it
-  assert str(storage.resolve(f"{BUCKET}/checkpoints") / "7") == f"{BUCKET}/checkpoints/7"
+
+  seen = []
+
+  class RecordingManager:  # stands in for ocp.CheckpointManager: records, talks to no bucket
+    def __init__(self, directory, **kwargs):
+      seen.append((directory, kwargs))
+
+  monkeypatch.setattr(storage, "_has_gcs_client", lambda: True)
+  monkeypatch.setattr(checkpoint.ocp, "CheckpointManager", RecordingManager)
+  ckpt = checkpoint.Checkpointer(f"{BUCKET}/checkpoints")
+  assert [str(d) for d, _ in seen] == [f"{BUCKET}/checkpoints"]
+  assert ckpt.path(7) == f"{BUCKET}/checkpoints/7"

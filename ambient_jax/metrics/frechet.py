@@ -13,8 +13,11 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import numpy as np
+
+from ambient_jax import storage
 
 
 def _sym_sqrt(m: np.ndarray) -> np.ndarray:
@@ -93,7 +96,10 @@ class FeatureStats:
     return (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
 
   def save(self, path) -> None:
-    np.savez(path, mu=self.mean, sigma=self.cov, count=self.count)
+    """Writes {mu, sigma, count} as .npz atomically (several processes may share a cache)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, mu=self.mean, sigma=self.cov, count=self.count)
+    storage.write_atomic(path, buffer.getvalue())
 
 
 def stats_of(features) -> tuple[np.ndarray, np.ndarray]:
