@@ -49,7 +49,8 @@ def denoiser(graphdef, rest, params):
   return lambda x, s: nnx.merge(graphdef, params, rest)(x, s)
 
 
-_COMPILED = {}
+_COMPILED = {}  # training chunk runners: they close over the network and options only
+_EVALUATORS = {}  # per setting (they close over its mixture, keys and levels): emptied by run_setting
 
 
 def _chunk_runner(graphdef, rest, objective, batch, seed, lr, consistency_weight,
@@ -161,9 +162,9 @@ def evaluate(graphdef, rest, params, mixture, sigmas, key, num_samples, seed, si
     return errors, full, truncated
 
   key_ = (graphdef, mixture.dim, num_samples, sigma_n)
-  if key_ not in _COMPILED:
-    _COMPILED[key_] = run
-  return _COMPILED[key_](params)
+  if key_ not in _EVALUATORS:
+    _EVALUATORS[key_] = run
+  return _EVALUATORS[key_](params)
 
 
 # ----------------------------------------------------------------------------- one setting
@@ -178,6 +179,7 @@ def run_setting(name, mixture, sigma_n, args, plot_dir=None, variants=None):
   noisy = clean + sigma_n * jax.random.normal(k_noise, clean.shape)  # fixed once per example
   sn = jnp.full((args.train_size,), sigma_n)
   zeros = jnp.zeros_like(sn)
+  _EVALUATORS.clear()
   graphdef, params0, rest = make_model(dim, args.width, args.seed)
   common = dict(batch=args.batch, seed=args.seed + 1, lr=args.lr)
   half = args.steps // 2
