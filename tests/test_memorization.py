@@ -55,3 +55,22 @@ def test_nearest_neighbours_of_samples(digits):
       np.random.default_rng(0).uniform(-1, 1, digits[:20].shape), digits)
   assert copies["frac_sim_above_0.95"] == 1.0 and copies["mean_nn_pixel_rmse"] < 0.02
   assert noise["frac_sim_above_0.9"] == 0.0
+
+
+def test_heldout_baseline_calibrates_copies(digits):
+  """Half the digits train, half are held out. The copy threshold is the held-out 5 %
+  quantile of nearest-neighbour pixel RMSE: held-out digits then count ~5 % copies, the
+  memorizer's posterior samples ~100 %, and slightly perturbed training images 100 %."""
+  train, heldout = digits[:48], digits[48:]
+  index = memorization.NearestNeighbourIndex(train)
+  base = memorization.heldout_baseline(index, heldout, quantile=0.05)
+  assert 0 < base["copy_rmse"] < base["mean_nn_pixel_rmse"]
+  assert base["frac_copies"] <= 0.1  # 2 or 3 of 48 below their own 5 % quantile
+  mem = memorization.memorization_attack(memorization.empirical_denoiser(train), train, sigma=2.0,
+                                         key=jax.random.key(1), posterior_steps=8, index=index,
+                                         copy_rmse=base["copy_rmse"])
+  assert mem.summary["posterior"]["frac_copies"] > 0.95
+  near, _ = memorization.nearest_neighbours(train + 0.01, index=index, copy_rmse=base["copy_rmse"])
+  assert near["frac_copies"] == 1.0
+  fresh, _ = memorization.nearest_neighbours(heldout, index=index, copy_rmse=base["copy_rmse"])
+  assert fresh["frac_copies"] == base["frac_copies"]

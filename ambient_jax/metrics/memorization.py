@@ -67,15 +67,36 @@ class NearestNeighbourIndex:
                 pixel_rmse=np.sqrt(d2.min(1) / px.shape[1]), pixel_index=d2.argmin(1))
 
 
-def summarize(result: dict[str, np.ndarray], attacked: Optional[np.ndarray] = None) -> dict:
+def summarize(result: dict[str, np.ndarray], attacked: Optional[np.ndarray] = None,
+              copy_rmse: Optional[float] = None) -> dict:
+  """Fractions above the similarity thresholds, means, self-match rates (when `attacked`
+  gives the attacked indices) and, with `copy_rmse`, the fraction of copies: images whose
+  nearest training image is closer in pixels than `copy_rmse` (see `heldout_baseline`)."""
   sims = result["similarity"]
   out = {f"frac_sim_above_{t}": float(np.mean(sims > t)) for t in THRESHOLDS}
   out.update(mean_similarity=float(np.mean(sims)), median_similarity=float(np.median(sims)),
              mean_nn_pixel_rmse=float(np.mean(result["pixel_rmse"])), count=int(len(sims)))
+  if copy_rmse is not None:
+    out["frac_copies"] = float(np.mean(result["pixel_rmse"] < copy_rmse))
   if attacked is not None:
     out["self_match_features"] = float(np.mean(result["index"] == attacked))
     out["self_match_pixels"] = float(np.mean(result["pixel_index"] == attacked))
   return out
+
+
+def heldout_baseline(index: "NearestNeighbourIndex", heldout_images,
+                     quantile: float = 0.01) -> dict:
+  """How close *new* real images come to the training set: the yardstick for copies.
+
+  Real images that are not in the training set have nearest training neighbours too, and
+  with a small classifier's features many are "almost identical" (similarity > 0.95) to
+  one. Calibrate instead: `copy_rmse` is the `quantile` of the held-out images' nearest-
+  neighbour pixel RMSE, so a model that generalizes like fresh data has ~`quantile` of
+  its outputs closer than that, and a memorizer ~1. Returns the held-out summary too.
+  """
+  r = index.query(heldout_images)
+  copy_rmse = float(np.quantile(r["pixel_rmse"], quantile))
+  return dict(summarize(r, copy_rmse=copy_rmse), copy_rmse=copy_rmse, quantile=quantile)
 
 
 def noise_images(images, sigma: float, key: jax.Array, indices) -> jax.Array:
@@ -97,7 +118,8 @@ def memorization_attack(denoise_fn, train_images, *, sigma: float, key: jax.Arra
                         feature_fn: Optional[FeatureFn] = None, num_attacked: Optional[int] = None,
                         posterior_steps: int = 32, batch_size: int = 128, center: bool = True,
                         index: Optional[NearestNeighbourIndex] = None,
-                        methods=("mmse", "posterior"), log=None) -> AttackResult:
+                        methods=("mmse", "posterior"), copy_rmse: Optional[float] = None,
+                        log=None) -> AttackResult:
   """Runs the attack on the first `num_attacked` training images (all by default).
 
   denoise_fn(x [B, ...], sigma [B]) -> x0_hat must be jax-traceable (it is jitted here).
@@ -139,17 +161,18 @@ def memorization_attack(denoise_fn, train_images, *, sigma: float, key: jax.Arra
   summary, sims = {}, {}
   for m, images in recon.items():
     r = index.query(images)
-    summary[m], sims[m] = summarize(r, attacked), r["similarity"]
+    summary[m], sims[m] = summarize(r, attacked, copy_rmse), r["similarity"]
   summary["sigma"] = float(sigma)
   return AttackResult(summary, sims, recon, attacked)
 
 
 def nearest_neighbours(samples, train_images=None, *, feature_fn: Optional[FeatureFn] = None,
-                       index: Optional[NearestNeighbourIndex] = None, center: bool = True):
+                       index: Optional[NearestNeighbourIndex] = None, center: bool = True,
+                       copy_rmse: Optional[float] = None):
   """Nearest training image of each generated sample: (summary, similarities [n])."""
   index = index or NearestNeighbourIndex(train_images, feature_fn, center)
   r = index.query(samples)
-  return summarize(r), r["similarity"]
+  return summarize(r, copy_rmse=copy_rmse), r["similarity"]
 
 
 def similarity_histogram_png(path: str, similarities: dict[str, np.ndarray], title: str = "") -> str:
