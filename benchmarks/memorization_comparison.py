@@ -308,7 +308,8 @@ def main():
     res.update(method=name, sigma_n=sigma_n, train_seconds=train_s, sampling=sampling_mode)
     rows.append(res)
     pictures.append((f"{name} (σ_n = {sigma_n:g}, {sampling_mode})", samples, nn_idx))
-    memorization.similarity_histogram_png(f"{out}_{name}_s{sigma_n:g}_hist.png", sims,
+    tag = name.replace(" ", "_")
+    memorization.similarity_histogram_png(f"{out}_{tag}_s{sigma_n:g}_hist.png", sims,
                                           f"{name} σ_n={sigma_n:g}: NN similarity (digit features)")
     att = ", ".join(f"σ={k}: posterior copies {v['posterior']['frac_copies']:.3f} >0.95 "
                     f"{v['posterior']['frac_sim_above_0.95']:.3f} self "
