@@ -242,7 +242,7 @@ def evaluate(workdir: str, *, step: Optional[int] = None, sampling: str = "full"
              num_samples: int = 1000, metrics: Sequence[str] = ("fd", "kid", "memorization"),
              ema: int = 0, seed: int = 0, num_steps: int = 18, batch_size: int = 256,
              truncate_sigma: float = -1.0, s_churn: float = 40.0,
-             inception_weights: Optional[str] = None, attack_sigma: float = 1.0,
+             inception_weights: Optional[str] = None, attack_sigma: float = 5.0,
              attack_images: int = 500, posterior_steps: int = 32, kid_subset_size: int = 1000,
              cache_dir: Optional[str] = None, feature_steps: Optional[int] = None,
              run: Optional[Run] = None) -> dict:
@@ -349,7 +349,9 @@ def _define_flags():
   flags.DEFINE_float("s_churn", 40.0, "S_churn of --sampling=stochastic.")
   flags.DEFINE_string("inception_weights", None, "FID Inception weights (.npz from the converter, "
                       "or pytorch-fid's .pth with torch installed).")
-  flags.DEFINE_float("attack_sigma", 1.0, "Memorization attack noise level (VE σ, [-1, 1] pixels).")
+  flags.DEFINE_float("attack_sigma", 5.0, "Memorization attack noise level (VE σ, [-1, 1] pixels). "
+                     "5 ≈ SDXL's t = 800 (METHOD.md §8); near σ = 1 the posterior still sees the "
+                     "attacked image, so matches there measure reconstruction as much as memory.")
   flags.DEFINE_integer("attack_images", 500, "How many training images to attack.")
   flags.DEFINE_integer("posterior_steps", 32, "Posterior-sampling steps of the attack.")
   flags.DEFINE_string("cache_dir", "", "Cache for the digit feature net and FID reference stats "
