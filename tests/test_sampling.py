@@ -122,3 +122,30 @@ def test_bad_sampler_input_gets_clear_errors():
   with pytest.raises(ValueError, match="step"):
     sampling.reverse_chain(gaussian.exact_denoiser(), z, jnp.ones(4), jnp.full((4,), 0.5), 2,
                            jax.random.key(0), step="ddim")
+
+
+def test_geometric_levels_and_a_chain_given_its_first_denoised_value():
+  """The σ ladder: exact endpoints, equal ratios, per example. reverse_chain with
+  first_denoised = D(x, σ_from) gives the same result with one network call fewer."""
+  sigma_from, sigma_to = jnp.array([2.0, 0.5]), jnp.array([0.02, 0.4])
+  levels = sampling.geometric_levels(sigma_from, sigma_to, 4)
+  assert levels.shape == (5, 2)
+  np.testing.assert_array_equal(levels[0], sigma_from)
+  np.testing.assert_array_equal(levels[-1], sigma_to)
+  ratios = levels[1:] / levels[:-1]
+  np.testing.assert_allclose(ratios, np.broadcast_to((sigma_to / sigma_from) ** 0.25, (4, 2)),
+                             rtol=1e-5)
+  calls = []
+
+  def denoise(x, sigma):
+    calls.append(1)
+    return x / (1.0 + sigma.reshape(-1, 1) ** 2)
+
+  x = jax.random.normal(jax.random.key(0), (2, 3))
+  key = jax.random.key(1)
+  plain = sampling.reverse_chain(denoise, x, sigma_from, sigma_to, 4, key)
+  n_plain = len(calls)
+  given = sampling.reverse_chain(denoise, x, sigma_from, sigma_to, 4, key,
+                                 first_denoised=denoise(x, sigma_from))
+  assert n_plain == 4 and len(calls) - n_plain == 4  # 1 call outside + 3 inside
+  np.testing.assert_allclose(given, plain, rtol=1e-6)
