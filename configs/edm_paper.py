@@ -78,7 +78,10 @@ def parse_arg(arg, **defaults):
 def paper_config(dataset: str, arg=None) -> ml_collections.ConfigDict:
   a = parse_arg(arg, dataset=dataset, sigma_n=0.2, clean_fraction=0.0, consistency=-1.0,
                 consistency_start=150_000, mode="ambient", smoke=False)
-  if a["consistency"] < 0:  # the paper's λ_c (METHOD.md §5)
+  if a["consistency"] < 0 and a["consistency"] != -1.0:
+    raise ValueError(f"Config variant consistency={a['consistency']}: λ_c must be >= 0 "
+                     "(0 = off; leave it out for the paper's value).")
+  if a["consistency"] < 0:  # not given: the paper's λ_c (METHOD.md §5)
     a["consistency"] = PAPER_LAMBDA_HIGHEST_NOISE if a["sigma_n"] >= 0.2 else PAPER_LAMBDA
   if a["dataset"] not in DATASETS:
     raise ValueError(f"Config variant dataset={a['dataset']!r} is unknown; allowed: "

@@ -51,6 +51,8 @@ def test_paper_settings_and_variants():
   assert load("cifar10.py").consistency.weight == 1e-4  # σ_n = 0.2 by default
   assert load("cifar10.py:consistency=0.5").consistency.weight == 0.5
   assert load("cifar10.py:ambient_only").consistency.weight == 0
+  with pytest.raises(Exception, match="λ_c must be >= 0"):
+    load("cifar10.py:consistency=-0.5")
   clean = load("cifar10.py:clean")
   assert clean.data.sigma_n == 0 and clean.consistency.weight == 0
   naive = load("cifar10.py:naive,sigma_n=0.2")
