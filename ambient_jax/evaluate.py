@@ -64,7 +64,8 @@ class Run:
     from ambient_jax import data as data_lib  # pylint: disable=g-import-not-at-top
     from ambient_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
     from ambient_jax import train_state as ts  # pylint: disable=g-import-not-at-top
-    self.workdir = str(storage.resolve(workdir))  # local or gs://
+    self.root = storage.resolve(workdir)  # epath.Path: local or gs://
+    self.workdir = str(self.root)
     self.config = load_config(self.workdir)
     devices = list(jax.devices() if devices is None else devices)
     data, fsdp = sharding_lib.mesh_shape(self.config.mesh, len(devices))
@@ -81,7 +82,7 @@ class Run:
     abstract, shardings = ts.abstract_train_state(self.config, self.mesh, tx)
     # read_only: a live run may be writing this directory (its temporary checkpoint
     # directories must not be cleaned up by us).
-    ckpt = checkpoint_lib.Checkpointer(storage.resolve(self.workdir) / "checkpoints",
+    ckpt = checkpoint_lib.Checkpointer(self.root / "checkpoints",
                                        read_only=True)
     try:
       available = ckpt.all_steps()
@@ -173,27 +174,9 @@ def quantize(images: np.ndarray) -> np.ndarray:
 
 def _save_grid(path: str, images: np.ndarray, title: str) -> str:
   """The first 64 images as a titled PNG (process 0 writes; every process gets the path)."""
-  if jax.process_index() != 0:
-    return path
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  x = np.clip((images[:64] + 1) / 2, 0, 1)
-  n = len(x)
-  cols = int(np.ceil(np.sqrt(n)))
-  rows = int(np.ceil(n / cols))
-  h, w, c = x.shape[1:]
-  grid = np.ones((rows * (h + 1), cols * (w + 1), c), np.float32)
-  for i, im in enumerate(x):
-    r, q = divmod(i, cols)
-    grid[r * (h + 1):r * (h + 1) + h, q * (w + 1):q * (w + 1) + w] = im
-  fig, ax = plt.subplots(figsize=(5, 5 * rows / cols + 0.4))
-  ax.imshow(grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None, vmin=0, vmax=1)
-  ax.set_axis_off()
-  ax.set_title(title, fontsize=9)
-  fig.tight_layout()
-  storage.save_figure(fig, path, dpi=100)
-  plt.close(fig)
+  from ambient_jax import sample_grid  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    sample_grid.save_png(path, [("", sample_grid.tile(images[:64]))], title)
   return path
 
 
@@ -270,7 +253,7 @@ def evaluate(workdir: str, *, step: Optional[int] = None, sampling: str = "full"
   samples = generate(sample_fn, run.params, num_samples, seed=seed, batch_size=batch_size,
                      batch_sharding=run.batch_sharding, param_sharding=run.param_shardings)
   sample_seconds = time.time() - t0
-  out_dir = storage.resolve(run.workdir) / "eval" / str(run.step)
+  out_dir = run.root / "eval" / str(run.step)
   samples_q = quantize(samples)
   result: dict[str, Any] = dict(
       workdir=run.workdir, step=run.step, weights=run.weights, sampling=sampling,

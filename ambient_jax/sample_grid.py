@@ -27,10 +27,11 @@ from ambient_jax import storage
 from ambient_jax.data import corruption
 
 
-def tile(images: np.ndarray, pad: int = 1) -> np.ndarray:
-  """[n, H, W, C] in [-1, 1] -> one uint8 [rows·(H+pad), cols·(W+pad), C] mosaic."""
+def tile(images: np.ndarray, pad: int = 1, cols: int | None = None) -> np.ndarray:
+  """[n, H, W, C] in [-1, 1] -> one uint8 [rows·(H+pad), cols·(W+pad), C] mosaic
+  (square by default)."""
   n, h, w, c = images.shape
-  cols = int(math.ceil(math.sqrt(n)))
+  cols = cols or int(math.ceil(math.sqrt(n)))
   rows = int(math.ceil(n / cols))
   out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
   pixels = np.clip(np.rint((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)

@@ -4,7 +4,8 @@ Every file a run or an evaluation writes outside Orbax (config.json, metrics.jso
 sample grids, eval outputs) goes through these helpers, which use `etils.epath`: local
 paths go to the OS, `gs://` paths to TensorFlow's GCS filesystem (tensorflow-cpu is
 already a dependency of CLU's TensorBoard writer). Orbax takes the same `epath.Path`s.
-A TPU pod slice therefore needs nothing but `--workdir=gs://bucket/run`.
+A TPU pod slice therefore needs only `--workdir=gs://bucket/run` and the `gcs` extra
+(Orbax's checkpoints in a bucket use the google-cloud-storage client).
 """
 
 from __future__ import annotations

@@ -138,9 +138,10 @@ class Trainer:
                devices: Optional[Sequence[jax.Device]] = None):
     devices = list(jax.devices() if devices is None else devices)
     config_validation.validate(config, num_devices=len(devices))
-    self.config, self.workdir = config, str(storage.resolve(workdir))  # local or gs://
+    self.root = storage.resolve(workdir)  # epath.Path: local or gs://
+    self.config, self.workdir = config, str(self.root)
     self.is_main = jax.process_index() == 0
-    storage.resolve(self.workdir).mkdir(parents=True, exist_ok=True)
+    self.root.mkdir(parents=True, exist_ok=True)
     self.mesh = sharding_lib.make_mesh(config.mesh, devices)
     barrier = None
     if jax.process_count() > 1:
@@ -155,7 +156,7 @@ class Trainer:
     self.step_fn = make_train_step(config, self.model_def, self.tx, self.state_shardings.params)
     self.train_step = jit_train_step(self.step_fn, self.mesh, self.state_shardings)
     self.checkpointer = checkpoint_lib.Checkpointer(
-        storage.resolve(self.workdir) / "checkpoints", max_to_keep=config.checkpoint.max_to_keep,
+        self.root / "checkpoints", max_to_keep=config.checkpoint.max_to_keep,
         keep_every_steps=config.checkpoint.keep_every_steps,
         async_save=config.checkpoint.async_save)
     self._sampler = None
@@ -280,7 +281,7 @@ class Trainer:
     return state
 
   def _final_grid_missing(self, total: int) -> bool:
-    return not (storage.resolve(self.workdir) / "samples" / f"step_{total:07d}.png").exists()
+    return not (self.root / "samples" / f"step_{total:07d}.png").exists()
 
   def close(self) -> None:
     self.checkpointer.close()

@@ -238,18 +238,13 @@ def pairs_png(path, rows, x_train, columns=12):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  from ambient_jax import storage  # pylint: disable=g-import-not-at-top
-
-  def strip(images):
-    images = np.clip((np.asarray(images)[:columns, ..., 0] + 1) / 2, 0, 1)
-    pad = np.ones((len(images), images.shape[1], 1))
-    return np.concatenate([np.concatenate([im, p], 1) for im, p in zip(images, pad)], 1)
+  from ambient_jax import sample_grid, storage  # pylint: disable=g-import-not-at-top
 
   fig, axes = plt.subplots(len(rows), 1, figsize=(columns * 0.55, len(rows) * 1.35))
   for ax, (title, samples, nn_idx) in zip(np.atleast_1d(axes), rows):
-    top, bottom = strip(samples), strip(x_train[nn_idx[:columns]])
-    ax.imshow(np.concatenate([top, np.ones((1, top.shape[1])), bottom], 0), cmap="gray",
-              vmin=0, vmax=1, interpolation="nearest")
+    pair = np.concatenate([samples[:columns], x_train[nn_idx[:columns]]])
+    ax.imshow(sample_grid.tile(pair, cols=columns)[..., 0], cmap="gray", vmin=0, vmax=255,
+              interpolation="nearest")
     ax.set_title(title, fontsize=8, loc="left")
     ax.axis("off")
   fig.suptitle("samples (top) and their nearest training images (bottom)", fontsize=9)
