@@ -35,7 +35,10 @@ setup(
     python_requires=">=3.11",
     install_requires=CORE,
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # torch, diffusers and transformers are references for the latent-model parity tests
+        # only; nothing at run time imports them. torch==2.13.0 exactly: the CPU wheel.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "diffusers==0.42.1",
+                 "transformers==5.23.0", "safetensors==0.8.0"],
         # gs:// workdirs: Orbax asks GCS for the bucket's layout through this client.
         "gcs": ["google-cloud-storage==3.17.1"],
     },
