@@ -1,0 +1,335 @@
+"""diffusers' `UNet2DConditionModel` (SD 1.x/2.x, SDXL) in Flax NNX, NHWC.
+
+    unet = UNet2DConditionModel(config, rngs=nnx.Rngs(0))      # config: unet/config.json
+    eps = unet(latents [B, h, w, 4], timesteps [B], context [B, T, D],
+               text_embeds=[B, 1280], time_ids=[B, 6])          # SDXL's added conditions
+
+Module and parameter names follow diffusers exactly (`down_blocks.1.attentions.0.
+transformer_blocks.0.attn2.to_k.weight`), so a diffusers folder loads by name
+(`ambient_jax.latent.pipeline`). Block structure, channel bookkeeping and skip order are
+diffusers'; `unet_config.resolve_unet_config` rejects what is not implemented.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ambient_jax.latent.attention import Attention
+from ambient_jax.latent import weights
+from ambient_jax.latent.configs import freeze, thaw
+from ambient_jax.latent.layers import Conv2d, GroupNorm, LayerNorm, Linear, Placeholder
+from ambient_jax.latent.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from ambient_jax.latent.unet_config import resolve_unet_config
+
+Dtype = Any
+
+
+def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool,
+                       freq_shift: float, max_period: float = 10000.0) -> jax.Array:
+  """diffusers' `get_timestep_embedding`: float timesteps [N] -> [N, dim] float32."""
+  half = dim // 2
+  exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+  args = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None]
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  if flip_sin_to_cos:
+    emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+class TimestepEmbedding(nnx.Module):
+  """linear_1 -> SiLU -> linear_2: [N, in] -> [N, out]."""
+
+  def __init__(self, in_features: int, out_features: int, **kw):
+    self.linear_1 = Linear(in_features, out_features, **kw)
+    self.linear_2 = Linear(out_features, out_features, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.linear_2(jax.nn.silu(self.linear_1(x)))
+
+
+class GEGLU(nnx.Module):
+  """proj to 2·inner, then value · GELU(gate) (exact erf GELU, as torch's F.gelu)."""
+
+  def __init__(self, dim: int, inner: int, **kw):
+    self.proj = Linear(dim, inner * 2, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    value, gate = jnp.split(self.proj(x), 2, axis=-1)
+    return value * jax.nn.gelu(gate.astype(jnp.float32), approximate=False).astype(value.dtype)
+
+
+class FeedForward(nnx.Module):
+  """net = [GEGLU, Dropout slot, Linear]: [B, T, dim] -> [B, T, dim]."""
+
+  def __init__(self, dim: int, **kw):
+    self.net = nnx.List([GEGLU(dim, 4 * dim, **kw), Placeholder(), Linear(4 * dim, dim, **kw)])
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nnx.Module):
+  """Pre-LayerNorm self-attention, cross-attention and GEGLU feed-forward, each residual."""
+
+  def __init__(self, dim: int, heads: int, dim_head: int, cross_attention_dim: int, *,
+               upcast_attention: bool, **kw):
+    nkw = dict(dtype=kw["dtype"], param_dtype=kw["param_dtype"])
+    akw = dict(heads=heads, dim_head=dim_head, upcast_attention=upcast_attention, **kw)
+    self.norm1 = LayerNorm(dim, **nkw)
+    self.attn1 = Attention(dim, **akw)
+    self.norm2 = LayerNorm(dim, **nkw)
+    self.attn2 = Attention(dim, cross_attention_dim=cross_attention_dim, **akw)
+    self.norm3 = LayerNorm(dim, **nkw)
+    self.ff = FeedForward(dim, **kw)
+
+  def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    x = self.attn1(self.norm1(x)) + x
+    x = self.attn2(self.norm2(x), context) + x
+    return self.ff(self.norm3(x)) + x
+
+
+class Transformer2DModel(nnx.Module):
+  """GroupNorm -> proj_in -> transformer blocks over HW tokens -> proj_out, plus the input.
+
+  `use_linear_projection` picks Linear (SDXL, SD 2.x) or 1x1 Conv2d (SD 1.x) projections;
+  on NHWC they are the same product, but the checkpoint shapes differ.
+  """
+
+  def __init__(self, channels: int, heads: int, num_layers: int, cross_attention_dim: int, *,
+               norm_num_groups: int, use_linear_projection: bool, upcast_attention: bool, **kw):
+    nkw = dict(dtype=kw["dtype"], param_dtype=kw["param_dtype"])
+    self.norm = GroupNorm(norm_num_groups, channels, eps=1e-6, **nkw)
+    project = (lambda i, o: Linear(i, o, **kw)) if use_linear_projection else (
+        lambda i, o: Conv2d(i, o, 1, **kw))
+    self.proj_in = project(channels, channels)
+    self.transformer_blocks = nnx.List([
+        BasicTransformerBlock(channels, heads, channels // heads, cross_attention_dim,
+                              upcast_attention=upcast_attention, **kw)
+        for _ in range(num_layers)])
+    self.proj_out = project(channels, channels)
+
+  def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    tokens = self.proj_in(self.norm(x)).reshape(b, h * w, c)
+    for block in self.transformer_blocks:
+      tokens = block(tokens, context)
+    return self.proj_out(tokens.reshape(b, h, w, c)) + x.astype(tokens.dtype)
+
+
+class DownBlock(nnx.Module):
+  """DownBlock2D / CrossAttnDownBlock2D: resnets (+ transformers) then an optional stride-2 conv.
+
+  Returns the output and the skip tensors the up path consumes (one per layer, one after
+  the downsampler).
+  """
+
+  def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, attention: bool,
+               add_downsample: bool, temb_channels: int, cfg: dict, heads: int,
+               transformer_layers: int, cross_attention_dim: int, **kw):
+    rkw = dict(temb_channels=temb_channels, groups=cfg["norm_num_groups"], eps=cfg["norm_eps"], **kw)
+    self.resnets = nnx.List([ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels,
+                                           **rkw) for i in range(num_layers)])
+    self.attentions = nnx.data(nnx.List([
+        Transformer2DModel(out_channels, heads, transformer_layers, cross_attention_dim,
+                           norm_num_groups=cfg["norm_num_groups"],
+                           use_linear_projection=cfg["use_linear_projection"],
+                           upcast_attention=cfg["upcast_attention"], **kw)
+        for _ in range(num_layers)]) if attention else None)
+    self.downsamplers = nnx.data(nnx.List([Downsample2D(
+        out_channels, padding=cfg["downsample_padding"], **kw)]) if add_downsample else None)
+
+  def __call__(self, x, temb, context):
+    skips = []
+    for i, resnet in enumerate(self.resnets):
+      x = resnet(x, temb)
+      if self.attentions is not None:
+        x = self.attentions[i](x, context)
+      skips.append(x)
+    if self.downsamplers is not None:
+      x = self.downsamplers[0](x)
+      skips.append(x)
+    return x, skips
+
+
+class UpBlock(nnx.Module):
+  """UpBlock2D / CrossAttnUpBlock2D: each layer concatenates one skip (channels last), then
+  resnet (+ transformer); then an optional nearest ×2 upsample + conv."""
+
+  def __init__(self, in_channels: int, prev_output_channels: int, out_channels: int, *,
+               num_layers: int, attention: bool, add_upsample: bool, temb_channels: int,
+               cfg: dict, heads: int, transformer_layers: int, cross_attention_dim: int, **kw):
+    rkw = dict(temb_channels=temb_channels, groups=cfg["norm_num_groups"], eps=cfg["norm_eps"], **kw)
+    resnets = []
+    for i in range(num_layers):
+      skip_channels = in_channels if i == num_layers - 1 else out_channels
+      resnet_in = prev_output_channels if i == 0 else out_channels
+      resnets.append(ResnetBlock2D(resnet_in + skip_channels, out_channels, **rkw))
+    self.resnets = nnx.List(resnets)
+    self.attentions = nnx.data(nnx.List([
+        Transformer2DModel(out_channels, heads, transformer_layers, cross_attention_dim,
+                           norm_num_groups=cfg["norm_num_groups"],
+                           use_linear_projection=cfg["use_linear_projection"],
+                           upcast_attention=cfg["upcast_attention"], **kw)
+        for _ in range(num_layers)]) if attention else None)
+    self.upsamplers = nnx.data(nnx.List([Upsample2D(out_channels, **kw)]) if add_upsample else None)
+
+  def __call__(self, x, skips, temb, context):
+    for i, resnet in enumerate(self.resnets):
+      x = resnet(jnp.concatenate([x, skips[-1 - i].astype(x.dtype)], axis=-1), temb)
+      if self.attentions is not None:
+        x = self.attentions[i](x, context)
+    if self.upsamplers is not None:
+      x = self.upsamplers[0](x)
+    return x
+
+
+class MidBlock(nnx.Module):
+  """UNetMidBlock2DCrossAttn: resnet, then (transformer, resnet) pairs."""
+
+  def __init__(self, channels: int, *, temb_channels: int, cfg: dict, heads: int,
+               transformer_layers: int, cross_attention_dim: int, **kw):
+    rkw = dict(temb_channels=temb_channels, groups=cfg["norm_num_groups"], eps=cfg["norm_eps"],
+               output_scale_factor=float(cfg["mid_block_scale_factor"]), **kw)
+    self.attentions = nnx.List([Transformer2DModel(
+        channels, heads, transformer_layers, cross_attention_dim,
+        norm_num_groups=cfg["norm_num_groups"], use_linear_projection=cfg["use_linear_projection"],
+        upcast_attention=cfg["upcast_attention"], **kw)])
+    self.resnets = nnx.List([ResnetBlock2D(channels, channels, **rkw) for _ in range(2)])
+
+  def __call__(self, x, temb, context):
+    x = self.resnets[0](x, temb)
+    return self.resnets[1](self.attentions[0](x, context), temb)
+
+
+class UNet2DConditionModel(nnx.Module):
+  """ε (or v) prediction network of Stable Diffusion: [B, h, w, C] latents -> [B, h, w, C].
+
+  `config`: the unet/config.json dict (validated by `resolve_unet_config`). `dtype` is the
+  compute dtype (e.g. bfloat16), `param_dtype` the storage dtype.
+  """
+
+  def __init__(self, config: Mapping[str, Any], *, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    cfg = resolve_unet_config(config)
+    self.config = freeze(dict(config))  # the folder's config.json, saved back unchanged
+    self.cfg = freeze(cfg)
+    self.dtype = dtype
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    channels = cfg["block_out_channels"]
+    temb = channels[0] * 4
+    self.conv_in = Conv2d(cfg["in_channels"], channels[0], 3, padding=1, **kw)
+    self.time_embedding = TimestepEmbedding(channels[0], temb, **kw)
+    self.add_embedding = nnx.data(
+        TimestepEmbedding(cfg["projection_class_embeddings_input_dim"], temb, **kw)
+        if cfg["addition_embed_type"] == "text_time" else None)
+
+    common = dict(temb_channels=temb, cfg=cfg, **kw)
+    n = len(channels)
+    down = []
+    for i, kind in enumerate(cfg["down_block_types"]):
+      down.append(DownBlock(
+          channels[max(i - 1, 0)], channels[i], num_layers=cfg["layers_per_block"][i],
+          attention=kind.startswith("CrossAttn"), add_downsample=i < n - 1,
+          heads=cfg["heads"][i], transformer_layers=cfg["transformer_layers_per_block"][i],
+          cross_attention_dim=cfg["cross_attention_dim"][i], **common))
+    self.down_blocks = nnx.List(down)
+    self.mid_block = MidBlock(channels[-1], heads=cfg["heads"][-1],
+                              transformer_layers=cfg["transformer_layers_per_block"][-1],
+                              cross_attention_dim=cfg["cross_attention_dim"][-1], **common)
+    rev = lambda key: tuple(reversed(cfg[key]))
+    rev_channels = tuple(reversed(channels))
+    up = []
+    for i, kind in enumerate(cfg["up_block_types"]):
+      up.append(UpBlock(
+          rev_channels[min(i + 1, n - 1)], rev_channels[max(i - 1, 0)], rev_channels[i],
+          num_layers=rev("layers_per_block")[i] + 1, attention=kind.startswith("CrossAttn"),
+          add_upsample=i < n - 1, heads=rev("heads")[i],
+          transformer_layers=rev("transformer_layers_per_block")[i],
+          cross_attention_dim=rev("cross_attention_dim")[i], **common))
+    self.up_blocks = nnx.List(up)
+    self.conv_norm_out = GroupNorm(cfg["norm_num_groups"], channels[0], eps=cfg["norm_eps"],
+                                   dtype=dtype, param_dtype=param_dtype)
+    self.conv_out = Conv2d(channels[0], cfg["out_channels"], 3, padding=1, **kw)
+
+  def embed(self, timesteps: jax.Array, text_embeds: jax.Array | None,
+            time_ids: jax.Array | None) -> jax.Array:
+    """Time (+ SDXL's pooled-text and size) embedding: [B] (, [B, P], [B, 6]) -> [B, 4·C0]."""
+    cfg = self.cfg
+    t = timestep_embedding(timesteps, cfg["block_out_channels"][0], cfg["flip_sin_to_cos"],
+                           cfg["freq_shift"])
+    emb = self.time_embedding(t.astype(self.dtype))
+    if self.add_embedding is None:
+      if text_embeds is not None or time_ids is not None:
+        raise ValueError("text_embeds/time_ids were given but the UNet config has no "
+                         "addition_embed_type='text_time' (they are SDXL's conditions).")
+      return emb
+    if text_embeds is None or time_ids is None:
+      raise ValueError("this UNet (addition_embed_type='text_time', SDXL) needs text_embeds "
+                       "[B, pooled] and time_ids [B, 6].")
+    batch = timesteps.shape[0]
+    time_emb = timestep_embedding(jnp.asarray(time_ids).reshape(-1), cfg["addition_time_embed_dim"],
+                                  cfg["flip_sin_to_cos"], cfg["freq_shift"]).reshape(batch, -1)
+    added = jnp.concatenate([jnp.asarray(text_embeds, jnp.float32), time_emb], axis=-1)
+    if added.shape[-1] != cfg["projection_class_embeddings_input_dim"]:
+      raise ValueError(f"text_embeds [{text_embeds.shape[-1]}] + time_ids embedding "
+                       f"[{time_emb.shape[-1]}] give {added.shape[-1]} features; the config's "
+                       f"projection_class_embeddings_input_dim is "
+                       f"{cfg['projection_class_embeddings_input_dim']}.")
+    return emb + self.add_embedding(added.astype(self.dtype))
+
+  def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array, *,
+               text_embeds: jax.Array | None = None,
+               time_ids: jax.Array | None = None) -> jax.Array:
+    """sample [B, h, w, C], timesteps [B] or scalar (float: fractional steps allowed),
+    context [B, T, cross_attention_dim] -> model output [B, h, w, out_channels] float32."""
+    b, h, w, _ = sample.shape
+    factor = 2 ** (len(self.down_blocks) - 1)
+    if h % factor or w % factor:
+      raise ValueError(f"latent size {h}x{w} is not a multiple of {factor} (the UNet halves it "
+                       f"{len(self.down_blocks) - 1} times).")
+    timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (b,))
+    temb = self.embed(timesteps, text_embeds, time_ids)
+    context = context.astype(self.dtype)
+    x = self.conv_in(sample)
+    skips = [x]
+    for block in self.down_blocks:
+      x, block_skips = block(x, temb, context)
+      skips += block_skips
+    x = self.mid_block(x, temb, context)
+    for block in self.up_blocks:
+      used = len(block.resnets)
+      x = block(x, skips[-used:], temb, context)
+      skips = skips[:-used]
+    x = self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+    return x.astype(jnp.float32)
+
+
+def load_unet(folder: str, *, dtype: Dtype = None, param_dtype: Dtype = None,
+              shardings: Any = None, variant: str | None = None) -> UNet2DConditionModel:
+  """A diffusers `unet/` folder -> UNet2DConditionModel with its weights.
+
+  `param_dtype`: storage dtype (default: float32); `dtype`: compute dtype (default:
+  `param_dtype`). `shardings`: see `weights.load_params` (e.g. FSDP over a mesh); each
+  tensor goes straight from the memory-mapped file into its device shards.
+  """
+  param_dtype = param_dtype or jnp.float32
+  config = weights.read_config(folder)
+  abstract = weights.build_abstract(lambda: UNet2DConditionModel(
+      config, dtype=dtype or param_dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+  return weights.load_params(abstract, weights.open_checkpoint(folder, variant),
+                             component=f"unet ({folder})", dtype=param_dtype,
+                             shardings=shardings)
+
+
+def save_unet(unet: UNet2DConditionModel, folder: str, *, dtype: Dtype = None) -> None:
+  """Writes `folder/config.json` + `diffusion_pytorch_model.safetensors` (diffusers opens it)."""
+  weights.save_component(unet, folder, thaw(unet.config), stem="diffusion_pytorch_model",
+                         dtype=dtype)
