@@ -32,6 +32,8 @@ setup(
     version="0.1.0",
     description="Train diffusion models that sample clean images from noisy training data (JAX/Flax).",
     packages=find_packages(include=["ambient_jax", "ambient_jax.*"]),
+    # Public SD / SDXL component configs (JSON, no weights), for eval_shape and tests.
+    package_data={"ambient_jax.latent": ["model_configs/*/*.json"]},
     python_requires=">=3.11",
     install_requires=CORE,
     extras_require={
