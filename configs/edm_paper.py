@@ -50,6 +50,18 @@ DATASETS = {
 }
 MODES = ("ambient", "naive", "clean")
 PAPER_LAMBDA, PAPER_LAMBDA_HIGHEST_NOISE = 0.01, 1e-4
+# One example of each variant and what it does: `--list_configs` prints them, a test loads each.
+VARIANTS = {
+    "sigma_n=0.1": "noise level of the noisy examples (the paper's 0.05, 0.1, 0.2; default 0.2)",
+    "clean": "clean-data EDM baseline (σ_n = 0)",
+    "naive": "naive baseline: plain EDM on the noisy images",
+    "ambient_only": "ambient loss without the consistency term",
+    "clean_fraction=0.1": "this share of the examples clean (σ_n = 0), the rest noisy",
+    "consistency=0.01": "λ_c (0 = off; default the paper's: 0.01, 1e-4 at σ_n >= 0.2)",
+    "consistency_start=150000": "the step from which the consistency term is on",
+    "smoke": "tiny model and batch, 2 steps: a CPU check of the whole pipeline",
+    "dataset=afhq64": f"edm_paper.py only: which dataset, one of {', '.join(DATASETS)}",
+}
 
 
 def parse_arg(arg, **defaults):

@@ -34,7 +34,8 @@
 #   --ssh-flag=FLAG           extra flag for `tpu-vm ssh/scp`, e.g. --ssh-flag=--internal-ip
 #   --keep                    do not delete the VM at the end of `launch`
 #   --resume-loop             if the VM is preempted, re-create it and run again (same
-#                             workdir, so training resumes from the last checkpoint)
+#                             workdir, so training resumes from the last checkpoint); the
+#                             trainer exits 143 after a SIGTERM save, 0 only when finished
 #   --max-attempts=N          attempts for --resume-loop                      [20]
 #   --retry-wait=SECONDS      pause before re-creating                        [60]
 #   --log-dir=DIR             where fetch-logs writes                          [tpu_logs/NAME]
@@ -292,6 +293,10 @@ do_launch() {
     [[ $rc -eq 0 ]] && { note "training finished"; break; }
     [[ $RESUME_LOOP -eq 1 ]] || break
     refresh_state || true; state="$VM_STATE"
+    if [[ "$state" == READY && $rc -eq 143 ]]; then
+      echo "$PROG: the trainer was stopped by SIGTERM (status 143: \"$PROG stop\"?) on a healthy VM after saving a checkpoint; not retrying: the same command resumes" >&2
+      break
+    fi
     if [[ "$state" == READY && $rc -ne 255 ]]; then
       echo "$PROG: the trainer failed with status $rc on a healthy VM; not retrying (see the logs)" >&2
       break

@@ -15,7 +15,8 @@
 #   tpu_worker.sh status     running / exited <rc> / not-started
 #   tpu_worker.sh log [-f]   this worker's log (last 100 lines, or follow)
 #   tpu_worker.sh cat-log    the whole log (tpu_vm.sh fetch-logs collects it per worker)
-#   tpu_worker.sh stop       SIGTERM to the trainer (it saves a checkpoint), wait for exit
+#   tpu_worker.sh stop       SIGTERM to the trainer (it saves a checkpoint and exits with
+#                            status 143), wait for exit
 #
 # Locations (override with env): AMBIENT_CODE_DIR=~/ambient_jax,
 # AMBIENT_VENV=~/ambient_jax_venv, AMBIENT_RUN_DIR=~/ambient_jax_run.

@@ -204,6 +204,10 @@ case "$4" in
   ssh) if [[ "$*" == *"tpu_worker.sh run"* && -s "$FAKE/preempt" ]]; then
          n=$(cat "$FAKE/preempt"); if [[ $n -gt 0 ]]; then
            echo $((n - 1)) > "$FAKE/preempt"; echo PREEMPTED > "$FAKE/state"; exit 255; fi; fi
+       if [[ "$*" == *"tpu_worker.sh run"* && -s "$FAKE/sigterm" ]]; then
+         n=$(cat "$FAKE/sigterm"); if [[ $n -gt 0 ]]; then  # the trainer saved, exited 143
+           echo $((n - 1)) > "$FAKE/sigterm"; echo "${FAKE_STATE_AFTER_SIGTERM:-PREEMPTED}" > "$FAKE/state"
+           exit 143; fi; fi
        if [[ "$*" == *"tpu_worker.sh run"* && -n "${FAKE_TRAINER_RC:-}" ]]; then exit "$FAKE_TRAINER_RC"; fi ;;
 esac
 exit 0
@@ -250,6 +254,23 @@ def test_tpu_trainer_failure_is_not_retried(repo, fake_gcloud):
   assert verbs.count("create") == 1 and verbs[-1] == "delete"
 
 
+def test_tpu_resume_loop_after_a_sigterm_save(repo, fake_gcloud):
+  """The trainer exits 143 after saving on SIGTERM: a preempted VM is re-created and the run
+  resumed; on a VM still READY (someone ran `stop`) the loop stops and says so."""
+  fake, env, calls = fake_gcloud
+  (fake / "sigterm").write_text("1")
+  r = tpu(repo, *TPU_OPTS, "--resume-loop", "--retry-wait=0", "--log-dir", str(repo / "logs"), env=env)
+  assert r.returncode == 0, r.stderr
+  assert "VM state PREEMPTED after status 143" in r.stdout and "training finished" in r.stdout
+  assert [c[3] for c in calls()].count("create") == 2
+
+  (fake / "sigterm").write_text("1")
+  r = tpu(repo, *TPU_OPTS, "--resume-loop", "--retry-wait=0", "--log-dir", str(repo / "logs"),
+          env={**env, "FAKE_STATE_AFTER_SIGTERM": "READY"})
+  assert r.returncode == 143
+  assert "stopped by SIGTERM (status 143" in r.stderr and "not retrying" in r.stderr
+
+
 def test_tpu_reuses_ready_vm(repo, fake_gcloud):
   fake, env, calls = fake_gcloud
   (fake / "state").write_text("READY")
@@ -263,7 +284,7 @@ def test_tpu_reuses_ready_vm(repo, fake_gcloud):
 
 
 FAKE_PYTHON = """#!/usr/bin/env bash
-trap 'echo "trainer: SIGTERM, checkpoint saved"; exit 0' TERM
+trap 'echo "trainer: SIGTERM, checkpoint saved"; exit 143' TERM
 echo "trainer args: $* DATA=$TFDS_DATA_DIR"
 for i in $(seq "${STEPS:-3}"); do echo "step $i"; sleep 0.1 & wait $!; done
 exit "${RC:-0}"
@@ -302,7 +323,7 @@ def test_tpu_worker(tmp_path):
   assert run([*worker, "status"], env=env).stdout.startswith("running")
   assert run([*worker, "stop"], env=env).returncode == 0
   out, _ = attach.communicate(timeout=30)
-  assert attach.returncode == 0
+  assert attach.returncode == 143  # the trainer's status after a SIGTERM save
   assert "already running" in out and "trainer: SIGTERM, checkpoint saved" in out
   log = run([*worker, "cat-log"], env=env).stdout
   assert log.count("trainer args:") == 2
@@ -359,7 +380,7 @@ def test_slurm_forwards_sigterm_and_requeues(tmp_path, sig, requeued):
   (fake / "srun").write_text(textwrap.dedent("""\
       #!/usr/bin/env bash
       echo "$*" > "$FAKE/srun_args"
-      trap 'echo TERM > "$FAKE/srun_signal"; exit 0' TERM
+      trap 'echo TERM > "$FAKE/srun_signal"; exit 143' TERM  # as the trainers do after saving
       for i in $(seq 200); do sleep 0.05; done
       """))
   (fake / "scontrol").write_text('#!/usr/bin/env bash\necho "$*" >> "$FAKE/scontrol_calls"\n')
@@ -379,6 +400,7 @@ def test_slurm_forwards_sigterm_and_requeues(tmp_path, sig, requeued):
       "--kill-on-bad-exit=1", "--label", "python", "-m", "ambient_jax.main", "--distributed"]
   assert (fake / "srun_signal").read_text().strip() == "TERM", out
   assert (tmp_path / "wd").is_dir()
+  assert p.returncode == 143  # the job's status is the trainers': stopped, not finished
   if requeued:
     assert (fake / "scontrol_calls").read_text().strip() == "requeue 42"
   else:

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from ambient_jax import cli
 from ambient_jax import sharding as sharding_lib
 from ambient_jax.data import sources
 
@@ -32,8 +33,9 @@ class GlobalBatchLoader:
                seed: int, sharding: Optional[NamedSharding] = None,
                rows: Optional[tuple[int, int]] = None):
     if global_batch > source.num_examples:
-      raise ValueError(f"The global batch ({global_batch}) is larger than the dataset "
-                       f"({source.num_examples} examples).")
+      raise cli.UsageError(f"config.batch_size = {global_batch} is larger than the dataset "
+                           f"({source.num_examples} examples): lower it, or raise "
+                           "config.data.max_examples.")
     self.source, self.sigma_n = source, np.asarray(sigma_n, np.float32)
     self.global_batch, self.seed, self.sharding = global_batch, seed, sharding
     self.steps_per_epoch = source.num_examples // global_batch

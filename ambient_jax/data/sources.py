@@ -17,10 +17,11 @@ from typing import Any, Optional, Protocol
 
 import numpy as np
 
+from ambient_jax import cli
 from ambient_jax.data import registry
 
 
-class DatasetNotReadyError(RuntimeError):
+class DatasetNotReadyError(cli.UserError, RuntimeError):
   """The dataset is not prepared in the data dir and cannot be prepared from here."""
 
 

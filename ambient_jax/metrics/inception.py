@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ambient_jax import cli
+
 FID_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    + FID_WEIGHTS_FILENAME)
@@ -40,8 +42,8 @@ INPUT_SIZE = 299
 BN_EPS = 1e-3
 
 
-class MissingInceptionWeightsError(FileNotFoundError):
-  pass
+class MissingInceptionWeightsError(cli.UserError, FileNotFoundError):
+  """--inception_weights names no file (nothing is ever downloaded)."""
 
 
 # ----------------------------------------------------------------------------- layers
