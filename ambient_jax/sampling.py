@@ -3,6 +3,7 @@
 - `edm_sampler`: EDM's Heun sampler (Karras et al. 2022, Alg. 2), deterministic or
   stochastic (S_churn), full (down to σ_min) or truncated at σ_stop with a final
   Tweedie step `D(x_{σ_stop}, σ_stop)` (METHOD.md §6).
+- `euler_sampler`: Euler steps over any given σ list (latent models' 25-step sampling).
 - `posterior_step`, `euler_maruyama_step`, `reverse_chain`: the one-step reverse
   moves of METHOD.md §5, shared with the consistency loss.
 
@@ -121,6 +122,28 @@ def edm_sampler(denoise_fn: DenoiseFn, latents: jax.Array, num_steps: int = 18, 
   steps = (jnp.arange(num_steps - 1), t_steps[:-1], t_steps[1:])
   x, _ = jax.lax.scan(heun_step, x, steps)
   return denoise_fn(x, sigma_low)
+
+
+def euler_sampler(denoise_fn: DenoiseFn, x: jax.Array, sigmas: jax.Array) -> jax.Array:
+  """Euler steps of the probability-flow ODE dx/dσ = (x − D(x, σ))/σ over a given σ list.
+
+  x: [B, ...] at level sigmas[0]; sigmas: [N + 1] decreasing, the last may be 0 (then the
+  last step returns D exactly). Returns x at sigmas[-1]: N network evaluations. Over a
+  DDPM model's σ list this is diffusers' EulerDiscreteScheduler (and DDIM), step for step.
+  """
+  sigmas = jnp.asarray(sigmas, jnp.float32)
+  if sigmas.ndim != 1 or sigmas.shape[0] < 2:
+    raise ValueError(f"`sigmas` must be a 1-D list of at least 2 levels; got shape {sigmas.shape}.")
+  batch = checks.batch_size("x", x)
+
+  def step(x, levels):
+    s_cur, s_next = levels
+    s = jnp.full((batch,), s_cur)
+    derivative = (x - denoise_fn(x, s)) / s_cur
+    return x + (s_next - s_cur) * derivative, None
+
+  x, _ = jax.lax.scan(step, x.astype(jnp.float32), (sigmas[:-1], sigmas[1:]))
+  return x
 
 
 def per_image_keys(keys: jax.Array, batch: int) -> jax.Array:

@@ -36,3 +36,59 @@ def relative_error(ours, reference) -> float:
   ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
   assert ours.shape == reference.shape, (ours.shape, reference.shape)
   return float(np.max(np.abs(ours - reference)) / max(np.max(np.abs(reference)), 1e-12))
+
+
+# Tiny UNet configs that keep every structural feature of the two families.
+TINY_UNETS = {
+    # SD 1.x: cross-attention down/up blocks, 1x1-conv projections, one head count for all.
+    "sd15": dict(block_out_channels=(16, 32), layers_per_block=2, sample_size=16,
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                 cross_attention_dim=24, attention_head_dim=2, norm_num_groups=8),
+    # SDXL: plain first level, linear projections, per-block heads and transformer depths,
+    # text_time added embedding (pooled text 12 + 6 time ids x 4), upcast attention.
+    "sdxl": dict(block_out_channels=(16, 32, 32), layers_per_block=1, sample_size=16,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 cross_attention_dim=24, attention_head_dim=(2, 4, 4),
+                 transformer_layers_per_block=(1, 1, 2), use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=4,
+                 projection_class_embeddings_input_dim=12 + 6 * 4, norm_num_groups=8,
+                 upcast_attention=True),
+}
+TINY_POOLED = 12  # SDXL-shaped tiny UNet: pooled text width
+
+
+def save_tiny_unet(folder, kind: str, seed: int = 0):
+  """diffusers builds, perturbs and saves a tiny UNet2DConditionModel; returns it (eval mode)."""
+  from diffusers import UNet2DConditionModel
+  torch.manual_seed(seed)
+  model = perturb_(UNet2DConditionModel(**TINY_UNETS[kind]), seed)
+  model.save_pretrained(folder)
+  return model
+
+
+def unet_inputs(kind: str, batch: int = 2, seed: int = 0, tokens: int = 7):
+  """Numpy inputs for a tiny UNet: x [B, 16, 16, 4], t [B], context [B, T, 24] and, for the
+  SDXL shape, text_embeds [B, 12] and time_ids [B, 6]."""
+  rng = np.random.default_rng(seed)
+  inputs = dict(x=rng.standard_normal((batch, 16, 16, 4)).astype(np.float32),
+                t=rng.uniform(0, 999, batch).astype(np.float32),
+                context=rng.standard_normal((batch, tokens, 24)).astype(np.float32))
+  if kind == "sdxl":
+    inputs["text_embeds"] = rng.standard_normal((batch, TINY_POOLED)).astype(np.float32)
+    inputs["time_ids"] = np.tile(np.array([[128, 128, 0, 0, 128, 128]], np.float32), (batch, 1))
+    inputs["time_ids"][0] = [96, 112, 4, 8, 128, 128]
+  return inputs
+
+
+def torch_unet_output(model, inputs) -> np.ndarray:
+  """The diffusers UNet's output on `unet_inputs`, as numpy NHWC."""
+  added = None
+  if "text_embeds" in inputs:
+    added = {"text_embeds": torch.from_numpy(inputs["text_embeds"]),
+             "time_ids": torch.from_numpy(inputs["time_ids"])}
+  with torch.no_grad():
+    out = model(nhwc_to_nchw(inputs["x"]), torch.from_numpy(inputs["t"]),
+                torch.from_numpy(inputs["context"]), added_cond_kwargs=added).sample
+  return nchw_to_nhwc(out)

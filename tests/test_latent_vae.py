@@ -17,7 +17,7 @@ import torch
 from flax import nnx
 
 from ambient_jax import sharding
-from ambient_jax.latent import safetensors_io
+from ambient_jax.latent import safetensors_io, weights
 from ambient_jax.latent.vae import AutoencoderKL, load_vae, save_vae, vae_config
 from tests.latent_reference import nchw_to_nhwc, nhwc_to_nchw, perturb_, relative_error
 
@@ -164,7 +164,7 @@ def test_missing_or_misshapen_tensor_is_named(tmp_path):
 ])
 def test_unsupported_config_names_the_key(key, value):
   with pytest.raises(ValueError, match=key):
-    nnx.eval_shape(lambda: AutoencoderKL({**TINY, key: value}, rngs=nnx.Rngs(0)))
+    weights.build_abstract(lambda: AutoencoderKL({**TINY, key: value}, rngs=nnx.Rngs(0)))
 
 
 @pytest.mark.parametrize("name,scaling", [("sdxl", 0.13025), ("sd15", 0.18215)])
@@ -172,7 +172,7 @@ def test_real_config_parameter_count(name, scaling):
   """The released SDXL / SD-1.5 VAE configs: 83,653,863 parameters, counted abstractly."""
   with open(os.path.join(CONFIGS, name, "vae.json")) as f:
     config = json.load(f)
-  vae = nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0)))
+  vae = weights.build_abstract(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0)))
   count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(vae, nnx.Param)))
   assert count == 83_653_863
   assert vae.scaling_factor == scaling and vae.shift_factor == 0.0

@@ -204,26 +204,48 @@ class CLIPTokenizer:
     return out
 
 
+def _read_vocab_and_merges(paths: Mapping[str, str]):
+  """(vocab, merges, added tokens) from vocab.json + merges.txt (the files SD / SDXL folders
+  ship) or, failing those, from tokenizer.json (what transformers 5.x's save_pretrained
+  writes alone)."""
+  if os.path.isfile(paths["vocab.json"]) and os.path.isfile(paths["merges.txt"]):
+    with open(paths["vocab.json"], encoding="utf-8") as f:
+      vocab = json.load(f)
+    with open(paths["merges.txt"], encoding="utf-8") as f:
+      lines = f.read().split("\n")
+    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    source, added = paths["merges.txt"], {}
+  elif os.path.isfile(paths["tokenizer.json"]):
+    with open(paths["tokenizer.json"], encoding="utf-8") as f:
+      whole = json.load(f)
+    model = whole.get("model", {})
+    if model.get("type") != "BPE" or model.get("end_of_word_suffix") != "</w>":
+      raise ValueError(f"{paths['tokenizer.json']} is not a CLIP byte-level BPE tokenizer "
+                       f"(model type {model.get('type')!r}, suffix {model.get('end_of_word_suffix')!r}).")
+    vocab = model["vocab"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    source = paths["tokenizer.json"]
+    added = {t["content"]: int(t["id"]) for t in whole.get("added_tokens", [])}
+  else:
+    raise FileNotFoundError(f"{paths['vocab.json']} and merges.txt (or tokenizer.json) do not "
+                            "exist: not a CLIP tokenizer folder.")
+  if bad := [m for m in merges if len(m) != 2]:
+    raise ValueError(f"{source}: a merge needs two tokens, got {' '.join(bad[0])!r}.")
+  return vocab, merges, added
+
+
 def load_tokenizer(folder: str | os.PathLike) -> CLIPTokenizer:
   """The CLIP tokenizer of a diffusers `tokenizer/` or `tokenizer_2/` folder.
 
-  Reads vocab.json, merges.txt and tokenizer_config.json; as transformers 5.x, the
-  special_tokens_map.json entries apply only when tokenizer_config.json has no
-  `added_tokens_decoder` (then they override the config's).
+  Reads vocab.json + merges.txt (or tokenizer.json) and tokenizer_config.json; as
+  transformers 5.x, the special_tokens_map.json entries apply only when
+  tokenizer_config.json has no `added_tokens_decoder` (then they override the config's).
   """
   folder = os.fspath(folder)
   paths = {name: os.path.join(folder, name) for name in (
-      "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")}
-  for name in ("vocab.json", "merges.txt"):
-    if not os.path.isfile(paths[name]):
-      raise FileNotFoundError(f"{paths[name]} does not exist: not a CLIP tokenizer folder.")
-  with open(paths["vocab.json"], encoding="utf-8") as f:
-    vocab = json.load(f)
-  with open(paths["merges.txt"], encoding="utf-8") as f:
-    lines = f.read().split("\n")
-  merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
-  if bad := [m for m in merges if len(m) != 2]:
-    raise ValueError(f"{paths['merges.txt']}: a merge line needs two tokens, got {' '.join(bad[0])!r}.")
+      "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+      "special_tokens_map.json")}
+  vocab, merges, file_added = _read_vocab_and_merges(paths)
   config = {}
   if os.path.isfile(paths["tokenizer_config.json"]):
     with open(paths["tokenizer_config.json"], encoding="utf-8") as f:
@@ -234,8 +256,8 @@ def load_tokenizer(folder: str | os.PathLike) -> CLIPTokenizer:
   defaults = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
               "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}  # CLIPTokenizer's
   special = {k: _token_content(config.get(k)) or defaults[k] for k in SPECIAL_KEYS}
-  added = {token["content"]: int(index)
-           for index, token in config.get("added_tokens_decoder", {}).items()}
+  added = {**file_added, **{token["content"]: int(index)
+                            for index, token in config.get("added_tokens_decoder", {}).items()}}
   if "model_max_length" not in config:
     raise ValueError(f"{paths['tokenizer_config.json']}: no model_max_length (77 for CLIP); "
                      "the prompt length is read from it.")

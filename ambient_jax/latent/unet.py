@@ -313,8 +313,9 @@ class UNet2DConditionModel(nnx.Module):
 
 
 def load_unet(folder: str, *, dtype: Dtype = None, param_dtype: Dtype = None,
-              shardings: Any = None, variant: str | None = None) -> UNet2DConditionModel:
-  """A diffusers `unet/` folder -> UNet2DConditionModel with its weights.
+              shardings: Any = None, variant: str | None = None
+              ) -> tuple[UNet2DConditionModel, dict[str, Any]]:
+  """A diffusers `unet/` folder -> (UNet2DConditionModel with its weights, config.json dict).
 
   `param_dtype`: storage dtype (default: float32); `dtype`: compute dtype (default:
   `param_dtype`). `shardings`: see `weights.load_params` (e.g. FSDP over a mesh); each
@@ -324,9 +325,10 @@ def load_unet(folder: str, *, dtype: Dtype = None, param_dtype: Dtype = None,
   config = weights.read_config(folder)
   abstract = weights.build_abstract(lambda: UNet2DConditionModel(
       config, dtype=dtype or param_dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-  return weights.load_params(abstract, weights.open_checkpoint(folder, variant),
-                             component=f"unet ({folder})", dtype=param_dtype,
-                             shardings=shardings)
+  module = weights.load_params(abstract, weights.open_checkpoint(folder, variant),
+                               component=f"unet ({folder})", dtype=param_dtype,
+                               shardings=shardings)
+  return module, config
 
 
 def save_unet(unet: UNet2DConditionModel, folder: str, *, dtype: Dtype = None) -> None:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ambient_jax.latent.layers import shapes_only
 from ambient_jax.latent.safetensors_io import SafetensorsFile, save_file
 
 STEMS = ("diffusion_pytorch_model", "model")
@@ -178,5 +179,7 @@ def save_component(module: nnx.Module, folder: str | os.PathLike, config: Mappin
 
 
 def build_abstract(factory: Callable[[], nnx.Module]) -> nnx.Module:
-  """The module with ShapeDtypeStruct parameters: nothing allocated (for loading or counting)."""
-  return nnx.eval_shape(factory)
+  """The module with ShapeDtypeStruct parameters: nothing allocated, no random draws (for
+  loading or counting; SDXL's UNet in a few seconds)."""
+  with shapes_only():
+    return nnx.eval_shape(factory)

@@ -1,0 +1,178 @@
+"""Latent sampling: ours equals diffusers step for step, and a whole SDXL folder generates
+the same images as diffusers' StableDiffusionXLPipeline.
+
+The UNet is wrapped as a VE denoiser D(x, σ) (ambient_jax.latent.schedule) and sampled by
+the project's own `sampling.euler_sampler`; the references are diffusers'
+EulerDiscreteScheduler loop and pipeline, on tiny random components diffusers and
+transformers build themselves.
+"""
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from ambient_jax import sampling
+from ambient_jax.latent import configs, guidance, pipeline, schedule, unet
+from tests.latent_reference import (TINY_POOLED, nchw_to_nhwc, nhwc_to_nchw, perturb_,
+                                    relative_error, save_tiny_unet, unet_inputs)
+from tests.test_latent_tokenizer import write_clip_tokenizer
+
+TOL = 1e-4
+
+
+def test_schedule_matches_diffusers():
+  """ᾱ, σ lists, inference timesteps and the initial scale, for every spacing."""
+  for spacing in ("leading", "linspace", "trailing"):
+    cfg = {**configs.bundled_config("sdxl", "scheduler"), "timestep_spacing": spacing}
+    ref = diffusers.EulerDiscreteScheduler.from_config(cfg)
+    ours = schedule.NoiseSchedule.from_config(cfg)
+    np.testing.assert_allclose(ours.alphas_cumprod, ref.alphas_cumprod.numpy(), rtol=1e-5)  # float32 rounding
+    ref.set_timesteps(25)
+    np.testing.assert_allclose(ours.inference_timesteps(25), ref.timesteps.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(ours.inference_sigmas(25), ref.sigmas.numpy(), rtol=1e-5)
+    sig = ours.inference_sigmas(25)
+    assert abs(ours.init_noise_sigma(sig) - float(ref.init_noise_sigma)) < 1e-4 * float(ref.init_noise_sigma)
+    # t(σ) inverts the scheduler's interpolation exactly at its (fractional) timesteps.
+    np.testing.assert_allclose(ours.timestep(jnp.asarray(sig[:-1])), ref.timesteps.numpy(), atol=2e-3)
+  np.testing.assert_allclose(ours.vp_sigmas[[100, 500, 800]], [0.325, 0.851, 0.981], atol=1e-3)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_ve_denoiser_inverts_the_forward_process(prediction):
+  """A model that outputs the true ε (or v) gives D(x, σ) = x0 exactly, at any σ."""
+  sched = schedule.NoiseSchedule.from_config(
+      {**configs.bundled_config("sdxl", "scheduler"), "prediction_type": prediction})
+  key = jax.random.key(0)
+  x0, eps = jax.random.normal(key, (3, 4, 4, 2)), jax.random.normal(jax.random.key(1), (3, 4, 4, 2))
+  sigma = jnp.array([0.1, 0.7, 3.0])
+  s = sigma[:, None, None, None]
+  x = x0 + s * eps                               # VE
+  vp_scale = 1 / jnp.sqrt(s**2 + 1)
+  def oracle(x_t, t):
+    del t
+    if prediction == "epsilon":
+      return jnp.broadcast_to(eps, x_t.shape)
+    return vp_scale * eps - s * vp_scale * x0   # v = √ᾱ ε − √(1−ᾱ) x0
+  denoise = schedule.ve_denoiser(oracle, sched)
+  np.testing.assert_allclose(denoise(x, sigma), x0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def sdxl_unet(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("sched") / "unet"
+  reference = save_tiny_unet(folder, "sdxl")
+  return reference, unet.load_unet(str(folder))[0]
+
+
+def test_guided_euler_sampling_matches_diffusers_step_for_step(sdxl_unet):
+  """The diffusers loop (scale_model_input, UNet, CFG on ε, scheduler.step) vs
+  `sampling.euler_sampler` over our guided VE denoiser; every intermediate latent."""
+  reference, ours = sdxl_unet
+  sched_cfg = configs.bundled_config("sdxl", "scheduler")
+  scheduler = diffusers.EulerDiscreteScheduler.from_config(sched_cfg)
+  sched = schedule.NoiseSchedule.from_config(sched_cfg)
+  inputs, negative = unet_inputs("sdxl", seed=0), unet_inputs("sdxl", seed=1)
+  latents = inputs["x"]
+  g, steps = 4.0, 6
+  scheduler.set_timesteps(steps)
+  x = torch.from_numpy(latents).permute(0, 3, 1, 2) * scheduler.init_noise_sigma
+  trajectory = []
+  cond_t = lambda d: (torch.from_numpy(d["context"]), {"text_embeds": torch.from_numpy(d["text_embeds"]),
+                                                       "time_ids": torch.from_numpy(d["time_ids"])})
+  (ctx_c, add_c), (ctx_u, add_u) = cond_t(inputs), cond_t(negative)
+  with torch.no_grad():
+    for t in scheduler.timesteps:
+      model_in = scheduler.scale_model_input(torch.cat([x, x]), t)
+      out = reference(model_in, t, torch.cat([ctx_u, ctx_c]),
+                      added_cond_kwargs={k: torch.cat([add_u[k], add_c[k]]) for k in add_c}).sample
+      u, c = out.chunk(2)
+      x = scheduler.step(u + g * (c - u), t, x).prev_sample
+      trajectory.append(nchw_to_nhwc(x))
+  as_cond = lambda d: guidance.Conditioning(jnp.asarray(d["context"]), jnp.asarray(d["text_embeds"]),
+                                            jnp.asarray(d["time_ids"]))
+  denoise = guidance.guided_denoiser(ours, sched, as_cond(inputs), as_cond(negative), g)
+  sigmas = sched.inference_sigmas(steps)
+  x_ours = jnp.asarray(latents) * sched.init_noise_sigma(sigmas)
+  one_step = jax.jit(lambda x, pair: sampling.euler_sampler(denoise, x, pair))  # compiled once
+  for k in range(steps):
+    x_ours = one_step(x_ours, sigmas[k:k + 2])
+    err = relative_error(x_ours, trajectory[k])
+    assert err < TOL, f"step {k}: relative error {err:.2e}"
+
+
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory):
+  """A complete tiny SDXL diffusers folder written by diffusers' own save_pretrained."""
+  root = tmp_path_factory.mktemp("sdxl_pipe")
+  tok_1 = write_clip_tokenizer(root / "src_tok")
+  tok_2 = write_clip_tokenizer(root / "src_tok_2", pad_token="!", sdxl_style=True)
+  vocab = len(transformers.CLIPTokenizer.from_pretrained(tok_1).get_vocab())
+  common = dict(vocab_size=vocab, max_position_embeddings=77, intermediate_size=37,
+                num_hidden_layers=2, eos_token_id=2, bos_token_id=vocab - 2)
+  torch.manual_seed(0)
+  enc_1 = perturb_(transformers.CLIPTextModel(transformers.CLIPTextConfig(
+      hidden_size=8, num_attention_heads=2, hidden_act="quick_gelu", **common)), 1)
+  enc_2 = perturb_(transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+      hidden_size=16, num_attention_heads=2, projection_dim=TINY_POOLED, hidden_act="gelu",
+      **common)), 2)
+  vae = perturb_(diffusers.AutoencoderKL(
+      block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
+      up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=4,
+      latent_channels=4, sample_size=32, scaling_factor=0.13025), 3)
+  unet_ref = save_tiny_unet(root / "src_unet", "sdxl")
+  pipe = diffusers.StableDiffusionXLPipeline(
+      vae=vae, text_encoder=enc_1, text_encoder_2=enc_2,
+      tokenizer=transformers.CLIPTokenizer.from_pretrained(tok_1),
+      tokenizer_2=transformers.CLIPTokenizer.from_pretrained(tok_2), unet=unet_ref,
+      scheduler=diffusers.EulerDiscreteScheduler.from_config(configs.bundled_config("sdxl", "scheduler")))
+  pipe.save_pretrained(root / "sdxl")
+  return pipe, str(root / "sdxl")
+
+
+PROMPTS = ["a photograph of an astronaut riding a horse", "Portrait, oil painting!"]
+
+
+def _diffusers_images(pipe, latents, negative, steps=5, g=5.0):
+  generator_free = torch.from_numpy(np.asarray(latents)).permute(0, 3, 1, 2).contiguous()
+  with torch.no_grad():
+    return pipe(PROMPTS, negative_prompt=negative, num_inference_steps=steps, guidance_scale=g,
+                height=32, width=32, latents=generator_free, output_type="np").images
+
+
+@pytest.mark.parametrize("negative", [["blurry", ""], None])
+def test_whole_sdxl_folder_generates_diffusers_images(sdxl_folder, negative):
+  """Text -> tokenizers -> both encoders -> guided 5-step Euler -> VAE decode, from the
+  folder alone, equals StableDiffusionXLPipeline (None: zeros as the negative, SDXL's
+  force_zeros_for_empty_prompt)."""
+  pipe_ref, folder = sdxl_folder
+  ours = pipeline.load_pretrained(folder)
+  assert ours.is_sdxl and ours.default_size == (32, 32)
+  keys = jax.random.split(jax.random.key(0), len(PROMPTS))
+  latents = ours.initial_latents(keys, (32, 32))
+  images = ours.generate(PROMPTS, keys, num_steps=5, guidance_scale=5.0, negative=negative)
+  reference = _diffusers_images(pipe_ref, latents, negative)
+  assert images.shape == reference.shape == (2, 32, 32, 3)
+  assert relative_error(images, reference) < TOL
+
+
+def test_save_pretrained_roundtrip_opens_in_diffusers(sdxl_folder, tmp_path):
+  pipe_ref, folder = sdxl_folder
+  ours = pipeline.load_pretrained(folder)
+  pipeline.save_pretrained(ours, tmp_path / "copy", source=folder)
+  reopened = diffusers.StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "copy"))
+  latents = ours.initial_latents(jax.random.split(jax.random.key(1), 2), (32, 32))
+  assert relative_error(_diffusers_images(reopened, latents, ["", ""], steps=3),
+                        _diffusers_images(pipe_ref, latents, ["", ""], steps=3)) < TOL
+
+
+def test_missing_component_is_named(sdxl_folder, tmp_path):
+  import shutil
+  _, folder = sdxl_folder
+  shutil.copytree(folder, tmp_path / "broken")
+  shutil.rmtree(tmp_path / "broken" / "vae")
+  with pytest.raises(FileNotFoundError, match="vae"):
+    pipeline.load_pretrained(tmp_path / "broken")
