@@ -39,7 +39,9 @@ from ambient_jax.models.registry import (ARCH_PRESETS, abstract_param_count, bui
                                          count_params, resolve_config)
 from ambient_jax.models.song_unet import SongUNet
 
-LOGICAL_AXES = ("conv_h", "conv_w", "conv_in", "conv_out", "embed_in", "embed_out", "norm")
+# "lora_rank": the rank axis of LoRA adapters (`ambient_jax.latent.lora`), never sharded.
+LOGICAL_AXES = ("conv_h", "conv_w", "conv_in", "conv_out", "embed_in", "embed_out", "norm",
+                "lora_rank")
 
 
 def logical_axis_rules(fsdp_axis: str | None = "fsdp") -> tuple[tuple[str, str | None], ...]:
