@@ -40,7 +40,9 @@ setup(
         # torch, diffusers and transformers are references for the latent-model parity tests
         # only; nothing at run time imports them. torch==2.13.0 exactly: the CPU wheel.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "diffusers==0.42.1",
-                 "transformers==5.23.0", "safetensors==0.8.0"],
+                 "transformers==5.23.0", "safetensors==0.8.0",
+                 # diffusers' load_lora_weights needs it: the LoRA export parity test only.
+                 "peft==0.21.2"],
         # gs:// workdirs: Orbax asks GCS for the bucket's layout through this client.
         "gcs": ["google-cloud-storage==3.17.1"],
     },
