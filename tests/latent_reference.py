@@ -92,3 +92,42 @@ def torch_unet_output(model, inputs) -> np.ndarray:
     out = model(nhwc_to_nchw(inputs["x"]), torch.from_numpy(inputs["t"]),
                 torch.from_numpy(inputs["context"]), added_cond_kwargs=added).sample
   return nchw_to_nhwc(out)
+
+
+def save_tiny_sdxl_pipeline(root):
+  """A complete tiny SDXL diffusers folder (two CLIP tokenizers and text encoders, a
+  2-level VAE with SDXL's scaling factor, the tiny SDXL UNet, Euler scheduler), built and
+  written by diffusers' own save_pretrained under `root/sdxl`.
+
+  Returns (the diffusers StableDiffusionXLPipeline, the folder as a str). Images of 32×32
+  have latents of 16×16×4; text context is 8 + 16 = 24 wide, pooled 12.
+  """
+  import pathlib
+  import diffusers
+  import transformers
+  from ambient_jax.latent import configs
+  from tests.test_latent_tokenizer import write_clip_tokenizer
+  root = pathlib.Path(root)
+  tok_1 = write_clip_tokenizer(root / "src_tok")
+  tok_2 = write_clip_tokenizer(root / "src_tok_2", pad_token="!", sdxl_style=True)
+  vocab = len(transformers.CLIPTokenizer.from_pretrained(tok_1).get_vocab())
+  common = dict(vocab_size=vocab, max_position_embeddings=77, intermediate_size=37,
+                num_hidden_layers=2, eos_token_id=2, bos_token_id=vocab - 2)
+  torch.manual_seed(0)
+  enc_1 = perturb_(transformers.CLIPTextModel(transformers.CLIPTextConfig(
+      hidden_size=8, num_attention_heads=2, hidden_act="quick_gelu", **common)), 1)
+  enc_2 = perturb_(transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+      hidden_size=16, num_attention_heads=2, projection_dim=TINY_POOLED, hidden_act="gelu",
+      **common)), 2)
+  vae = perturb_(diffusers.AutoencoderKL(
+      block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
+      up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=4,
+      latent_channels=4, sample_size=32, scaling_factor=0.13025), 3)
+  unet_ref = save_tiny_unet(root / "src_unet", "sdxl")
+  pipe = diffusers.StableDiffusionXLPipeline(
+      vae=vae, text_encoder=enc_1, text_encoder_2=enc_2,
+      tokenizer=transformers.CLIPTokenizer.from_pretrained(tok_1),
+      tokenizer_2=transformers.CLIPTokenizer.from_pretrained(tok_2), unet=unet_ref,
+      scheduler=diffusers.EulerDiscreteScheduler.from_config(configs.bundled_config("sdxl", "scheduler")))
+  pipe.save_pretrained(root / "sdxl")
+  return pipe, str(root / "sdxl")

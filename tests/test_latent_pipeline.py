@@ -13,13 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 
 from ambient_jax import sampling
 from ambient_jax.latent import configs, guidance, pipeline, schedule, unet
-from tests.latent_reference import (TINY_POOLED, nchw_to_nhwc, nhwc_to_nchw, perturb_,
-                                    relative_error, save_tiny_unet, unet_inputs)
-from tests.test_latent_tokenizer import write_clip_tokenizer
+from tests.latent_reference import (nchw_to_nhwc, relative_error, save_tiny_sdxl_pipeline,
+                                    save_tiny_unet, unet_inputs)
 
 TOL = 1e-4
 
@@ -107,30 +105,7 @@ def test_guided_euler_sampling_matches_diffusers_step_for_step(sdxl_unet):
 @pytest.fixture(scope="module")
 def sdxl_folder(tmp_path_factory):
   """A complete tiny SDXL diffusers folder written by diffusers' own save_pretrained."""
-  root = tmp_path_factory.mktemp("sdxl_pipe")
-  tok_1 = write_clip_tokenizer(root / "src_tok")
-  tok_2 = write_clip_tokenizer(root / "src_tok_2", pad_token="!", sdxl_style=True)
-  vocab = len(transformers.CLIPTokenizer.from_pretrained(tok_1).get_vocab())
-  common = dict(vocab_size=vocab, max_position_embeddings=77, intermediate_size=37,
-                num_hidden_layers=2, eos_token_id=2, bos_token_id=vocab - 2)
-  torch.manual_seed(0)
-  enc_1 = perturb_(transformers.CLIPTextModel(transformers.CLIPTextConfig(
-      hidden_size=8, num_attention_heads=2, hidden_act="quick_gelu", **common)), 1)
-  enc_2 = perturb_(transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
-      hidden_size=16, num_attention_heads=2, projection_dim=TINY_POOLED, hidden_act="gelu",
-      **common)), 2)
-  vae = perturb_(diffusers.AutoencoderKL(
-      block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
-      up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=4,
-      latent_channels=4, sample_size=32, scaling_factor=0.13025), 3)
-  unet_ref = save_tiny_unet(root / "src_unet", "sdxl")
-  pipe = diffusers.StableDiffusionXLPipeline(
-      vae=vae, text_encoder=enc_1, text_encoder_2=enc_2,
-      tokenizer=transformers.CLIPTokenizer.from_pretrained(tok_1),
-      tokenizer_2=transformers.CLIPTokenizer.from_pretrained(tok_2), unet=unet_ref,
-      scheduler=diffusers.EulerDiscreteScheduler.from_config(configs.bundled_config("sdxl", "scheduler")))
-  pipe.save_pretrained(root / "sdxl")
-  return pipe, str(root / "sdxl")
+  return save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("sdxl_pipe"))
 
 
 PROMPTS = ["a photograph of an astronaut riding a horse", "Portrait, oil painting!"]
