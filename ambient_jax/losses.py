@@ -8,6 +8,7 @@ losses [B] (mean over the non-batch axes) and a dict of per-example diagnostics.
 - `ambient_loss`: double-Tweedie loss on data noised at σ_n, VE form (§3). Its
   minimiser is exactly E[x0 | x_σ] for every σ > σ_n; with σ_n = 0 it is `edm_loss`.
 - `ambient_loss_vp`: the same in the variance-preserving form, x0- or ε-prediction (§4).
+- `ddpm_loss`: plain DDPM ε-prediction loss (ordinary fine-tuning: clean and naive baselines).
 - `consistency_loss`: makes D consistent with its own reverse process below σ_n (§5).
 """
 
@@ -153,6 +154,25 @@ def ambient_loss_vp(denoise_fn: DenoiseFn, x_noisy: jax.Array, sigma_n: jax.Arra
   x_noisy_hat = (expand(alpha * jnp.square(sigma_n) / sigma_t_sq, x_t) * x_t
                  + expand(beta_sq * jnp.sqrt(one_minus_n) / sigma_t_sq, x_t) * out)
   loss = _weighted_mse(jnp.ones((batch,), jnp.float32), x_noisy_hat, x_noisy)
+  return loss, {"sigma_t": sigma_t, "timestep": timestep}
+
+
+def ddpm_loss(eps_fn: DenoiseFn, x: jax.Array, key: jax.Array, sigma_schedule: jax.Array):
+  """The plain DDPM ε-prediction loss ‖ε̂(x_t, σ_t) − ε‖², t uniform over the schedule.
+
+  x: [B, ...] data as given (clean, or noisy for the naive baseline); sigma_schedule: VP
+  levels [T] (e.g. `precond.ddpm_sigmas()`); x_t = √(1 − σ_t²) x + σ_t ε. This is what
+  ordinary (Stable Diffusion) fine-tuning minimises: the clean and naive baselines.
+  Returns (loss [B], {"sigma_t": [B], "timestep": [B]}).
+  """
+  batch = checks.batch_size("x", x)
+  sigma_schedule = jnp.asarray(sigma_schedule, jnp.float32)
+  k_t, k_noise = jax.random.split(key)
+  timestep = jax.random.randint(k_t, (batch,), 0, sigma_schedule.shape[0])
+  sigma_t = sigma_schedule[timestep]
+  noise = jax.random.normal(k_noise, x.shape, x.dtype)
+  x_t = expand(jnp.sqrt(1.0 - jnp.square(sigma_t)), x) * x + expand(sigma_t, x) * noise
+  loss = _weighted_mse(jnp.ones((batch,), jnp.float32), eps_fn(x_t, sigma_t), noise)
   return loss, {"sigma_t": sigma_t, "timestep": timestep}
 
 

@@ -66,9 +66,11 @@ def make_train_step(config: Any, model_def: ts.ModelDef, tx: optax.GradientTrans
   use_labels = model_def.label_dim > 0
   gather_params = sharding_lib.gather_for_use(param_shardings)
 
-  def train_step(state: ts.TrainState, batch: dict, consistency: bool = False
+  def train_step(state: ts.TrainState, batch: dict, consistency: bool = False, frozen: Any = None
                  ) -> tuple[ts.TrainState, dict]:
-    """consistency (static): whether λ_c is on, i.e. step >= consistency.start_step."""
+    """consistency (static): whether λ_c is on, i.e. step >= consistency.start_step.
+    frozen: unused here (latent tasks pass their frozen base weights)."""
+    del frozen
     train_step.num_traces += 1  # runs only while jax traces: counts (re)compilations
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _STEP_SALT), state.step)
     k_ambient, k_cons, k_dropout = jax.random.split(key, 3)
@@ -103,23 +105,36 @@ def make_train_step(config: Any, model_def: ts.ModelDef, tx: optax.GradientTrans
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    emas = ema.update(state.ema, params, state.step, batch_size, halflives, rampup)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    metrics["lr"] = schedule(state.step)
-    new_state = ts.TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=emas)
-    return new_state, metrics
+    return apply_gradients(state, grads, metrics, tx, batch_size, halflives, rampup, schedule)
 
   train_step.num_traces = 0
   return train_step
 
 
-def jit_train_step(step_fn, mesh: jax.sharding.Mesh, state_shardings: Any):
+def apply_gradients(state: ts.TrainState, grads: Any, metrics: dict,
+                    tx: optax.GradientTransformation, batch_size: int, halflives: tuple,
+                    rampup: float, schedule) -> tuple[ts.TrainState, dict]:
+  """The end of every task's step: optimizer update, EMAs, step + 1, gradient-norm and lr."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  emas = ema.update(state.ema, params, state.step, batch_size, halflives, rampup)
+  metrics["grad_norm"] = optax.tree.norm(grads)
+  metrics["lr"] = schedule(state.step)
+  return ts.TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=emas), metrics
+
+
+def jit_train_step(step_fn, mesh: jax.sharding.Mesh, state_shardings: Any,
+                   frozen_shardings: Any = None):
   """jax.jit over the mesh: state donated and kept in place, batch split, metrics replicated.
 
-  Call as `train_step(state, batch, consistency_active(config, step))` (the flag is static).
+  Call as `train_step(state, batch, consistency_active(config, step))` (the flag is static),
+  plus the frozen weights as a fourth argument when `frozen_shardings` is given (latent
+  fine-tuning: passed, never donated, never checkpointed).
   """
   batch_sh = sharding_lib.batch_sharding(mesh)
-  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sh),
+  in_shardings = (state_shardings, batch_sh) + (() if frozen_shardings is None
+                                                 else (frozen_shardings,))
+  return jax.jit(step_fn, in_shardings=in_shardings,
                  out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
                  donate_argnums=(0,), static_argnums=(2,))
 
@@ -145,6 +160,50 @@ class NonFiniteLossError(cli.Exit, FloatingPointError):
   """The loss became NaN or inf; the message names the step and the last good checkpoint."""
 
 
+class PixelTask:
+  """Pixel-space training from scratch on a tfds dataset corrupted in the step (the EDM
+  networks). A task gives the Trainer its data, its step-0 state, its step and its grids;
+  `ambient_jax.latent.training.LatentTask` is the other one."""
+
+  frozen = None  # no frozen weights: everything in the state trains
+
+  def __init__(self, config: Any, mesh: jax.sharding.Mesh):
+    barrier = None
+    if jax.process_count() > 1:
+      barrier = lambda: multihost_utils.sync_global_devices("ambient_jax:dataset_prepared")
+    self.config, self.mesh = config, mesh
+    self.dataset = data_lib.load_dataset(config.data, barrier=barrier)
+    self.loader = data_lib.GlobalBatchLoader(self.dataset.source, self.dataset.sigma_n,
+                                             config.batch_size, config.seed,
+                                             sharding_lib.batch_sharding(mesh))
+    self.model_def = ts.make_model_def(config, self.dataset.image_shape)
+    self.sigma_n_max = float(np.max(self.dataset.sigma_n, initial=0.0))
+    self._grid = None
+
+  def init(self, tx: optax.GradientTransformation):
+    """(init function, its arguments): jit(init)(*args) is the step-0 state."""
+    return ts.init_fn(self.config, tx), ()
+
+  def make_step(self, tx: optax.GradientTransformation, state_shardings: Any):
+    return make_train_step(self.config, self.model_def, tx, state_shardings.params)
+
+  def write_grid(self, done: int, params: Any, writer: Any, objective_name: str,
+                 params_sharding: Any, workdir: str) -> None:
+    from ambient_jax import sample_grid  # pylint: disable=g-import-not-at-top
+    if self._grid is None:
+      self._grid = sample_grid.SampleGrid(self.config, self.mesh, self.model_def, self.dataset,
+                                          params_sharding, workdir)
+    self._grid.write(done, params, writer, objective_name)
+
+
+def make_task(config: Any, mesh: jax.sharding.Mesh):
+  """LatentTask when config.latent.pretrained is set, else PixelTask."""
+  if config.get("latent") is not None and config.latent.pretrained:
+    from ambient_jax.latent import training  # pylint: disable=g-import-not-at-top
+    return training.LatentTask(config, mesh)
+  return PixelTask(config, mesh)
+
+
 class Trainer:
   """Everything one run needs, built once; `run()` trains to config.num_train_steps."""
 
@@ -156,32 +215,31 @@ class Trainer:
     self.config, self.workdir = config, str(self.root)
     self.is_main = jax.process_index() == 0
     self.mesh = sharding_lib.make_mesh(config.mesh, devices)
-    barrier = None
-    if jax.process_count() > 1:
-      barrier = lambda: multihost_utils.sync_global_devices("ambient_jax:dataset_prepared")
-    self.dataset = data_lib.load_dataset(config.data, barrier=barrier)
-    self.batch_sharding = sharding_lib.batch_sharding(self.mesh)
-    self.loader = data_lib.GlobalBatchLoader(self.dataset.source, self.dataset.sigma_n,
-                                             config.batch_size, config.seed, self.batch_sharding)
-    self.model_def = ts.make_model_def(config, self.dataset.image_shape)
+    self.task = make_task(config, self.mesh)
+    self.loader = self.task.loader
     self.tx = ts.make_optimizer(config.optim)
-    self.abstract_state, self.state_shardings = ts.abstract_train_state(config, self.mesh, self.tx)
-    self.step_fn = make_train_step(config, self.model_def, self.tx, self.state_shardings.params)
-    self.train_step = jit_train_step(self.step_fn, self.mesh, self.state_shardings)
+    init, init_args = self.task.init(self.tx)
+    self._init = lambda: jax.jit(init, out_shardings=self.state_shardings)(*init_args)
+    self.abstract_state, self.state_shardings = ts.abstract_train_state(
+        config, self.mesh, self.tx, init, init_args)
+    self.step_fn = self.task.make_step(self.tx, self.state_shardings)
+    frozen = self.task.frozen
+    jitted = jit_train_step(self.step_fn, self.mesh, self.state_shardings,
+                            None if frozen is None else jax.tree.map(lambda a: a.sharding, frozen))
+    self.train_step = jitted if frozen is None else (
+        lambda state, batch, consistency: jitted(state, batch, consistency, frozen))
     self.checkpointer = checkpoint_lib.Checkpointer(
         self.root / "checkpoints", max_to_keep=config.checkpoint.max_to_keep,
         keep_every_steps=config.checkpoint.keep_every_steps,
         async_save=config.checkpoint.async_save)
-    self._sampler = None
 
   @property
-  def sampler(self):
-    from ambient_jax import sample_grid  # pylint: disable=g-import-not-at-top
-    if self._sampler is None:
-      k = int(self.config.ema.sample_with)
-      self._sampler = sample_grid.SampleGrid(self.config, self.mesh, self.model_def, self.dataset,
-                                             self.state_shardings.ema[k], self.workdir)
-    return self._sampler
+  def model_def(self):  # pixel runs: the network as pure functions
+    return self.task.model_def
+
+  @property
+  def dataset(self):
+    return self.task.dataset
 
   def initial_state(self, announce: bool = True) -> ts.TrainState:
     """The newest complete checkpoint of the workdir, laid out on this mesh, or step 0.
@@ -189,7 +247,7 @@ class Trainer:
     step = self.checkpointer.latest_step()
     if step is None:
       logging.info("No checkpoint in %s: starting from step 0.", self.checkpointer.directory)
-      return jax.jit(ts.init_fn(self.config, self.tx), out_shardings=self.state_shardings)()
+      return self._init()
     try:
       state, meta = self.checkpointer.restore(self.abstract_state, step)
     except Exception as e:
@@ -204,7 +262,11 @@ class Trainer:
   def save(self, step: int, state: ts.TrainState) -> None:
     self.checkpointer.save(step, state, meta=dict(
         num_devices=jax.device_count(), images_seen=step * int(self.config.batch_size),
-        dataset=self.config.data.name))
+        dataset=self.dataset_name))
+
+  @property
+  def dataset_name(self) -> str:
+    return getattr(self.task, "name", self.config.data.name)
 
   def run(self, state: Optional[ts.TrainState] = None) -> ts.TrainState:
     """Trains from `state` (default: the workdir's newest checkpoint) to num_train_steps.
@@ -253,7 +315,7 @@ class Trainer:
       count += 1
 
     logging.info("Training %s from step %d to %d on %d devices (mesh %s), global batch %d.",
-                 config.data.name, start, total, self.mesh.size, dict(self.mesh.shape),
+                 self.dataset_name, start, total, self.mesh.size, dict(self.mesh.shape),
                  config.batch_size)
     # SIGTERM: stop after the current step and save; ignored once the last step is done (the
     # run is complete once its final grid and checkpoint are written).
@@ -311,9 +373,10 @@ class Trainer:
             and not (self.root / "samples" / f"step_{total:07d}.png").exists())
 
   def _write_grid(self, done: int, state: ts.TrainState, writer: Any) -> None:
-    sigma_n_max = float(np.max(self.dataset.sigma_n, initial=0.0))
-    self.sampler.write(done, state.ema[self.config.ema.sample_with], writer,
-                       objective(self.config, done, sigma_n_max))
+    k = int(self.config.ema.sample_with)
+    self.task.write_grid(done, state.ema[k], writer,
+                         objective(self.config, done, self.task.sigma_n_max),
+                         self.state_shardings.ema[k], self.workdir)
 
   def close(self) -> None:
     self.checkpointer.close()

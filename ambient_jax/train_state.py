@@ -111,12 +111,20 @@ def learning_rate_schedule(optim_config: Any) -> Callable[[jax.Array], jax.Array
 
 
 def make_optimizer(optim_config: Any) -> optax.GradientTransformation:
-  """(global-norm clip) + Adam with the warm-up schedule."""
-  adam = optax.adam(learning_rate_schedule(optim_config), b1=optim_config.b1, b2=optim_config.b2,
-                    eps=optim_config.eps)
+  """(global-norm clip) + Adam (AdamW when optim.weight_decay > 0) with the warm-up schedule."""
+  decay = float(optim_config.get("weight_decay", 0.0))
+  common = dict(b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps)
+  adam = (optax.adamw(learning_rate_schedule(optim_config), weight_decay=decay, **common) if decay
+          else optax.adam(learning_rate_schedule(optim_config), **common))
   if optim_config.grad_clip and optim_config.grad_clip > 0:
     return optax.chain(optax.clip_by_global_norm(optim_config.grad_clip), adam)
   return adam
+
+
+def state_from_params(params: Any, tx: optax.GradientTransformation, num_emas: int) -> TrainState:
+  """The step-0 state around trainable `params`: fresh optimizer state, EMAs = params."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    ema=tuple(jax.tree.map(jnp.copy, params) for _ in range(num_emas)))
 
 
 def init_fn(config: Any, tx: optax.GradientTransformation) -> Callable[[], TrainState]:
@@ -126,9 +134,7 @@ def init_fn(config: Any, tx: optax.GradientTransformation) -> Callable[[], Train
 
   def init() -> TrainState:
     model = _build(model_config, jax.random.key(config.seed))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema=tuple(jax.tree.map(jnp.copy, params) for _ in range(num_emas)))
+    return state_from_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), tx, num_emas)
 
   return init
 
@@ -148,10 +154,12 @@ def create_train_state(config: Any, mesh: jax.sharding.Mesh,
   return jax.jit(init, out_shardings=shardings)(), shardings
 
 
-def abstract_train_state(config: Any, mesh: jax.sharding.Mesh,
-                         tx: optax.GradientTransformation) -> tuple[TrainState, TrainState]:
-  """(ShapeDtypeStructs of the state carrying their target shardings, the shardings)."""
-  abstract = jax.eval_shape(init_fn(config, tx))
+def abstract_train_state(config: Any, mesh: jax.sharding.Mesh, tx: optax.GradientTransformation,
+                         init: Optional[Callable[..., TrainState]] = None, init_args: tuple = ()
+                         ) -> tuple[TrainState, TrainState]:
+  """(ShapeDtypeStructs of the state carrying their target shardings, the shardings).
+  `init(*init_args)` builds the step-0 state (default: `init_fn(config, tx)`)."""
+  abstract = jax.eval_shape(init or init_fn(config, tx), *init_args)
   shardings = state_shardings(config, mesh, abstract)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       abstract, shardings), shardings

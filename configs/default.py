@@ -66,11 +66,27 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
   c.optim.grad_clip = 1.0         # global-norm clip; 0 = off
+  c.optim.weight_decay = 0.0      # > 0: AdamW's decoupled weight decay (paper SDXL runs: 0.01)
 
   c.ema = ml_collections.ConfigDict()
   c.ema.halflife_kimg = (500.0,)  # EDM half-lives in thousands of images; several allowed
   c.ema.rampup_ratio = 0.05       # EDM: half-life <= rampup_ratio * images seen; 0 = off
   c.ema.sample_with = 0           # which EMA the sample grids use
+
+  # Latent fine-tuning of a pretrained Stable Diffusion / SDXL (configs/sdxl.py); with
+  # latent.pretrained = "" the run is pixel-space and this section is ignored.
+  c.latent = ml_collections.ConfigDict()
+  c.latent.pretrained = ""        # the diffusers folder (model_index.json, unet/, vae/, ...)
+  c.latent.dataset = ""           # noisy latents from `python -m ambient_jax.prepare_latents`
+  c.latent.lora_rank = 4          # LoRA rank r; 0 = full fine-tuning of the UNet
+  c.latent.lora_alpha = 0.0       # LoRA α; 0 = r (scale 1, the paper's)
+  c.latent.lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections
+  c.latent.param_dtype = "bfloat16"  # frozen base weights ("float32" for exactness)
+  c.latent.dtype = "bfloat16"     # UNet compute dtype; adapters and the loss stay float32
+  c.latent.timesteps = "uniform"  # "uniform": DDPM steps above t_n (paper) | "lognormal"
+  c.latent.cfg_dropout = 0.0      # probability of training on the unconditional prompt
+  c.latent.guidance_scale = 5.0   # sample grids: classifier-free guidance
+  c.latent.sample_steps = 25      # sample grids: Euler steps (diffusers' Euler schedule)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                # -1 = all devices not used by fsdp
