@@ -58,12 +58,16 @@ class _QuietLibraries:
   """An absl-handler filter: INFO from these libraries stays off the console.
 
   CLU's logging writer repeats every metric line the training loop already prints.
-  tensorflow_datasets' warnings are about its own cache folders, so they go too.
+  tensorflow_datasets' warnings are about its own cache folders, so they go too, and so
+  does Orbax's warning that evaluation's (deliberately) read-only checkpointer is read-only.
   """
   INFO_ONLY = ("/orbax/", "/jax/_src/", "/clu/", "/matplotlib/")
   BELOW_ERROR = ("/tensorflow_datasets/",)
+  EXPECTED = ("Given directory is read only",)
 
   def filter(self, record) -> bool:
+    if any(str(record.msg).startswith(m) for m in self.EXPECTED):
+      return False
     if any(n in record.pathname for n in self.BELOW_ERROR):
       return record.levelno >= std_logging.ERROR
     return record.levelno >= std_logging.WARNING or not any(

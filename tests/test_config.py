@@ -40,6 +40,14 @@ def test_every_config_validates(spec):
   config_validation.validate(load(spec), num_devices=8)
 
 
+def test_every_listed_variant_loads():
+  """Each example of edm_paper.VARIANTS (what --list_configs prints) is a working variant."""
+  from configs import edm_paper
+  for variant in edm_paper.VARIANTS:
+    spec = "edm_paper.py" if variant.startswith("dataset=") else "cifar10.py"
+    config_validation.validate(load(f"{spec}:{variant}"), num_devices=8)
+
+
 def test_paper_settings_and_variants():
   c = load("cifar10.py:sigma_n=0.1")
   assert (c.batch_size, c.optim.lr, c.model.dropout, c.ema.halflife_kimg, c.num_train_steps) == (
