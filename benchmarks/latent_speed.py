@@ -1,0 +1,312 @@
+"""Latent UNet speed, JAX vs diffusers PyTorch side by side, and real parameter counts.
+
+    python benchmarks/latent_speed.py                  # tiny + mid UNet, batch 2, counts
+    python benchmarks/latent_speed.py --quick          # tiny UNet, few iterations (< 1 min)
+    python benchmarks/latent_speed.py --configs mid --batch 4 --iters 3 --rounds 3
+
+For each UNet config, diffusers builds a random `UNet2DConditionModel` (seeded), saves it
+with `save_pretrained` to a temporary folder and ambient_jax loads that folder
+(`latent.unet.load_unet`): both frameworks run the same weights on the same inputs (fp32,
+NHWC for JAX, NCHW for torch). Measured: forward, and forward + backward (loss = mean
+square of the output, gradients w.r.t. every parameter). JAX: `nnx.split` once, one
+jitted pure function that merges; its first call (trace + compile + run) is reported as
+"compile". PyTorch: eval mode, `torch.set_num_threads(--threads)`, `torch.no_grad()` for
+the forward, OMP_WAIT_POLICY=PASSIVE (`--omp_wait_policy`; set before torch loads): with
+libgomp's default active spin-waiting, 2 torch threads on 2 cores that other processes
+also use ran the mid forward 5-25x slower (3-11 s instead of 0.4 s), which would measure
+the machine's load, not the framework. After one warm-up call each, the frameworks alternate `--rounds` rounds of
+`--iters` timed calls (so that load from other processes falls on both alike); the figure
+is the median over all timed calls, and "torch/jax" > 1 means JAX is faster.
+
+Parameter counts of the public SDXL / SD-1.5 configs (`ambient_jax/latent/model_configs/`)
+come from `nnx.eval_shape` (nothing allocated) and are checked against the published
+figures. The printed output is also written to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ambient_jax.latent import clip, configs, unet, vae, weights
+from ambient_jax.models import count_params
+
+# The tiny SDXL-shaped UNet of the parity tests (tests/latent_reference.TINY_UNETS["sdxl"],
+# duplicated so that benchmarks do not import tests; tests/test_latent_speed_benchmark.py
+# checks that the two stay equal), and a mid-size SDXL-structured UNet: plain first level,
+# linear projections, text_time embedding, 64-channel heads as in SDXL, 1/2/2 transformer
+# layers (SDXL: 1/2/10 at 320/640/1280 channels), 32x32 latents, 77 context tokens.
+SDXL_STRUCTURE = dict(
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    use_linear_projection=True, addition_embed_type="text_time")
+CONFIGS = {
+    "tiny": dict(
+        unet=dict(SDXL_STRUCTURE, block_out_channels=(16, 32, 32), layers_per_block=1,
+                  sample_size=16, cross_attention_dim=24, attention_head_dim=(2, 4, 4),
+                  transformer_layers_per_block=(1, 1, 2), addition_time_embed_dim=4,
+                  projection_class_embeddings_input_dim=12 + 6 * 4, norm_num_groups=8,
+                  upcast_attention=True),
+        size=16, tokens=7, pooled=12),
+    "mid": dict(
+        unet=dict(SDXL_STRUCTURE, block_out_channels=(64, 128, 256), layers_per_block=2,
+                  sample_size=32, cross_attention_dim=256, attention_head_dim=(1, 2, 4),
+                  transformer_layers_per_block=(1, 2, 2), addition_time_embed_dim=32,
+                  projection_class_embeddings_input_dim=128 + 6 * 32, norm_num_groups=32),
+        size=32, tokens=77, pooled=128),
+}
+
+# (label, family, component, published parameter count)
+PUBLISHED = [
+    ("SDXL UNet", "sdxl", "unet", 2_567_463_684),
+    ("SD-1.5 UNet", "sd15", "unet", 859_520_964),
+    ("SDXL VAE", "sdxl", "vae", 83_653_863),
+    ("SDXL text_encoder (CLIP ViT-L)", "sdxl", "text_encoder", 123_060_480),
+    ("SDXL text_encoder_2 (bigG)", "sdxl", "text_encoder_2", 694_659_840),
+]
+
+
+def abstract_component(family: str, component: str) -> nnx.Module:
+  """The bundled public config's module with ShapeDtypeStruct parameters (nothing allocated)."""
+  config = configs.bundled_config(family, component)
+  if component == "unet":
+    factory = lambda: unet.UNet2DConditionModel(config, rngs=nnx.Rngs(0))
+  elif component == "vae":
+    factory = lambda: vae.AutoencoderKL(config, rngs=nnx.Rngs(0))
+  elif component.startswith("text_encoder"):
+    factory = lambda: clip.text_encoder(config, rngs=nnx.Rngs(0))
+  else:
+    raise ValueError(f"no parameter count for component {component!r}")
+  return weights.build_abstract(factory)
+
+
+def parameter_counts(unets: bool = True) -> list[tuple[str, int, int]]:
+  """[(label, eval_shape count, published count)] for the public SDXL / SD-1.5 components;
+  `unets=False` leaves out the two UNets (their eval_shape alone takes 30-80 s here)."""
+  return [(label, count_params(abstract_component(family, component)), published)
+          for label, family, component, published in PUBLISHED if unets or component != "unet"]
+
+
+def unet_inputs(case: dict, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """Seeded fp32 inputs: x [B, s, s, 4] (NHWC), t [B], context [B, T, D], text_embeds
+  [B, pooled], time_ids [B, 6] (original size, crop, target size)."""
+  rng = np.random.default_rng(seed)
+  size, width = case["size"], case["unet"]["cross_attention_dim"]
+  res = 8 * size
+  return dict(x=rng.standard_normal((batch, size, size, 4)).astype(np.float32),
+              t=rng.uniform(0, 999, batch).astype(np.float32),
+              context=rng.standard_normal((batch, case["tokens"], width)).astype(np.float32),
+              text_embeds=rng.standard_normal((batch, case["pooled"])).astype(np.float32),
+              time_ids=np.tile(np.array([[res, res, 0, 0, res, res]], np.float32), (batch, 1)))
+
+
+def jax_functions(folder: str, inputs: dict[str, np.ndarray]):
+  """(forward, forward+backward, parameter count): zero-argument callables on the UNet
+  that `load_unet(folder)` gives; each is one jitted pure function of (params, rest, inputs)."""
+  model = unet.load_unet(folder)
+  if isinstance(model, tuple):  # (module, config.json dict), like load_vae
+    model = model[0]
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  n_params = count_params(params)
+  args = {k: jnp.asarray(v) for k, v in inputs.items()}
+
+  def apply(params, rest, a):
+    net = nnx.merge(graphdef, params, rest, copy=True)
+    return net(a["x"], a["t"], a["context"], text_embeds=a["text_embeds"], time_ids=a["time_ids"])
+
+  forward = jax.jit(apply)
+  grad = jax.jit(jax.value_and_grad(lambda p, r, a: jnp.mean(jnp.square(apply(p, r, a)))))
+  return (lambda: forward(params, rest, args)), (lambda: grad(params, rest, args)), n_params
+
+
+def torch_functions(model, inputs: dict[str, np.ndarray]):
+  """(forward, forward+backward): zero-argument callables on the diffusers UNet (eval mode)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  x = torch.from_numpy(np.ascontiguousarray(inputs["x"].transpose(0, 3, 1, 2)))
+  t, context = torch.from_numpy(inputs["t"]), torch.from_numpy(inputs["context"])
+  added = {"text_embeds": torch.from_numpy(inputs["text_embeds"]),
+           "time_ids": torch.from_numpy(inputs["time_ids"])}
+
+  def forward():
+    with torch.no_grad():
+      return model(x, t, context, added_cond_kwargs=added).sample
+
+  def forward_backward():
+    model.zero_grad(set_to_none=True)
+    loss = model(x, t, context, added_cond_kwargs=added).sample.square().mean()
+    loss.backward()
+    return loss
+
+  return forward, forward_backward
+
+
+def _call(fn, framework: str) -> float:
+  """Seconds for one call, waiting for JAX's asynchronous result."""
+  t0 = time.perf_counter()
+  out = fn()
+  if framework == "jax":
+    jax.block_until_ready(out)
+  return time.perf_counter() - t0
+
+
+def compare(jax_fn, torch_fn, iters: int, rounds: int) -> dict[str, float]:
+  """JAX first call (compile), torch first call, then one warm-up call each and `rounds`
+  alternating rounds of `iters` timed calls per framework -> medians in seconds."""
+  first = {"jax": _call(jax_fn, "jax"), "torch": _call(torch_fn, "torch")}
+  _call(jax_fn, "jax")
+  _call(torch_fn, "torch")
+  times = {"jax": [], "torch": []}
+  for r in range(rounds):
+    order = ("jax", "torch") if r % 2 == 0 else ("torch", "jax")
+    for framework in order:
+      fn = jax_fn if framework == "jax" else torch_fn
+      times[framework] += [_call(fn, framework) for _ in range(iters)]
+  return dict(jax_first=first["jax"], torch_first=first["torch"],
+              jax=statistics.median(times["jax"]), torch=statistics.median(times["torch"]))
+
+
+def check_outputs_agree(jax_forward, torch_forward) -> float:
+  """max |jax − torch| / max |torch| of the forward outputs (a guard that both run the same
+  network; the parity tests bound it by 1e-4)."""
+  ours = np.asarray(jax_forward(), np.float64)
+  ref = torch_forward().numpy().transpose(0, 2, 3, 1).astype(np.float64)
+  return float(np.max(np.abs(ours - ref)) / max(np.max(np.abs(ref)), 1e-12))
+
+
+def bench_case(name: str, batch: int, iters: int, rounds: int, seed: int = 0) -> list[dict]:
+  """Builds the diffusers UNet, loads it into JAX, times forward and forward+backward."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from diffusers import UNet2DConditionModel  # pylint: disable=g-import-not-at-top
+  case = CONFIGS[name]
+  torch.manual_seed(seed)
+  reference = UNet2DConditionModel(**case["unet"]).eval()
+  inputs = unet_inputs(case, batch, seed)
+  with tempfile.TemporaryDirectory() as folder:
+    reference.save_pretrained(folder)
+    jax_fwd, jax_grad, n_params = jax_functions(folder, inputs)
+  torch_fwd, torch_grad = torch_functions(reference, inputs)
+  rows = [dict(config=name, mode=mode, params=n_params, **compare(jax_fn, torch_fn, iters, rounds))
+          for mode, jax_fn, torch_fn in (("forward", jax_fwd, torch_fwd),
+                                         ("fwd+bwd", jax_grad, torch_grad))]
+  rel = check_outputs_agree(jax_fwd, torch_fwd)  # after timing: the first calls are timed
+  return [dict(row, rel=rel) for row in rows]
+
+
+def load_average() -> str:
+  """The 1/5/15-minute load averages, e.g. '1.92 2.76 1.65'."""
+  return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+class Report:
+  """Prints lines and writes them to a file as they come (a partial run keeps its figures)."""
+
+  def __init__(self, path: str | None):
+    self.file = None
+    if path:
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+      self.file = open(path, "w")
+
+  def __call__(self, line: str = "") -> None:
+    print(line, flush=True)
+    if self.file:
+      self.file.write(line + "\n")
+      self.file.flush()
+
+  def close(self) -> None:
+    if self.file:
+      self.file.close()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true",
+                      help="tiny config, batch 1, 2 rounds of 2 calls, no UNet parameter "
+                      "counts (< 1 minute)")
+  parser.add_argument("--configs", default="tiny,mid",
+                      help=f"comma-separated UNet configs from {sorted(CONFIGS)}")
+  parser.add_argument("--batch", type=int, default=2, help="batch size (both frameworks)")
+  parser.add_argument("--iters", type=int, default=5, help="timed calls per round")
+  parser.add_argument("--rounds", type=int, default=3, help="alternating JAX / torch rounds")
+  parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+  parser.add_argument("--omp_wait_policy", default="PASSIVE",
+                      help="OMP_WAIT_POLICY for torch's OpenMP threads ('' = leave as is); an "
+                      "OMP_WAIT_POLICY already in the environment wins")
+  parser.add_argument("--skip_counts", action="store_true",
+                      help="skip the eval_shape parameter counts of the real configs")
+  parser.add_argument("--out", default="benchmarks/results/latent_speed.txt",
+                      help="where the printed output is also written ('' = nowhere)")
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.configs, args.batch, args.iters, args.rounds = "tiny", 1, 2, 2
+  args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+  unknown = [c for c in args.configs if c not in CONFIGS]
+  if unknown:
+    parser.error(f"unknown --configs {unknown}; choose from {sorted(CONFIGS)}")
+  return args
+
+
+def main(argv: list[str] | None = None):
+  args = parse_args(argv)
+  if args.omp_wait_policy:
+    os.environ.setdefault("OMP_WAIT_POLICY", args.omp_wait_policy)  # read when torch loads
+  import diffusers  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(args.threads)
+  report = Report(args.out)
+  start = time.perf_counter()
+  report("$ python benchmarks/latent_speed.py " + " ".join(sys.argv[1:] if argv is None else argv))
+  report(f"jax {jax.__version__} ({jax.default_backend()}, {jax.devices()[0].device_kind}), "
+         f"torch {torch.__version__} ({torch.get_num_threads()} threads, "
+         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), "
+         f"diffusers {diffusers.__version__}; {platform.processor() or platform.machine()}, "
+         f"{os.cpu_count()} CPUs")
+  report(f"load average at start: {load_average()}")
+  start_load = os.getloadavg()[0]
+  report(f"batch {args.batch}; fp32; median of {args.rounds} alternating rounds x "
+         f"{args.iters} calls after one warm-up call")
+  report()
+  header = (f"{'config':<6} {'params':>11} {'mode':<8} {'jax s/it':>9} {'torch s/it':>10} "
+            f"{'torch/jax':>9} {'jax compile':>11} {'torch 1st':>9} {'rel diff':>9}")
+  report(header)
+  for name in args.configs:
+    for row in bench_case(name, args.batch, args.iters, args.rounds):
+      report(f"{row['config']:<6} {row['params']:>11,} {row['mode']:<8} {row['jax']:>9.4f} "
+             f"{row['torch']:>10.4f} {row['torch'] / row['jax']:>9.2f} "
+             f"{row['jax_first']:>10.2f}s {row['torch_first']:>8.2f}s {row['rel']:>9.1e}")
+  for name in args.configs:
+    case = CONFIGS[name]
+    report(f"  {name}: latents {case['size']}x{case['size']}x4, {case['tokens']} tokens x "
+           f"{case['unet']['cross_attention_dim']}, pooled {case['pooled']}, "
+           f"block_out_channels {case['unet']['block_out_channels']}, transformer layers "
+           f"{case['unet']['transformer_layers_per_block']}")
+  report(f"load average after timing: {load_average()}")
+  if max(start_load, os.getloadavg()[0]) > (os.cpu_count() or 1):
+    report(f"NOTE: the 1-minute load average ({start_load:.2f} at start, "
+           f"{os.getloadavg()[0]:.2f} now) exceeded the {os.cpu_count()} CPUs: other processes "
+           "shared the cores, so the s/it figures are upper bounds; the ratios are fairer "
+           "(the frameworks alternate rounds) but still noisy.")
+  if not args.skip_counts:
+    report()
+    report(f"{'component (eval_shape, nothing allocated)':<42} {'params':>15} "
+           f"{'published':>15}  equal")
+    for label, count, published in parameter_counts(unets=not args.quick):
+      report(f"{label:<42} {count:>15,} {published:>15,}  {count == published}")
+    if args.quick:
+      report("(--quick leaves out the SDXL / SD-1.5 UNet counts: their eval_shape is slow)")
+  report()
+  report(f"load average at end: {load_average()}; wall time {time.perf_counter() - start:.0f} s")
+  report.close()
+
+
+if __name__ == "__main__":
+  main()
