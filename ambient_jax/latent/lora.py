@@ -17,7 +17,7 @@ metadata {"format": "pt"}. Without adapter metadata diffusers assumes α = r (sc
 `lora_state_dict` folds α / r into B on export: every loader, old or new, then applies
 exactly our update. `load_lora` reads such files, ours or saved by diffusers / PEFT
 (`pipe.save_lora_weights`, `get_peft_model_state_dict`, PEFT's adapter_model.safetensors),
-honouring the α / rank patterns of diffusers' `lora_adapter_metadata` when present.
+honouring the α of diffusers' `lora_adapter_metadata` or of PEFT's adapter_config.json.
 """
 
 from __future__ import annotations
@@ -150,12 +150,18 @@ def save_lora(model: nnx.Module, path: str | os.PathLike, *, prefix: str | None 
   save_file(lora_state_dict(model, prefix=prefix, dtype=dtype), path, {"format": "pt"})
 
 
-def _file_alphas(metadata: Mapping[str, str], prefix: str | None):
-  """(α, α pattern, use_rslora) from diffusers' `lora_adapter_metadata`, or None without it."""
+def _file_alphas(metadata: Mapping[str, str], prefix: str | None, path: str | None):
+  """(α, α pattern, use_rslora) from diffusers' `lora_adapter_metadata` in the file, else
+  from PEFT's `adapter_config.json` beside it, else None (scale 1)."""
   raw = metadata.get("lora_adapter_metadata")
-  if not raw:
+  beside = os.path.join(os.path.dirname(path), "adapter_config.json") if path else None
+  if raw:
+    config = json.loads(raw)
+  elif beside and os.path.isfile(beside):
+    with open(beside) as f:
+      config = json.load(f)
+  else:
     return None
-  config = json.loads(raw)
   if prefix and any(k.startswith(f"{prefix}.") for k in config):
     config = {k[len(prefix) + 1:]: v for k, v in config.items() if k.startswith(f"{prefix}.")}
   if config.get("use_dora"):
@@ -183,16 +189,18 @@ def load_lora(model: nnx.Module, source: str | os.PathLike | Mapping[str, Any], 
 
   Keys "[{prefix}.][base_model.model.]{path}.lora_A[.default].weight" [r, in] and lora_B
   [out, r]; each layer gets the rank its tensors have, and the scale that the file's
-  `lora_adapter_metadata` gives (α / r, α patterns, rsLoRA), else 1 (diffusers' rule).
+  `lora_adapter_metadata` (diffusers) or an `adapter_config.json` beside it (PEFT's
+  `save_pretrained`) gives — α / r, α patterns, rsLoRA — else 1 (diffusers' rule).
   Keys of the other pipeline components (e.g. "text_encoder.") are skipped; any other key
   that names no Linear of `model`, or an A without its B, is an error naming it. Existing
   adapters on the named layers are replaced. Changes `model` in place; returns the number
   of adapted layers.
   """
-  metadata = {}
+  metadata, path = {}, None
   if isinstance(source, (str, os.PathLike)):
-    file = SafetensorsFile(source)
-    metadata, tensors, where = file.metadata, file, os.fspath(source)
+    path = os.path.abspath(os.fspath(source))
+    file = SafetensorsFile(path)
+    metadata, tensors, where = file.metadata, file, path
   else:
     tensors, where = source, "the state dict"
   pairs, problems = {}, []
@@ -225,7 +233,7 @@ def load_lora(model: nnx.Module, source: str | os.PathLike | Mapping[str, Any], 
     more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
     raise ValueError(f"{where}: cannot load the LoRA adapters ({len(problems)} problems):\n"
                      f"  {shown}{more}")
-  alphas = _file_alphas(metadata, prefix)
+  alphas = _file_alphas(metadata, prefix, path)
   for module, keys in sorted(pairs.items()):
     a = jnp.asarray(np.asarray(tensors[keys["A"]]).astype(param_dtype))
     b = jnp.asarray(np.asarray(tensors[keys["B"]]).astype(param_dtype))
