@@ -23,17 +23,26 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
 
 from ambient_jax import cli
+from ambient_jax.data.corruption import example_noise, uint8_to_float
+from ambient_jax.latent import clip, pipeline, prompts, tokenizer, vae
 from ambient_jax.latent import dataset as ds
+from ambient_jax.latent.schedule import NoiseSchedule
+from ambient_jax.precond import expand
 
 PROG = "ambient_jax.prepare_latents"
 CAPTIONS_FILE = "metadata.jsonl"
@@ -98,8 +107,6 @@ def read_pretrained_configs(folder: str) -> dict[str, Any]:
 def load_components(folder: str):
   """A `pipeline.LatentPipeline` with the VAE, text encoders and tokenizers of `folder` and
   no UNet (unet=None): preparation never runs it, and SDXL's is 10 GB in float32."""
-  from ambient_jax.latent import clip, pipeline, tokenizer, vae  # pylint: disable=g-import-not-at-top
-  from ambient_jax.latent.schedule import NoiseSchedule  # pylint: disable=g-import-not-at-top
   configs = read_pretrained_configs(folder)
   names = [n for n in ("text_encoder", "text_encoder_2") if n in configs]
   for name in ["vae", *names, *(n.replace("text_encoder", "tokenizer") for n in names)]:
@@ -140,7 +147,6 @@ def read_captions(images: str, file_names: Sequence[str], captions_file: Optiona
 
 def noise_level(args: Args, configs: dict) -> float:
   """VP σ_n of the run: √(1 − ᾱ_{t_n}) of the scheduler (t_n = 0: clean, 0), or --sigma_n."""
-  from ambient_jax.latent.schedule import NoiseSchedule  # pylint: disable=g-import-not-at-top
   if args.t_n is None:
     return float(args.sigma_n)
   schedule = NoiseSchedule.from_config(configs["scheduler"])
@@ -171,7 +177,6 @@ def check_args(args: Args) -> None:
 
 def build_meta(args: Args, configs: dict) -> dict[str, Any]:
   """meta.json of the dataset `args` describes (before any example is written)."""
-  from ambient_jax.latent import vae  # pylint: disable=g-import-not-at-top
   file_names = ds.list_images(args.images)
   if args.max_examples:
     file_names = file_names[:args.max_examples]
@@ -241,7 +246,6 @@ def _write_json(path: str, value: Any) -> None:
 def create_files(out: str, meta: dict, sigma_n, prompt_index) -> None:
   """Preallocates every array file (sparse on most file systems), writes the per-example
   tables known up front, then meta.json (complete: false)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   os.makedirs(out, exist_ok=True)
   for name, shape in ds.array_shapes(meta).items():
     array = np.lib.format.open_memmap(os.path.join(out, name + ".npy"), mode="w+",
@@ -263,7 +267,6 @@ class RowWriter:
   """
 
   def __init__(self, path: str):
-    import numpy as np  # pylint: disable=g-import-not-at-top
     view = np.load(path, mmap_mode="r")
     self.dtype, self.shape, self.offset = view.dtype, view.shape, view.offset
     self.row_bytes = int(np.prod(view.shape[1:], dtype=np.int64)) * view.dtype.itemsize
@@ -272,7 +275,6 @@ class RowWriter:
 
   def write(self, start: int, rows) -> None:
     """rows [k, *shape[1:]] (cast to the file's dtype) into rows start..start+k−1."""
-    import numpy as np  # pylint: disable=g-import-not-at-top
     data = np.ascontiguousarray(np.broadcast_to(np.asarray(rows, self.dtype),
                                                 (len(rows), *self.shape[1:]))).tobytes()
     os.pwrite(self.fd, data, self.offset + start * self.row_bytes)
@@ -291,41 +293,41 @@ def _open_writers(out: str, meta: dict) -> dict[str, RowWriter]:
 # ----------------------------------------------------------------------------- compute
 
 
-def make_encoders(pipe, meta: dict) -> tuple[Callable, Callable]:
-  """Two jitted functions (one compile per batch shape) over the split modules:
-  latents(images uint8 [B, R, R, 3], indices [B], σ_n [B]) -> x_n [B, h, w, C] and
-  text(ids [B, 77] per tokenizer...) -> (context [B, 77, D], pooled [B, Dp] or None)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from ambient_jax.data.corruption import example_noise, uint8_to_float  # pylint: disable=g-import-not-at-top
-  from ambient_jax.latent import prompts  # pylint: disable=g-import-not-at-top
-  from ambient_jax.precond import expand  # pylint: disable=g-import-not-at-top
-  graphdef, state = nnx.split((pipe.vae, pipe.text_encoders))
-  seed = int(meta["corruption_seed"])
-  posterior_key = jax.random.key(seed ^ ds.POSTERIOR_SALT)
+@functools.partial(jax.jit, static_argnums=0)
+def _noisy_latents(graphdef, state, images, indices, sigma_n, posterior_key, noise_key):
+  """images uint8 [B, R, R, 3], indices [B], σ_n [B] -> x_n [B, h, w, C] float32: example i's
+  VAE posterior sample from fold_in(posterior_key, i) (drawn as vae.to_latents(image[None],
+  key) would), scaled, noised with example_noise(i) of noise_key."""
+  vae_module = nnx.merge(graphdef, state)
+  mean, logvar = vae_module.encode(uint8_to_float(images))
+  keys = jax.vmap(lambda i: jax.random.fold_in(posterior_key, i))(indices.astype(jnp.uint32))
+  sample = jax.vmap(lambda m, v, k: vae_module.sample_posterior(m[None], v[None], k)[0])(
+      mean, logvar, keys)
+  z0 = ((sample - vae_module.shift_factor) * vae_module.scaling_factor).astype(jnp.float32)
+  s = expand(sigma_n, z0)
+  return jnp.sqrt(1.0 - jnp.square(s)) * z0 + s * example_noise(indices, z0.shape[1:], noise_key)
 
-  @jax.jit
-  def latents(state, images, indices, sigma_n):
-    vae_module, _ = nnx.merge(graphdef, state)
-    mean, logvar = vae_module.encode(uint8_to_float(images))
-    keys = jax.vmap(lambda i: jax.random.fold_in(posterior_key, i))(indices.astype(jnp.uint32))
-    # One key per example, drawn as vae.to_latents(image[None], key) would.
-    sample = jax.vmap(lambda m, v, k: vae_module.sample_posterior(m[None], v[None], k)[0])(
-        mean, logvar, keys)
-    z0 = ((sample - vae_module.shift_factor) * vae_module.scaling_factor).astype(jnp.float32)
-    eps = example_noise(indices, z0.shape[1:], seed)
-    s = expand(sigma_n, z0)
-    return jnp.sqrt(1.0 - jnp.square(s)) * z0 + s * eps
 
-  @jax.jit
-  def text(state, *ids):
-    _, encoders = nnx.merge(graphdef, state)
-    if len(encoders) == 1:
-      return prompts.encode_prompt_sd(ids[0], encoders[0]), None
-    return prompts.encode_prompt_sdxl(*ids, *encoders)
+@functools.partial(jax.jit, static_argnums=0)
+def _text_states(graphdef, state, *ids):
+  """ids [B, 77] per tokenizer -> (context [B, 77, D], pooled [B, Dp] or None), as
+  `pipeline.LatentPipeline.encode_text`."""
+  encoders = nnx.merge(graphdef, state)
+  if len(encoders) == 1:
+    return prompts.encode_prompt_sd(ids[0], encoders[0]), None
+  return prompts.encode_prompt_sdxl(*ids, *encoders)
 
-  return (lambda *a: latents(state, *a)), (lambda *ids: text(state, *ids))
+
+def make_encoders(pipe, seed: int) -> tuple[Callable, Callable]:
+  """latents(images, indices, σ_n) -> x_n and text(*ids) -> (context, pooled) of `pipe`,
+  jitted once per batch shape (and model structure: a second run in the same process
+  reuses the compiled code)."""
+  vae_def, vae_state = nnx.split(pipe.vae)
+  text_def, text_state = nnx.split(pipe.text_encoders)
+  keys = jax.random.key(seed ^ ds.POSTERIOR_SALT), jax.random.key(seed)
+  return (lambda images, indices, sigma_n: _noisy_latents(vae_def, vae_state, images, indices,
+                                                          sigma_n, *keys),
+          lambda *ids: _text_states(text_def, text_state, *ids))
 
 
 def _pad(rows: list, size: int) -> list:
@@ -339,26 +341,32 @@ def _chunks(total: int, size: int) -> list[range]:
 
 class _Progress:
   """Examples done / total, examples/s and ETA: a line after the first chunk (which
-  includes the compile), then at most one every `every` seconds, and at the end."""
+  includes compiling), then at most one every `every` seconds, and at the end. The rate
+  counts from the end of the first chunk."""
 
   def __init__(self, total: int, before: int, todo: int, log: Callable[[str], None],
                every: float = 15.0):
     self.total, self.before, self.todo, self.log, self.every = total, before, todo, log, every
     self.start = self.last = time.time()
-    self.here = 0
+    self.here = self.first = 0
 
   def update(self, examples: int) -> None:
     self.here += examples
-    if self.here == examples or time.time() - self.last >= self.every:
+    if not self.first:
+      self.first, self.start = examples, time.time()
+      self.report()
+    elif time.time() - self.last >= self.every:
       self.report()
 
   def report(self) -> None:
     self.last = time.time()
-    rate = self.here / max(self.last - self.start, 1e-9)
-    eta = (self.todo - self.here) / rate if rate > 0 else 0.0
     done = self.before + self.here
-    self.log(f"{done}/{self.total} examples ({100 * done / self.total:.1f} %), {rate:.2f} "
-             f"examples/s, ETA {time.strftime('%H:%M:%S', time.gmtime(min(eta, 359999)))}")
+    line = f"{done}/{self.total} examples ({100 * done / self.total:.1f} %)"
+    if self.here > self.first:
+      rate = (self.here - self.first) / max(self.last - self.start, 1e-9)
+      eta = time.strftime("%H:%M:%S", time.gmtime(min((self.todo - self.here) / rate, 359999)))
+      line += f", {rate:.1f} examples/s, ETA {eta}"
+    self.log(line)
 
 
 def prepare(args: Args, *, stop_after_chunks: Optional[int] = None,
@@ -367,9 +375,6 @@ def prepare(args: Args, *, stop_after_chunks: Optional[int] = None,
 
   `stop_after_chunks`: return after that many chunks of this process (tests of resume).
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   check_args(args)
   args = dataclasses.replace(args, images=os.path.abspath(args.images),
                              pretrained=os.path.abspath(args.pretrained),
@@ -429,7 +434,7 @@ class _Worker:
     self.progress_file, self.progress = progress_file, progress
     self.record = {k: sorted(v) for k, v in done.items()}
     self.pipe = load_components(args.pretrained)
-    self.encode_latents, self.encode_text = make_encoders(self.pipe, meta)
+    self.encode_latents, self.encode_text = make_encoders(self.pipe, meta["corruption_seed"])
     self.pool = concurrent.futures.ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1)))
 
   def run(self, todo: list[tuple[str, int]]) -> int:
@@ -470,7 +475,6 @@ class _Worker:
 
   def _text(self, texts: list[str]):
     """context [k, 77, D] and pooled [k, Dp] (or None) of k ≤ batch_size texts."""
-    import numpy as np  # pylint: disable=g-import-not-at-top
     ids = [np.asarray(tok(_pad(texts, self.args.batch_size))) for tok in self.pipe.tokenizers]
     context, pooled = self.encode_text(*ids)
     return (np.asarray(context)[:len(texts)],
@@ -492,7 +496,6 @@ class _Worker:
 
   def _latents(self, c: int, loaded: list) -> tuple:
     """Dispatches chunk c's VAE encode + noise (padded to batch_size); writes its time ids."""
-    import numpy as np  # pylint: disable=g-import-not-at-top
     rows, size = self.chunks["latent_chunks"][c], self.args.batch_size
     indices = np.asarray(_pad(list(rows), size), np.int32)
     images = np.stack(_pad([image for image, _, _ in loaded], size))
@@ -503,7 +506,6 @@ class _Worker:
     return c, x_n
 
   def _write_latents(self, c: int, x_n) -> None:
-    import numpy as np  # pylint: disable=g-import-not-at-top
     rows = self.chunks["latent_chunks"][c]
     self.writers["latents"].write(rows.start, np.asarray(x_n)[:len(rows)])
     self._finish("latent_chunks", c)
