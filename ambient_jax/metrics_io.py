@@ -30,21 +30,31 @@ def _flatten(d: Mapping, prefix: str = "") -> dict:
   return out
 
 
+def _config_text(config: Any) -> str:
+  return config.to_json_best_effort(indent=2, sort_keys=True)
+
+
+def config_changes(workdir: str, config: Any) -> list[str]:
+  """'FIELD: OLD -> NEW' for each field of DIR/config.json (the previous start's) that
+  `config` changes or drops (fields new to the schema are not changes); none when there is
+  no readable config.json."""
+  path = storage.resolve(workdir) / "config.json"
+  if not path.exists():
+    return []
+  try:
+    old = _flatten(json.loads(path.read_text()))
+  except json.JSONDecodeError:
+    return []
+  new = _flatten(json.loads(_config_text(config)))
+  return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+          for k in sorted(old) if old[k] != new.get(k)]
+
+
 def write_config_json(workdir: str, config: Any) -> None:
   """Writes DIR/config.json; logs every field that differs from the previous start's."""
-  path = storage.resolve(workdir) / "config.json"
-  text = config.to_json_best_effort(indent=2, sort_keys=True)
-  if path.exists():
-    try:
-      old = _flatten(json.loads(path.read_text()))
-    except json.JSONDecodeError:
-      old = {}
-    new = _flatten(json.loads(text))
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    for k in changed:
-      logging.warning("Config changed since the last start of this workdir: %s: %r -> %r",
-                      k, old.get(k), new.get(k))
-  storage.write_atomic(path, text + "\n")
+  for change in config_changes(workdir, config):
+    logging.warning("Config changed since the last start of this workdir: %s", change)
+  storage.write_atomic(storage.resolve(workdir) / "config.json", _config_text(config) + "\n")
 
 
 def _jsonable(v):

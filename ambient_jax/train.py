@@ -156,6 +156,17 @@ def objective(config: Any, steps_done: int, sigma_n_max: float) -> str:
   return "ambient"
 
 
+class CheckpointMismatchError(cli.UserError, RuntimeError):
+  """The workdir's checkpoint does not fit the config (a changed model, optimizer or EMAs)."""
+
+  def __init__(self, path: str, cause: Exception, changes: Sequence[str]):
+    reason = str(cause).split(". ")[0].strip().rstrip(".")  # Orbax's first sentence
+    changed = f"changed since the run began: {'; '.join(changes)}. " if changes else ""
+    super().__init__(f"checkpoint {path} does not fit this config ({reason}). {changed}"
+                     "Use a new --workdir for a new experiment, or the run's own config.json "
+                     "settings to resume it.")
+
+
 class NonFiniteLossError(cli.Exit, FloatingPointError):
   """The loss became NaN or inf; the message names the step and the last good checkpoint."""
 
@@ -244,6 +255,7 @@ class Trainer:
   def initial_state(self, announce: bool = True) -> ts.TrainState:
     """The newest complete checkpoint of the workdir, laid out on this mesh, or step 0.
     announce: log where it comes from."""
+    from ambient_jax import metrics_io  # pylint: disable=g-import-not-at-top
     step = self.checkpointer.latest_step()
     if step is None:
       logging.info("No checkpoint in %s: starting from step 0.", self.checkpointer.directory)
@@ -251,9 +263,8 @@ class Trainer:
     try:
       state, meta = self.checkpointer.restore(self.abstract_state, step)
     except Exception as e:
-      raise RuntimeError(
-          f"Checkpoint {self.checkpointer.path(step)} does not fit this config (changed model, "
-          f"optimizer or EMAs?). Use a new --workdir for a new experiment. Cause: {e}") from e
+      raise CheckpointMismatchError(self.checkpointer.path(step), e,
+                                    metrics_io.config_changes(self.workdir, self.config)) from e
     if announce:
       logging.info("Resumed from %s (step %d, saved on %s devices).", self.checkpointer.path(step),
                    step, meta.get("num_devices", "?"))

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from ambient_jax import cli, train
+from ambient_jax import cli, metrics_io, train
 from tests.test_train import tiny_config, shared_tfds_dir
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -170,15 +170,22 @@ def test_sigterm_before_the_first_step(tmp_path_factory, tmp_path):
                                "nothing to save; the same command starts again.")
 
 
-def test_a_finished_workdir_is_left_alone(tfds_dir, tmp_path, caplog):
-  """A workdir whose newest checkpoint is the last step: one line, nothing written (no
-  TensorBoard events, config.json or metrics; nothing compiled)."""
-  workdir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def finished_workdir(tfds_dir, tmp_path_factory):
+  """(workdir, config): a run whose checkpoint is at its last step, 2 (saved, not trained)."""
+  workdir = tmp_path_factory.mktemp("finished") / "run"
   config = tiny_config(tfds_dir, num_train_steps=2)
   trainer = train.Trainer(config, str(workdir), devices=jax.devices()[:1])
   state = trainer.initial_state()
   trainer.save(2, state.replace(step=jax.device_put(np.int32(2), state.step.sharding)))
   trainer.close()
+  metrics_io.write_config_json(str(workdir), config)
+  return workdir, config
+
+
+def test_a_finished_workdir_is_left_alone(finished_workdir, caplog):
+  """Run again: one line, nothing written (no TensorBoard events, config.json or metrics)."""
+  workdir, config = finished_workdir
   before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
   time.sleep(0.01)
   with caplog.at_level(logging.INFO):
@@ -187,6 +194,20 @@ def test_a_finished_workdir_is_left_alone(tfds_dir, tmp_path, caplog):
   assert f"{workdir} already finished at step 2 (config.num_train_steps = 2)" in caplog.text
   assert "Resumed from" not in caplog.text
   assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before  # nothing written
+
+
+def test_a_changed_model_names_the_change(finished_workdir):
+  """Resuming with a config the checkpoint does not fit: one line naming the changed field."""
+  workdir, config = finished_workdir
+  config = tiny_config(config.data.tfds_data_dir, num_train_steps=4, **{"model.model_channels": 64})
+  trainer = train.Trainer(config, str(workdir), devices=jax.devices()[:1])
+  with pytest.raises(train.CheckpointMismatchError) as e:
+    trainer.initial_state()
+  trainer.close()
+  message = str(e.value)
+  assert "\n" not in message and isinstance(e.value, cli.UserError)
+  assert f"checkpoint {workdir / 'checkpoints' / '2'} does not fit this config" in message
+  assert "model.model_channels: 32 -> 64; num_train_steps: 2 -> 4" in message
 
 
 @pytest.fixture(scope="module")
