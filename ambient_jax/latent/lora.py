@@ -58,6 +58,8 @@ def lora_param(value: jax.Array, axes: tuple[str, str]) -> LoRAParam:
 
 def linear_layers(model: nnx.Module) -> dict[str, Linear]:
   """Every `layers.Linear` in `model` by its dotted path ("...attn1.to_out.0"), sorted."""
+  if not isinstance(model, nnx.Module):  # e.g. load_unet's (model, config) tuple
+    raise TypeError(f"expected an nnx.Module, got {type(model).__name__}.")
   found = {param_name(path): node for path, node in nnx.iter_graph(model)
            if isinstance(node, Linear)}
   return dict(sorted(found.items()))
