@@ -15,7 +15,7 @@ finished); other arguments on the same --out are an error. With several processe
 (--distributed, or --coordinator_address/--num_processes/--process_id) on a shared file
 system, process k does the chunks c with c % processes == k.
 
-Exit status: 0 done (or stopped at --stop_after_chunks); 2 a mistake on the command line;
+Exit status: 0 finished (now or before); 2 a mistake on the command line;
 1 a missing or unusable folder or file (one line each; --traceback shows the traceback).
 """
 
@@ -408,7 +408,9 @@ def prepare(args: Args, *, stop_after_chunks: Optional[int] = None,
     progress_file = os.path.join(out, "progress.json" if count == 1 else f"progress.{rank}.json")
     todo_examples = sum(len(chunks[kind][c]) for kind, c in todo if kind == "latent_chunks")
     worker = _Worker(args, meta, chunks, _open_writers(out, meta), progress_file, done,
-                     _Progress(meta["num_examples"], before, todo_examples, say))
+                     _Progress(meta["num_examples"], before, todo_examples, say) if count == 1
+                     else _Progress(todo_examples, 0, todo_examples,
+                                    lambda m: say(f"this process's share: {m}")))
     processed = worker.run(todo[:stop_after_chunks])
     if processed < len(todo):
       say(f"stopped after {processed} chunks, as asked; the same command resumes.")

@@ -207,3 +207,33 @@ def test_command_line_mistakes_are_one_line(inputs, tmp_path, change, code, frag
   assert proc.returncode == code, out
   assert out.splitlines() == [f"ambient_jax.prepare_latents: error: {out.split('error: ')[1].strip()}"]
   assert fragment in out and "Traceback" not in out
+
+
+def test_sd_folder_clean_latents(inputs, tmp_path):
+  """An SD-family folder (one text encoder; made from the SDXL one, whose UNet preparation
+  never loads): context = last_hidden_state, the dropped prompt = the encoding of "", no
+  SDXL tables; --sigma_n=0 stores the scaled VAE samples themselves."""
+  images, folder, _ = inputs
+  sd = tmp_path / "sd"
+  shutil.copytree(folder, sd, ignore=shutil.ignore_patterns("*_2"))
+  index = json.loads((sd / "model_index.json").read_text())
+  (sd / "model_index.json").write_text(json.dumps(
+      {**index, "text_encoder_2": [None, None], "tokenizer_2": [None, None]}))
+  out = prepare_latents.prepare(_args(images, sd, tmp_path / "out", t_n=None, sigma_n=0.0,
+                                      max_examples=3), log=lambda m: None)
+  data = ds.open_latent_dataset(out)
+  assert not data.is_sdxl and data.meta["family"] == "sd" and data.meta["uncond"] == "empty prompt"
+  assert sorted(f for f in os.listdir(out) if f.endswith(".npy")) == [
+      "context.npy", "latents.npy", "prompt_index.npy", "sigma_n.npy", "uncond_context.npy"]
+  batch = data.get_batch(np.arange(3))
+  assert set(batch) == {"latent", "sigma_n", "index", "context"} and not batch["sigma_n"].any()
+  components = prepare_latents.load_components(str(sd))
+  encoder, tok = components.text_encoders[0], components.tokenizers[0]
+  texts = data.meta["captions"][:3] + [""]
+  states = np.asarray(encoder(jnp.asarray(tok(texts))).last_hidden_state)
+  np.testing.assert_allclose(batch["context"], states[:3], rtol=2e-3, atol=2e-3)
+  np.testing.assert_allclose(data.uncond()["context"], states[3], rtol=2e-3, atol=2e-3)
+  pixels = ds.load_image(data.image_path(2), RESOLUTION)[0]
+  z0 = components.vae.to_latents(jnp.asarray(pixels, jnp.float32)[None] / 127.5 - 1.0,
+                                 jax.random.fold_in(jax.random.key(SEED ^ 0x5A17), 2))[0]
+  np.testing.assert_allclose(batch["latent"][2], z0, rtol=2e-3, atol=2e-3)
