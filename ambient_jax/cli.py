@@ -200,6 +200,8 @@ def _flag_error_message(error: Exception, argv: Sequence[str]) -> Optional[str]:
     return f"--{name} is required: {flags.FLAGS[name].help}"
   if "Traceback (most recent call last)" in text:  # an exception inside the config file
     return f"{text.split(': Error whilst parsing config file', 1)[0]}: {_last_line(text)}"
+  if text.startswith("--config."):
+    return f"{text} (fields are documented in configs/default.py)"
   return f"{text} (--help lists the flags)"
 
 

@@ -325,9 +325,9 @@ class Trainer:
         sums[k] += float(v)
       count += 1
 
-    logging.info("Training %s from step %d to %d on %d devices (mesh %s), global batch %d.",
-                 self.dataset_name, start, total, self.mesh.size, dict(self.mesh.shape),
-                 config.batch_size)
+    logging.info("Training %s from step %d to %d on %d devices (mesh %s), global batch %d; "
+                 "config in %s.", self.dataset_name, start, total, self.mesh.size,
+                 dict(self.mesh.shape), config.batch_size, self.root / "config.json")
     # SIGTERM: stop after the current step and save; ignored once the last step is done (the
     # run is complete once its final grid and checkpoint are written).
     with checkpoint_lib.SigtermFlag() as sigterm:
