@@ -113,23 +113,10 @@ def _kwargs_of(fn, skip: int) -> set[str]:
   return {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = None) -> None:
-  """Raises ConfigError naming every invalid field. `num_devices` defaults to jax.device_count()."""
-  from ambient_jax import losses  # pylint: disable=g-import-not-at-top
+def _check_pixel_data_and_model(c: "_Checker", config) -> None:
+  """config.data and config.model of a pixel-space run."""
   from ambient_jax.data import registry  # pylint: disable=g-import-not-at-top
   from ambient_jax.models import registry as model_registry  # pylint: disable=g-import-not-at-top
-
-  c = _Checker(config)
-  schema = _schema()
-  if schema is not None:
-    c.unknown_fields(config, schema)
-  if c.errors:  # the rest assumes the fields exist
-    raise ConfigError.of(c.errors)
-
-  c.int_at_least("seed", 0)
-  steps = c.int_at_least("num_train_steps", 1)
-  batch = c.int_at_least("batch_size", 1)
-
   # data
   spec = None
   name = c.get("data.name")
@@ -181,6 +168,49 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
       c.fail("model.label_dim", model_cfg["label_dim"],
              f"must be 0 (unconditional) or the number of classes of {name} ({spec.num_classes})")
 
+
+def _check_latent(c: "_Checker") -> None:
+  """config.latent of a latent fine-tuning run (the folders themselves are checked when
+  the run opens them, with messages naming them)."""
+  c.int_at_least("latent.lora_rank", 0)
+  c.number("latent.lora_alpha", 0.0)
+  targets = c.get("latent.lora_targets")
+  if (isinstance(targets, str) or not all(isinstance(t, str) and t for t in targets)
+      or not len(targets)):
+    c.fail("latent.lora_targets", targets, "must be a non-empty tuple of module names, e.g. "
+           "('to_q', 'to_k', 'to_v', 'to_out.0')")
+  for field in ("latent.param_dtype", "latent.dtype"):
+    c.one_of(field, ("float32", "bfloat16"))
+  c.one_of("latent.timesteps", ("uniform", "lognormal"))
+  c.number("latent.cfg_dropout", 0.0, 1.0, high_open=True)
+  c.number("latent.guidance_scale", 0.0)
+  c.int_at_least("latent.sample_steps", 1)
+  if not c.get("latent.dataset"):
+    c.fail("latent.dataset", c.get("latent.dataset"), "must name a dataset prepared by "
+           "`python -m ambient_jax.prepare_latents` (--config.latent.dataset=DIR)")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = None) -> None:
+  """Raises ConfigError naming every invalid field. `num_devices` defaults to jax.device_count()."""
+  from ambient_jax import losses  # pylint: disable=g-import-not-at-top
+
+  c = _Checker(config)
+  schema = _schema()
+  if schema is not None:
+    c.unknown_fields(config, schema)
+  if c.errors:  # the rest assumes the fields exist
+    raise ConfigError.of(c.errors)
+
+  c.int_at_least("seed", 0)
+  steps = c.int_at_least("num_train_steps", 1)
+  batch = c.int_at_least("batch_size", 1)
+
+  latent = bool(config.get("latent") is not None and config.latent.pretrained)
+  if latent:
+    _check_latent(c)
+  else:
+    _check_pixel_data_and_model(c, config)
+
   # losses
   kind = c.one_of("loss.kind", MODES)
   allowed = _kwargs_of(losses.ambient_loss, 4)
@@ -213,6 +243,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
   c.number("optim.b2", 0.0, 1.0, high_open=True)
   c.number("optim.eps", 0.0, low_open=True)
   c.number("optim.grad_clip", 0.0)
+  c.number("optim.weight_decay", 0.0)
   halflives = tuple(c.get("ema.halflife_kimg"))
   if not halflives or not all(_is_num(h) and h > 0 for h in halflives):
     c.fail("ema.halflife_kimg", halflives, "must be a non-empty tuple of positive numbers "

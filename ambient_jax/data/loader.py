@@ -27,7 +27,9 @@ _ORDER_SALT = 0x0DE7  # data order stream, independent of every other use of the
 
 class GlobalBatchLoader:
   """batch(step) -> {"image": uint8 [B,H,W,C], "index": int32 [B], "sigma_n": f32 [B],
-  "label": int32 [B]} as global jax.Arrays sharded by `sharding` (or host numpy rows)."""
+  "label": int32 [B]} as global jax.Arrays sharded by `sharding` (or host numpy rows).
+  A source with `get_batch(indices) -> dict` (a prepared latent dataset) gives its own
+  fields instead."""
 
   def __init__(self, source: sources.ImageSource, sigma_n: np.ndarray, global_batch: int,
                seed: int, sharding: Optional[NamedSharding] = None,
@@ -64,6 +66,8 @@ class GlobalBatchLoader:
     """This process's rows of batch `step`, as numpy arrays."""
     start, stop = self.rows
     indices = self.global_indices(step)[start:stop]
+    if hasattr(self.source, "get_batch"):  # sources whose examples are several arrays (latents)
+      return self.source.get_batch(indices)
     images, labels = self.source.get(indices)
     return {"image": images, "index": indices.astype(np.int32),
             "sigma_n": self.sigma_n[indices], "label": labels.astype(np.int32)}

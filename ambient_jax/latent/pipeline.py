@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ambient_jax.latent import clip, guidance, prompts, tokenizer, unet, vae
+from ambient_jax.latent import clip, guidance, prompts, tokenizer, unet, vae, weights
 from ambient_jax.latent.schedule import NoiseSchedule
 
 SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
@@ -98,13 +98,6 @@ class LatentPipeline:
     return jnp.clip(self.vae.from_latents(z0).astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
-def _read_json(path: str) -> dict:
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} does not exist.")
-  with open(path) as f:
-    return json.load(f)
-
-
 def load_pretrained(folder: str | os.PathLike, *, param_dtype: Any = None, dtype: Any = None,
                     unet_shardings: Any = None, variant: str | None = None) -> LatentPipeline:
   """Loads a diffusers Stable Diffusion / SDXL folder (`model_index.json` + components).
@@ -114,7 +107,7 @@ def load_pretrained(folder: str | os.PathLike, *, param_dtype: Any = None, dtype
   force_upcast. `unet_shardings`: see `weights.load_params` (e.g. FSDP over a mesh).
   """
   folder = os.fspath(folder)
-  index = _read_json(os.path.join(folder, "model_index.json"))
+  index = weights.read_json(os.path.join(folder, "model_index.json"))
   sdxl = "text_encoder_2" in index and index["text_encoder_2"] and index["text_encoder_2"][0]
   names = SDXL_COMPONENTS if sdxl else tuple(n for n in SDXL_COMPONENTS if not n.endswith("_2"))
   missing = [n for n in names if not os.path.isdir(os.path.join(folder, n))]
@@ -131,7 +124,7 @@ def load_pretrained(folder: str | os.PathLike, *, param_dtype: Any = None, dtype
     module, configs[name] = clip.load_text_encoder(path(name), dtype=param_dtype, variant=variant)
     encoders.append(module)
   tokenizers = tuple(tokenizer.load_tokenizer(path(n)) for n in names if n.startswith("tokenizer"))
-  configs["scheduler"] = _read_json(os.path.join(path("scheduler"), "scheduler_config.json"))
+  configs["scheduler"] = weights.read_json(os.path.join(path("scheduler"), "scheduler_config.json"))
   return LatentPipeline(unet_module, vae_module, tuple(encoders), tokenizers,
                         NoiseSchedule.from_config(configs["scheduler"]), configs)
 

@@ -85,6 +85,14 @@ def open_checkpoint(folder: str | os.PathLike, variant: str | None = None) -> Ch
       f"; found {present}).{hint}")
 
 
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+  """A JSON file as a dict; a missing file is a FileNotFoundError naming it."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{os.fspath(path)} does not exist.")
+  with open(path) as f:
+    return json.load(f)
+
+
 def read_config(folder: str | os.PathLike) -> dict[str, Any]:
   """The component's `config.json` as a dict, with a clear error when it is missing."""
   path = os.path.join(os.fspath(folder), "config.json")

@@ -1,0 +1,226 @@
+"""Latent fine-tuning of a pretrained SD / SDXL UNet from noisy latents: the Trainer's task.
+
+The paper's experiment (METHOD.md §4, §10). Per step, on a prepared dataset of noisy
+latents x_n = √(1 − σ_n²) z0 + σ_n ε (VP, fixed per example):
+  loss.kind="ambient": losses.ambient_loss_vp with the ε-UNet, t uniform over the DDPM
+      steps above t_n (latent.timesteps="uniform", the paper's) or the truncated lognormal,
+      plain MSE on x̂_n; + λ_c · consistency_loss below σ_n through the VE wrapper D(x, σ).
+  loss.kind="naive": losses.ddpm_loss on x_n as if clean (the naive baseline; on a clean
+      dataset, t_n = 0, this is ordinary fine-tuning: the clean baseline).
+Trainable: LoRA adapters (latent.lora_rank > 0; only they are in the optimizer, EMAs and
+checkpoints) or the whole UNet (lora_rank = 0). The frozen base weights are loaded from the
+diffusers folder on every start, in latent.param_dtype, FSDP-sharded like the state, and
+passed to the step as a non-donated argument. Prompt embeddings come precomputed with
+the dataset; latent.cfg_dropout replaces a prompt by the unconditional one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from ambient_jax import cli, losses, precond
+from ambient_jax import sharding as sharding_lib
+from ambient_jax import train as train_lib
+from ambient_jax import train_state as ts
+from ambient_jax.data.loader import GlobalBatchLoader
+from ambient_jax.latent import dataset as dataset_lib
+from ambient_jax.latent import guidance, lora, unet, weights
+from ambient_jax.latent.schedule import NoiseSchedule, ve_denoiser
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_LORA_SALT, _DROP_SALT = 0x10AA, 0xC0FD
+COND_KEYS = ("context", "text_embeds", "time_ids")
+
+
+class PretrainedError(cli.UserError, ValueError):
+  """The pretrained folder is missing or not a model this config can fine-tune."""
+
+
+def check_pretrained(folder: str) -> dict:
+  """The folder's model_index.json, after checking it is a diffusers SD / SDXL folder with
+  a unet/ and a scheduler/ (one clear error otherwise, before anything compiles)."""
+  index_path = os.path.join(folder, "model_index.json")
+  if not os.path.isfile(index_path):
+    raise PretrainedError(f"config.latent.pretrained = {folder!r} is not a diffusers folder "
+                          "(no model_index.json); point it at e.g. a local copy of "
+                          "stabilityai/stable-diffusion-xl-base-1.0.")
+  index = weights.read_json(index_path)
+  name = index.get("_class_name", "")
+  if name not in ("StableDiffusionXLPipeline", "StableDiffusionPipeline"):
+    raise PretrainedError(f"{index_path}: _class_name {name!r} is not supported (SD 1.x/2.x or "
+                          "SDXL: StableDiffusionPipeline / StableDiffusionXLPipeline).")
+  for part in ("unet", "scheduler"):
+    if not os.path.isdir(os.path.join(folder, part)):
+      raise PretrainedError(f"{folder}: no {part}/ folder.")
+  return index
+
+
+def _expand_cond(cond: guidance.Conditioning, batch: int) -> guidance.Conditioning:
+  """Tiles per-example conditioning [b, ...] to a batch of k·b (the consistency loss runs
+  several chains as one batch)."""
+  reps = batch // cond.context.shape[0]
+  if reps == 1:
+    return cond
+  return jax.tree.map(lambda a: jnp.concatenate([a] * reps, axis=0), cond)
+
+
+class LatentTask:
+  """Data, state, step and grids of a latent fine-tuning run (see the module docstring)."""
+
+  def __init__(self, config: Any, mesh: jax.sharding.Mesh):
+    self.config, self.mesh = config, mesh
+    lc = config.latent
+    self.pretrained = os.path.abspath(lc.pretrained)
+    self.index = check_pretrained(self.pretrained)
+    self.dataset = dataset_lib.open_latent_dataset(lc.dataset)
+    self.name = os.path.basename(os.path.normpath(self.dataset.path))
+    self.sigma_n_max = float(np.max(self.dataset.sigma_n, initial=0.0))
+    self.schedule = NoiseSchedule.from_config(weights.read_json(
+        os.path.join(self.pretrained, "scheduler", "scheduler_config.json")))
+    self.loader = GlobalBatchLoader(self.dataset, self.dataset.sigma_n, config.batch_size,
+                                    config.seed, sharding_lib.batch_sharding(mesh))
+    self.uncond = {k: jnp.asarray(v) for k, v in self.dataset.uncond().items()}
+    self._build_model()
+    self._grid = None
+
+  # ----------------------------------------------------------------------------- model
+
+  def _build_model(self) -> None:
+    """Loads the base UNet (sharded straight from the file), attaches LoRA, splits the
+    trainable tree from the frozen one."""
+    lc, config = self.config.latent, self.config
+    param_dtype = DTYPES[lc.param_dtype]
+    min_size = int(config.mesh.get("fsdp_min_size", sharding_lib.FSDP_MIN_SIZE))
+    shard = lambda state: sharding_lib.param_sharding(self.mesh, state, min_size=min_size)
+    model, self.unet_config = unet.load_unet(
+        os.path.join(self.pretrained, "unet"), param_dtype=param_dtype,
+        dtype=DTYPES[lc.dtype], shardings=shard)
+    self._check_dataset_fits()
+    if lc.lora_rank > 0:
+      alpha = float(lc.lora_alpha) or None
+      layers, count = lora.add_lora(model, rank=int(lc.lora_rank), alpha=alpha,
+                                    targets=tuple(lc.lora_targets),
+                                    key=jax.random.fold_in(jax.random.key(config.seed), _LORA_SALT))
+      logging.info("LoRA r=%d on %d layers: %d trainable parameters (base UNet frozen, %s).",
+                   lc.lora_rank, layers, count, lc.param_dtype)
+      self.graphdef, trainable, frozen = nnx.split(model, lora.LoRAParam, ...)
+    else:
+      self.graphdef, trainable, frozen = nnx.split(model, nnx.Param, ...)
+      trainable = jax.tree.map(lambda a: a.astype(jnp.float32), trainable)
+    self.trainable_init = nnx.to_pure_dict(trainable)
+    self.frozen = nnx.to_pure_dict(frozen)
+
+  def _check_dataset_fits(self) -> None:
+    shape, cfg = self.dataset.latent_shape, self.unet_config
+    if shape[-1] != cfg.get("in_channels", 4):
+      raise PretrainedError(f"{self.dataset.path}: latents have {shape[-1]} channels, the UNet "
+                            f"of {self.pretrained} takes {cfg.get('in_channels', 4)}.")
+    sdxl = cfg.get("addition_embed_type") == "text_time"
+    if sdxl != self.dataset.is_sdxl:
+      raise PretrainedError(f"{self.dataset.path} was prepared for a "
+                            f"{'SDXL' if self.dataset.is_sdxl else 'SD'} model; {self.pretrained}'s "
+                            f"UNet is {'SDXL' if sdxl else 'SD'}.")
+
+  def unet(self, params: Any, frozen: Any) -> unet.UNet2DConditionModel:
+    """The UNet with `params` (trainable tree) over the frozen weights."""
+    return nnx.merge(self.graphdef, params, frozen, copy=True)
+
+  # ----------------------------------------------------------------------------- task API
+
+  def init(self, tx: optax.GradientTransformation):
+    num_emas = len(tuple(self.config.ema.halflife_kimg))
+    return (lambda params: ts.state_from_params(params, tx, num_emas)), (self.trainable_init,)
+
+  def make_step(self, tx: optax.GradientTransformation, state_shardings: Any):
+    return make_latent_step(self, tx, state_shardings)
+
+  def write_grid(self, done: int, params: Any, writer: Any, objective_name: str,
+                 params_sharding: Any, workdir: str) -> None:
+    from ambient_jax.latent import sample_grid  # pylint: disable=g-import-not-at-top
+    if self._grid is None:
+      self._grid = sample_grid.LatentSampleGrid(self, workdir)
+    self._grid.write(done, params, writer, objective_name)
+
+
+def make_latent_step(task: LatentTask, tx: optax.GradientTransformation, state_shardings: Any):
+  """The pure step (state, batch, consistency, frozen) -> (state, metrics)."""
+  config = task.config
+  lc = config.latent
+  naive = config.loss.kind == "naive"
+  cons_weight = float(config.consistency.weight)
+  cons_kwargs = config.consistency.kwargs.to_dict()
+  stride = int(round(1.0 / config.consistency.batch_fraction)) if cons_weight > 0 else 0
+  halflives = tuple(float(h) for h in config.ema.halflife_kimg)
+  schedule_lr = ts.learning_rate_schedule(config.optim)
+  seed, batch_size = int(config.seed), int(config.batch_size)
+  vp_sigmas = jnp.asarray(task.schedule.vp_sigmas)
+  sigma_schedule = vp_sigmas if lc.timesteps == "uniform" else None
+  cfg_dropout = float(lc.cfg_dropout)
+  gather_params = sharding_lib.gather_for_use(state_shardings.params)
+  frozen_shardings = jax.tree.map(lambda a: a.sharding, task.frozen)
+  gather_frozen = sharding_lib.gather_for_use(frozen_shardings)
+  sched = task.schedule
+
+  def conditioning(batch: dict, key: jax.Array) -> guidance.Conditioning:
+    cond = guidance.Conditioning(*(batch.get(k) for k in COND_KEYS))
+    if cfg_dropout <= 0:
+      return cond
+    drop = jax.random.uniform(key, (cond.context.shape[0],)) < cfg_dropout
+    mix = lambda c, u: jnp.where(drop.reshape((-1,) + (1,) * (c.ndim - 1)), u[None], c)
+    context = mix(cond.context, task.uncond["context"])
+    pooled = (cond.text_embeds if cond.text_embeds is None
+              else mix(cond.text_embeds, task.uncond["text_embeds"]))
+    return guidance.Conditioning(context, pooled, cond.time_ids)
+
+  def train_step(state: ts.TrainState, batch: dict, consistency: bool = False, frozen: Any = None):
+    train_step.num_traces += 1
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), train_lib._STEP_SALT),
+                             state.step)
+    k_loss, k_cons, k_drop = jax.random.split(key, 3)
+    x_n, sigma_n = batch["latent"], batch["sigma_n"]
+    cond = conditioning(batch, jax.random.fold_in(k_drop, _DROP_SALT))
+
+    def loss_fn(params):
+      model = task.unet(gather_params(params), gather_frozen(frozen))
+      model_fn = lambda x_t, t: _expand_cond(cond, x_t.shape[0]).apply(model, x_t, t)
+      # ε̂(x_t, σ_t) for the VP losses: σ_t -> VE σ -> the (fractional) training step.
+      eps_fn = lambda x_t, sigma_t: model_fn(x_t, sched.timestep(precond.vp_to_ve_sigma(sigma_t)))
+      if naive:
+        per_example, _ = losses.ddpm_loss(eps_fn, x_n, k_loss, vp_sigmas)
+      else:
+        per_example, _ = losses.ambient_loss_vp(eps_fn, x_n, sigma_n, k_loss, prediction="eps",
+                                                sigma_schedule=sigma_schedule)
+      main = jnp.mean(per_example)
+      metrics = {"ambient_loss": main}
+      total = main
+      cons = jnp.zeros((), jnp.float32)
+      if cons_weight > 0 and consistency:
+        # VE view of the data: x_n / √(1 − σ_n²) = z0 + σ_n^VE ε.
+        sub_cond = jax.tree.map(lambda a: a[::stride], cond)
+        sub_fn = lambda x_t, t: _expand_cond(sub_cond, x_t.shape[0]).apply(model, x_t, t)
+        denoise = ve_denoiser(sub_fn, sched)
+        x_sub, s_sub = x_n[::stride], sigma_n[::stride]
+        x_ve = x_sub / precond.expand(precond.vp_scale(s_sub), x_sub)
+        loss_c, _ = losses.consistency_loss(denoise, x_ve, precond.vp_to_ve_sigma(s_sub), k_cons,
+                                            **cons_kwargs)
+        cons = jnp.mean(loss_c)
+        total = total + cons_weight * cons
+      metrics.update(consistency_loss=cons, loss=total,
+                     consistency_weight=jnp.asarray(cons_weight if consistency else 0.0))
+      return total, metrics
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return train_lib.apply_gradients(state, grads, metrics, tx, batch_size, halflives,
+                                     float(config.ema.rampup_ratio), schedule_lr)
+
+  del frozen_shardings
+  train_step.num_traces = 0
+  return train_step
