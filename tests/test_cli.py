@@ -115,6 +115,12 @@ def test_evaluate_mistake_is_one_line(case, paths):
   _one_line(_run(EVALUATE, *_fill(args, paths)), EVALUATE, code, *_fill(fragments, paths))
 
 
+def test_inception_converter_mistake_is_one_line(paths):
+  module = "ambient_jax.metrics.inception"
+  _one_line(_run(module, f"--convert={paths['W']}.pth"), module, 1,
+            f"--convert={paths['W']}.pth: no such file", "pt_inception-2015-12-05-6726825d.pth")
+
+
 def test_traceback_on_request(paths):
   """--traceback, or AMBIENT_JAX_TRACEBACK=1, shows where a mistake was found."""
   proc = _run(MAIN, DEFAULT, f"--workdir={paths['W']}", "--config.batchsize=8", "--traceback")

@@ -384,10 +384,22 @@ def convert_file(pth_path: str, out_path: str) -> dict[str, np.ndarray]:
   return weights
 
 
-if __name__ == "__main__":
-  import argparse
-  parser = argparse.ArgumentParser(description="Convert pytorch-fid Inception weights to .npz")
+def _convert_main() -> None:
+  """`python -m ambient_jax.metrics.inception --convert PTH [--out NPZ]`; a mistake is one line."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(prog="ambient_jax.metrics.inception",
+                                   description="Convert pytorch-fid Inception weights to .npz")
   parser.add_argument("--convert", required=True, help=f"path to {FID_WEIGHTS_FILENAME}")
   parser.add_argument("--out", default="fid_inception_v3.npz")
   args = parser.parse_args()
-  convert_file(args.convert, args.out)
+  if not os.path.isfile(args.convert):
+    parser.exit(cli.EXIT_ERROR, f"{parser.prog}: error: --convert={args.convert}: no such file "
+                f"(bring {FID_WEIGHTS_FILENAME} from {FID_WEIGHTS_URL}).\n")
+  try:
+    convert_file(args.convert, args.out)
+  except ImportError as e:  # torch is needed here, and only here
+    parser.exit(cli.EXIT_ERROR, f"{parser.prog}: error: {e}\n")
+
+
+if __name__ == "__main__":
+  _convert_main()
