@@ -202,10 +202,24 @@ class Placeholder(nnx.Module):
     return x
 
 
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU, torch's default."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  """OpenAI CLIP's x · sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+# Module-level functions, not lambdas: a module stores its activation, and NNX puts it in
+# the GraphDef, so two builds of one config must hold the same function object (equal
+# GraphDefs hit the same jit cache entries).
+ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu, "gelu": gelu, "quick_gelu": quick_gelu}
+
+
 def activation(name: str):
   """The activation functions that diffusers / transformers configs name."""
-  table = {"silu": jax.nn.silu, "swish": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, False),
-           "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x)}
-  if name not in table:
-    raise ValueError(f"activation {name!r} is not supported; expected one of {sorted(table)}.")
-  return table[name]
+  if name not in ACTIVATIONS:
+    raise ValueError(f"activation {name!r} is not supported; expected one of {sorted(ACTIVATIONS)}.")
+  return ACTIVATIONS[name]

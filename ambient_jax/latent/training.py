@@ -140,7 +140,8 @@ class LatentTask:
     return (lambda params: ts.state_from_params(params, tx, num_emas)), (self.trainable_init,)
 
   def make_step(self, tx: optax.GradientTransformation, state_shardings: Any):
-    return make_latent_step(self, tx, state_shardings)
+    return make_latent_step(self.config, self.graphdef, self.schedule, self.uncond, tx,
+                            state_shardings, jax.tree.map(lambda a: a.sharding, self.frozen))
 
   def write_grid(self, done: int, params: Any, writer: Any, objective_name: str,
                  params_sharding: Any, workdir: str) -> None:
@@ -150,9 +151,17 @@ class LatentTask:
     self._grid.write(done, params, writer, objective_name)
 
 
-def make_latent_step(task: LatentTask, tx: optax.GradientTransformation, state_shardings: Any):
-  """The pure step (state, batch, consistency, frozen) -> (state, metrics)."""
-  config = task.config
+def make_latent_step(config: Any, graphdef: Any, schedule: NoiseSchedule, uncond: dict,
+                     tx: optax.GradientTransformation, state_shardings: Any,
+                     frozen_shardings: Any):
+  """The pure step (state, batch, consistency, frozen) -> (state, metrics).
+
+  graphdef: the UNet's (with LoRA slots when adapters train), split as
+  `nnx.split(model, trainable_filter, ...)`; uncond: the dropped prompt ("context" [77, D],
+  SDXL "text_embeds" [Dp]); frozen_shardings: where the frozen weights live (FSDP: they
+  are all-gathered right before use). Needs no weights: `benchmarks/sdxl_memory.py`
+  compiles it for the real SDXL from shapes alone.
+  """
   lc = config.latent
   naive = config.loss.kind == "naive"
   cons_weight = float(config.consistency.weight)
@@ -161,13 +170,13 @@ def make_latent_step(task: LatentTask, tx: optax.GradientTransformation, state_s
   halflives = tuple(float(h) for h in config.ema.halflife_kimg)
   schedule_lr = ts.learning_rate_schedule(config.optim)
   seed, batch_size = int(config.seed), int(config.batch_size)
-  vp_sigmas = jnp.asarray(task.schedule.vp_sigmas)
+  vp_sigmas = jnp.asarray(schedule.vp_sigmas)
   sigma_schedule = vp_sigmas if lc.timesteps == "uniform" else None
   cfg_dropout = float(lc.cfg_dropout)
   gather_params = sharding_lib.gather_for_use(state_shardings.params)
-  frozen_shardings = jax.tree.map(lambda a: a.sharding, task.frozen)
   gather_frozen = sharding_lib.gather_for_use(frozen_shardings)
-  sched = task.schedule
+  sched = schedule
+  merge = lambda params, frozen: nnx.merge(graphdef, params, frozen, copy=True)
 
   def conditioning(batch: dict, key: jax.Array) -> guidance.Conditioning:
     cond = guidance.Conditioning(*(batch.get(k) for k in COND_KEYS))
@@ -175,9 +184,9 @@ def make_latent_step(task: LatentTask, tx: optax.GradientTransformation, state_s
       return cond
     drop = jax.random.uniform(key, (cond.context.shape[0],)) < cfg_dropout
     mix = lambda c, u: jnp.where(drop.reshape((-1,) + (1,) * (c.ndim - 1)), u[None], c)
-    context = mix(cond.context, task.uncond["context"])
+    context = mix(cond.context, uncond["context"])
     pooled = (cond.text_embeds if cond.text_embeds is None
-              else mix(cond.text_embeds, task.uncond["text_embeds"]))
+              else mix(cond.text_embeds, uncond["text_embeds"]))
     return guidance.Conditioning(context, pooled, cond.time_ids)
 
   def train_step(state: ts.TrainState, batch: dict, consistency: bool = False, frozen: Any = None):
@@ -189,7 +198,7 @@ def make_latent_step(task: LatentTask, tx: optax.GradientTransformation, state_s
     cond = conditioning(batch, jax.random.fold_in(k_drop, _DROP_SALT))
 
     def loss_fn(params):
-      model = task.unet(gather_params(params), gather_frozen(frozen))
+      model = merge(gather_params(params), gather_frozen(frozen))
       model_fn = lambda x_t, t: _expand_cond(cond, x_t.shape[0]).apply(model, x_t, t)
       # ε̂(x_t, σ_t) for the VP losses: σ_t -> VE σ -> the (fractional) training step.
       eps_fn = lambda x_t, sigma_t: model_fn(x_t, sched.timestep(precond.vp_to_ve_sigma(sigma_t)))
@@ -221,6 +230,5 @@ def make_latent_step(task: LatentTask, tx: optax.GradientTransformation, state_s
     return train_lib.apply_gradients(state, grads, metrics, tx, batch_size, halflives,
                                      float(config.ema.rampup_ratio), schedule_lr)
 
-  del frozen_shardings
   train_step.num_traces = 0
   return train_step

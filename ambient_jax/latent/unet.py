@@ -124,6 +124,16 @@ class Transformer2DModel(nnx.Module):
     return self.proj_out(tokens.reshape(b, h, w, c)) + x.astype(tokens.dtype)
 
 
+def transformers(count: int, channels: int, heads: int, depth: int, cross_attention_dim: int,
+                 cfg: dict, **kw) -> nnx.List:
+  """`count` Transformer2DModels of `depth` blocks each, as a block's `attentions` list."""
+  return nnx.List([Transformer2DModel(channels, heads, depth, cross_attention_dim,
+                                      norm_num_groups=cfg["norm_num_groups"],
+                                      use_linear_projection=cfg["use_linear_projection"],
+                                      upcast_attention=cfg["upcast_attention"], **kw)
+                   for _ in range(count)])
+
+
 class DownBlock(nnx.Module):
   """DownBlock2D / CrossAttnDownBlock2D: resnets (+ transformers) then an optional stride-2 conv.
 
@@ -137,12 +147,8 @@ class DownBlock(nnx.Module):
     rkw = dict(temb_channels=temb_channels, groups=cfg["norm_num_groups"], eps=cfg["norm_eps"], **kw)
     self.resnets = nnx.List([ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels,
                                            **rkw) for i in range(num_layers)])
-    self.attentions = nnx.data(nnx.List([
-        Transformer2DModel(out_channels, heads, transformer_layers, cross_attention_dim,
-                           norm_num_groups=cfg["norm_num_groups"],
-                           use_linear_projection=cfg["use_linear_projection"],
-                           upcast_attention=cfg["upcast_attention"], **kw)
-        for _ in range(num_layers)]) if attention else None)
+    self.attentions = nnx.data(transformers(num_layers, out_channels, heads, transformer_layers,
+                                            cross_attention_dim, cfg, **kw) if attention else None)
     self.downsamplers = nnx.data(nnx.List([Downsample2D(
         out_channels, padding=cfg["downsample_padding"], **kw)]) if add_downsample else None)
 
@@ -173,12 +179,8 @@ class UpBlock(nnx.Module):
       resnet_in = prev_output_channels if i == 0 else out_channels
       resnets.append(ResnetBlock2D(resnet_in + skip_channels, out_channels, **rkw))
     self.resnets = nnx.List(resnets)
-    self.attentions = nnx.data(nnx.List([
-        Transformer2DModel(out_channels, heads, transformer_layers, cross_attention_dim,
-                           norm_num_groups=cfg["norm_num_groups"],
-                           use_linear_projection=cfg["use_linear_projection"],
-                           upcast_attention=cfg["upcast_attention"], **kw)
-        for _ in range(num_layers)]) if attention else None)
+    self.attentions = nnx.data(transformers(num_layers, out_channels, heads, transformer_layers,
+                                            cross_attention_dim, cfg, **kw) if attention else None)
     self.upsamplers = nnx.data(nnx.List([Upsample2D(out_channels, **kw)]) if add_upsample else None)
 
   def __call__(self, x, skips, temb, context):
@@ -198,10 +200,8 @@ class MidBlock(nnx.Module):
                transformer_layers: int, cross_attention_dim: int, **kw):
     rkw = dict(temb_channels=temb_channels, groups=cfg["norm_num_groups"], eps=cfg["norm_eps"],
                output_scale_factor=float(cfg["mid_block_scale_factor"]), **kw)
-    self.attentions = nnx.List([Transformer2DModel(
-        channels, heads, transformer_layers, cross_attention_dim,
-        norm_num_groups=cfg["norm_num_groups"], use_linear_projection=cfg["use_linear_projection"],
-        upcast_attention=cfg["upcast_attention"], **kw)])
+    self.attentions = transformers(1, channels, heads, transformer_layers, cross_attention_dim,
+                                   cfg, **kw)
     self.resnets = nnx.List([ResnetBlock2D(channels, channels, **rkw) for _ in range(2)])
 
   def __call__(self, x, temb, context):
