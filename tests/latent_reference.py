@@ -131,3 +131,38 @@ def save_tiny_sdxl_pipeline(root):
       scheduler=diffusers.EulerDiscreteScheduler.from_config(configs.bundled_config("sdxl", "scheduler")))
   pipe.save_pretrained(root / "sdxl")
   return pipe, str(root / "sdxl")
+
+
+def prepare_tiny_sdxl_dataset(root, t_n: int = 500, num_images: int = 8):
+  """(tiny SDXL folder, noisy-latent dataset at `t_n`) of `num_images` captioned 32×32 RGB
+  images (seeded noise around grey; captions "image number {i % 3}"), made under `root`
+  by `save_tiny_sdxl_pipeline` and `prepare_latents`. Returns both paths as str."""
+  import pathlib
+  from PIL import Image
+  from ambient_jax import prepare_latents
+  root = pathlib.Path(root)
+  images = root / "images"
+  images.mkdir()
+  rng = np.random.default_rng(0)
+  lines = []
+  for i in range(num_images):
+    pixels = np.clip(rng.normal(128, 60, (32, 32, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(images / f"{i}.png")
+    lines.append(f'{{"file_name": "{i}.png", "text": "image number {i % 3}"}}\n')
+  (images / "metadata.jsonl").write_text("".join(lines))
+  _, folder = save_tiny_sdxl_pipeline(root / "model")
+  out = prepare_latents.prepare(prepare_latents.Args(
+      images=str(images), pretrained=folder, out=str(root / "latents"), resolution=32, t_n=t_n,
+      batch_size=4), log=lambda m: None)
+  return folder, out
+
+
+def sdxl_config(arg: str = "smoke"):
+  """configs/sdxl.py's get_config(arg) (the configs folder is not a package)."""
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parent.parent / "configs" / "sdxl.py"
+  spec = importlib.util.spec_from_file_location("sdxl_cfg", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)

@@ -5,47 +5,20 @@ LoRA adapters alone train (optimizer, EMAs and checkpoints hold only them); resu
 bit-exact; the step traces once per consistency phase; a grid PNG is written.
 """
 
-import importlib.util
-import pathlib
-
 import jax
 import numpy as np
 import pytest
 from flax import nnx
-from PIL import Image
 
-from ambient_jax import prepare_latents, train
+from ambient_jax import train
 from ambient_jax.latent import lora
-from tests.latent_reference import save_tiny_sdxl_pipeline
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def sdxl_config(arg="smoke"):
-  spec = importlib.util.spec_from_file_location("sdxl_cfg", ROOT / "configs" / "sdxl.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+from tests.latent_reference import prepare_tiny_sdxl_dataset, sdxl_config
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
   """(pretrained folder, noisy-latent dataset at t_n = 500) of 8 tiny captioned images."""
-  root = tmp_path_factory.mktemp("latent_train")
-  images = root / "images"
-  images.mkdir()
-  rng = np.random.default_rng(0)
-  lines = []
-  for i in range(8):
-    pixels = np.clip(rng.normal(128, 60, (32, 32, 3)), 0, 255).astype(np.uint8)
-    Image.fromarray(pixels).save(images / f"{i}.png")
-    lines.append(f'{{"file_name": "{i}.png", "text": "image number {i % 3}"}}\n')
-  (images / "metadata.jsonl").write_text("".join(lines))
-  _, folder = save_tiny_sdxl_pipeline(root / "model")
-  out = prepare_latents.prepare(prepare_latents.Args(
-      images=str(images), pretrained=folder, out=str(root / "latents"), resolution=32, t_n=500,
-      batch_size=4), log=lambda m: None)
-  return folder, out
+  return prepare_tiny_sdxl_dataset(tmp_path_factory.mktemp("latent_train"))
 
 
 def _config(prepared, **changes):

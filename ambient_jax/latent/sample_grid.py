@@ -30,6 +30,37 @@ def truncated_sigmas(full: np.ndarray, sigma_stop: float) -> np.ndarray:
   return np.concatenate([above, [sigma_stop]]).astype(np.float32)
 
 
+def batch_conditioning(batch: dict, uncond: dict) -> tuple[guidance.Conditioning,
+                                                          guidance.Conditioning]:
+  """(prompts, dropped prompts) of a dataset batch: its context [B, 77, D] (SDXL also
+  text_embeds [B, Dp], time_ids [B, 6]) and the dataset's unconditional prompt `uncond`
+  broadcast to the same shapes (the time ids are the example's own in both)."""
+  cond = guidance.Conditioning(*(jnp.asarray(batch[k]) if k in batch else None
+                                 for k in ("context", "text_embeds", "time_ids")))
+  return cond, guidance.Conditioning(
+      jnp.broadcast_to(uncond["context"], cond.context.shape),
+      None if cond.text_embeds is None else jnp.broadcast_to(uncond["text_embeds"],
+                                                             cond.text_embeds.shape),
+      cond.time_ids)
+
+
+def guided_sample(model: Any, schedule: Any, cond: guidance.Conditioning,
+                  uncond: guidance.Conditioning, guidance_scale: float, latents: jax.Array,
+                  sigmas: np.ndarray, sigma_stop: float = 0.0) -> jax.Array:
+  """Guided Euler sampling: latents [B, h, w, C] ~ N(0, I) -> x0 latents [B, h, w, C].
+
+  sigmas: diffusers' VE σ list ending at 0 (`schedule.inference_sigmas`); the latents are
+  scaled by its `init_noise_sigma`. sigma_stop > 0: the steps down to σ_stop
+  (`truncated_sigmas`), then one Tweedie step D(x, σ_stop) (METHOD.md §6).
+  """
+  denoise = ve_denoiser(guidance.guided_model_fn(model, cond, uncond, guidance_scale), schedule)
+  x = latents * np.float32(schedule.init_noise_sigma(sigmas))
+  if sigma_stop <= 0:
+    return sampling.euler_sampler(denoise, x, sigmas)
+  x_stop = sampling.euler_sampler(denoise, x, truncated_sigmas(sigmas, sigma_stop))
+  return denoise(x_stop, jnp.full((x.shape[0],), sigma_stop, jnp.float32))
+
+
 class LatentSampleGrid:
   """Jitted guided sampler for a LatentTask's trainable tree + the VAE decoder."""
 
@@ -40,13 +71,7 @@ class LatentSampleGrid:
     n = self.num_images = min(int(config.sample.num_images), task.dataset.num_examples)
     idx = (np.arange(n) * task.dataset.num_examples) // n
     batch = task.dataset.get_batch(idx)
-    cond = guidance.Conditioning(*(jnp.asarray(batch[k]) if k in batch else None
-                                   for k in ("context", "text_embeds", "time_ids")))
-    unc = task.uncond
-    uncond = guidance.Conditioning(
-        jnp.broadcast_to(unc["context"], cond.context.shape),
-        None if cond.text_embeds is None else jnp.broadcast_to(unc["text_embeds"], cond.text_embeds.shape),
-        cond.time_ids)
+    cond, uncond = batch_conditioning(batch, task.uncond)
     self.vae, _ = vae_lib.load_vae(os.path.join(task.pretrained, "vae"))
     self.noisy_latents = jnp.asarray(batch["latent"])
     vp = float(np.max(task.dataset.sigma_n, initial=0.0))
@@ -56,19 +81,13 @@ class LatentSampleGrid:
     latents = sampling.latents_from_keys(keys, shape)
     sched = task.schedule
     full_sigmas = sched.inference_sigmas(int(config.latent.sample_steps))
-    scale = np.float32(sched.init_noise_sigma(full_sigmas))
     g = float(config.latent.guidance_scale)
 
     def sample(params, frozen):
-      model = task.unet(params, frozen)
-      denoise = ve_denoiser(guidance.guided_model_fn(model, cond, uncond, g), sched)
-      x = latents * scale
-      full = sampling.euler_sampler(denoise, x, full_sigmas)
-      if self.sigma_stop <= 0:
-        return full, full
-      cut = truncated_sigmas(full_sigmas, self.sigma_stop)
-      x_stop = sampling.euler_sampler(denoise, x, cut)
-      return full, denoise(x_stop, jnp.full((n,), self.sigma_stop))
+      run = lambda stop: guided_sample(task.unet(params, frozen), sched, cond, uncond, g,
+                                       latents, full_sigmas, stop)
+      full = run(0.0)
+      return full, (run(self.sigma_stop) if self.sigma_stop > 0 else full)
 
     self._sample = jax.jit(sample)
     self._decode = jax.jit(lambda z: self.vae.from_latents(z))

@@ -114,6 +114,68 @@ class AttackResult:
   attacked: np.ndarray                 # indices into the training set
 
 
+def reconstruct(denoise_fn, images, *, sigma: float, key: jax.Array, num_attacked: Optional[int] = None,
+                posterior_steps: int = 32, batch_size: int = 128,
+                methods=("mmse", "posterior"), shared: tuple = (), per_image: tuple = (),
+                sigma_to: float = 0.002, log=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """The attack's reconstructions of the first `num_attacked` images (all by default).
+
+  images [N, ...] (VE space: pixels in [-1, 1], or a latent model's VE view of latents)
+  are noised to x = x0 + σ z (z from fold_in(key', i) for image i) and reconstructed by
+  one-step MMSE D(x, σ) and by `sampling.ancestral_sampler` from σ down to `sigma_to`.
+  denoise_fn(x [B, ...], σ [B], *shared, *per_image_batch) -> x0_hat, jitted here:
+  `shared` (e.g. parameters) and `per_image` (pytrees of [N, ...] arrays, e.g. each
+  image's prompt embeddings, sliced to the batch) are passed as arguments, not baked in.
+  Returns (attacked indices [n], {"noisy_input", *methods: [n, ...]}).
+  """
+  images = np.asarray(images, np.float32)
+  n = len(images) if num_attacked is None else min(num_attacked, len(images))
+  attacked = np.arange(n)
+  k_noise, k_post = jax.random.split(key)
+
+  @jax.jit
+  def mmse(x, shared, extra):
+    return denoise_fn(x, jnp.full((x.shape[0],), sigma, jnp.float32), *shared, *extra)
+
+  @jax.jit
+  def posterior(x, idx, shared, extra):
+    keys = jax.vmap(lambda i: jax.random.fold_in(k_post, i))(idx)
+    return sampling.ancestral_sampler(lambda y, s: denoise_fn(y, s, *shared, *extra), x,
+                                      jnp.full((x.shape[0],), sigma, jnp.float32), keys,
+                                      posterior_steps, sigma_to=sigma_to)
+
+  recon = {m: [] for m in ("noisy_input",) + tuple(methods)}
+  t0 = time.time()
+  for start in range(0, n, batch_size):
+    idx = attacked[start:start + batch_size]
+    pad = batch_size - len(idx) if n > batch_size else 0  # one compiled shape
+    idx_p = np.concatenate([idx, np.repeat(idx[-1:], pad)]) if pad else idx
+    x = noise_images(images[idx_p], sigma, k_noise, idx_p)
+    extra = jax.tree.map(lambda a: jnp.asarray(a[idx_p]), tuple(per_image))
+    recon["noisy_input"].append(np.asarray(x)[:len(idx)])
+    if "mmse" in methods:
+      recon["mmse"].append(np.asarray(mmse(x, shared, extra))[:len(idx)])
+    if "posterior" in methods:
+      recon["posterior"].append(
+          np.asarray(posterior(x, jnp.asarray(idx_p), shared, extra))[:len(idx)])
+    if log:
+      log(f"  memorization attack: {min(start + batch_size, n)}/{n} images "
+          f"({time.time() - t0:.0f} s)")
+  return attacked, {m: np.concatenate(v) for m, v in recon.items()}
+
+
+def compare(reconstructions: dict[str, np.ndarray], index: NearestNeighbourIndex,
+            attacked: np.ndarray, sigma: float, copy_rmse: Optional[float] = None) -> AttackResult:
+  """Each method's reconstructions [n, ...] against the training set of `index` (the
+  images the attack started from are `attacked`, indices into it)."""
+  summary, sims = {}, {}
+  for m, images in reconstructions.items():
+    r = index.query(images)
+    summary[m], sims[m] = summarize(r, attacked, copy_rmse), r["similarity"]
+  summary["sigma"] = float(sigma)
+  return AttackResult(summary, sims, reconstructions, attacked)
+
+
 def memorization_attack(denoise_fn, train_images, *, sigma: float, key: jax.Array,
                         feature_fn: Optional[FeatureFn] = None, num_attacked: Optional[int] = None,
                         posterior_steps: int = 32, batch_size: int = 128, center: bool = True,
@@ -127,43 +189,11 @@ def memorization_attack(denoise_fn, train_images, *, sigma: float, key: jax.Arra
   reference. `feature_fn` maps images to features (default: pixels).
   """
   train_images = np.asarray(train_images, np.float32)
-  n = len(train_images) if num_attacked is None else min(num_attacked, len(train_images))
-  attacked = np.arange(n)
   index = index or NearestNeighbourIndex(train_images, feature_fn, center)
-  k_noise, k_post = jax.random.split(key)
-
-  @jax.jit
-  def mmse(x):
-    return denoise_fn(x, jnp.full((x.shape[0],), sigma, jnp.float32))
-
-  @jax.jit
-  def posterior(x, idx):
-    keys = jax.vmap(lambda i: jax.random.fold_in(k_post, i))(idx)
-    return sampling.ancestral_sampler(denoise_fn, x, jnp.full((x.shape[0],), sigma, jnp.float32),
-                                      keys, posterior_steps)
-
-  recon = {m: [] for m in ("noisy_input",) + tuple(methods)}
-  t0 = time.time()
-  for start in range(0, n, batch_size):
-    idx = attacked[start:start + batch_size]
-    pad = batch_size - len(idx) if n > batch_size else 0  # one compiled shape
-    idx_p = np.concatenate([idx, np.repeat(idx[-1:], pad)]) if pad else idx
-    x = noise_images(train_images[idx_p], sigma, k_noise, idx_p)
-    recon["noisy_input"].append(np.asarray(x)[:len(idx)])
-    if "mmse" in methods:
-      recon["mmse"].append(np.asarray(mmse(x))[:len(idx)])
-    if "posterior" in methods:
-      recon["posterior"].append(np.asarray(posterior(x, jnp.asarray(idx_p)))[:len(idx)])
-    if log:
-      log(f"  memorization attack: {min(start + batch_size, n)}/{n} images "
-          f"({time.time() - t0:.0f} s)")
-  recon = {m: np.concatenate(v) for m, v in recon.items()}
-  summary, sims = {}, {}
-  for m, images in recon.items():
-    r = index.query(images)
-    summary[m], sims[m] = summarize(r, attacked, copy_rmse), r["similarity"]
-  summary["sigma"] = float(sigma)
-  return AttackResult(summary, sims, recon, attacked)
+  attacked, recon = reconstruct(denoise_fn, train_images, sigma=sigma, key=key,
+                                num_attacked=num_attacked, posterior_steps=posterior_steps,
+                                batch_size=batch_size, methods=methods, log=log)
+  return compare(recon, index, attacked, sigma, copy_rmse)
 
 
 def nearest_neighbours(samples, train_images=None, *, feature_fn: Optional[FeatureFn] = None,
