@@ -417,7 +417,9 @@ def main(argv):
     raise cli.UsageError(f"unexpected arguments {argv[1:]}: flags are written --name=value.")
   f = flags.FLAGS
   metrics = f.metrics
-  if metrics is None:  # the default: what applies to the run's kind
+  if metrics is not None:  # a mistake in the flags first, before the workdir is read
+    check_metrics([m for m in metrics.split(",") if m], f.inception_weights)
+  else:  # the default: what applies to the run's kind
     metrics = "memorization" if is_latent(load_config(f.workdir)) else "fd,kid,memorization"
   evaluate(f.workdir, step=f.step, sampling=f.sampling, num_samples=f.num_samples,
            metrics=[m for m in metrics.split(",") if m], ema=f.ema, seed=f.seed,
