@@ -23,6 +23,12 @@ Metrics (--metrics, comma-separated):
   memorization  the attack of METHOD.md §8 on --attack_images training images at
                 --attack_sigma, plus nearest-neighbour similarity of the samples.
 
+Latent fine-tuning runs (config.json with latent.pretrained) are evaluated by
+`latent.evaluation.evaluate_latent`: guided samples for the fine-tuning prompts, decoded;
+fid (and fd / kid for gray digits-like images); the memorization attack in latent space
+at DDPM step --attack_t, optionally calibrated on --heldout_images. Their LoRA adapters
+are exported for diffusers by `python -m ambient_jax.export_lora`.
+
 A mistake (a flag, a workdir that is not a run, missing weights) is one line and exit
 status 2 or 1, as for ambient_jax.main (`ambient_jax.cli`); --traceback shows the traceback.
 """

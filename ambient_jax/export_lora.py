@@ -24,8 +24,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def export(workdir: str, out: str, *, step: int | None = None, ema: int = 0,
-           dtype: str = "float32", devices=None) -> str:
-  """Writes `out`; returns its path. ema < 0 takes the raw parameters."""
+           dtype: str = "float32", devices=None, run=None) -> str:
+  """Writes `out`; returns its path. ema < 0 takes the raw parameters. `run`: an already
+  restored `latent.evaluation.LatentRun` of the workdir (skips the restore)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from ambient_jax.latent import evaluation  # pylint: disable=g-import-not-at-top
   if dtype not in DTYPES:
@@ -33,7 +34,7 @@ def export(workdir: str, out: str, *, step: int | None = None, ema: int = 0,
   if not out.endswith(".safetensors"):
     raise cli.UsageError(f"--out={out}: give a .safetensors file name (diffusers' "
                          "load_lora_weights reads safetensors).")
-  run = evaluation.LatentRun(workdir, step, ema, devices=devices)
+  run = run if run is not None else evaluation.LatentRun(workdir, step, ema, devices=devices)
   path = evaluation.export_lora(run, out, dtype=getattr(jnp, dtype))
   print(f"[export_lora] wrote {path}: adapters of {run.workdir} step {run.step} ({run.weights}); "
         f"load with pipe.load_lora_weights on {run.task.pretrained}", flush=True)

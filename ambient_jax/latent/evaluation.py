@@ -26,6 +26,7 @@ here (`evaluate.evaluate` dispatches). What it does, with the paper's settings (
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -79,7 +80,7 @@ class LatentRun:
         state, shardings, self.config, ema)
     self.dataset, self.schedule = self.task.dataset, self.task.schedule
     self.sigma_n_max = self.task.sigma_n_max  # VP
-    self._vae = None
+    self._vae = self._coder = None
 
   @property
   def vae(self):
@@ -88,6 +89,13 @@ class LatentRun:
       from ambient_jax.latent import vae as vae_lib  # pylint: disable=g-import-not-at-top
       self._vae, _ = vae_lib.load_vae(os.path.join(self.task.pretrained, "vae"))
     return self._vae
+
+  @property
+  def coder(self):
+    """`vae_coder(self)`, made once (its compiled functions are reused)."""
+    if self._coder is None:
+      self._coder = vae_coder(self)
+    return self._coder
 
   def model(self):
     """The UNet with the restored trainable tree over the frozen base."""
@@ -286,7 +294,7 @@ def evaluate_latent(workdir: str, *, step: Optional[int] = None, sampling: str =
                                                   cache_dir, feature_steps)
     net = net or net_m
   heldout = None if heldout_images is None else read_image_folder(heldout_images, clean.shape[1])
-  encode, decode = vae_coder(run)
+  encode, decode = run.coder
 
   # Samples: image k from fold_in(key(seed), k) under the prompt of example k mod N.
   sample_fn = make_sampler(run, sampling, sched.inference_sigmas(num_steps), sigma_stop, g)
@@ -318,7 +326,8 @@ def evaluate_latent(workdir: str, *, step: Optional[int] = None, sampling: str =
           sample_feats, ref_feats, num_subsets=50, subset_size=kid_subset_size, seed=seed)
   if "fid" in metrics:
     r = clean.shape[1]
-    name = f"latent_{os.path.basename(ds.path)}_{r}x{r}_n{ds.num_examples}"
+    where = hashlib.sha256(ds.path.encode()).hexdigest()[:8]  # same-named datasets differ
+    name = f"latent_{os.path.basename(ds.path)}_{where}_{r}x{r}_n{ds.num_examples}"
     result.update(evaluate.fid(samples, inception_weights, cache_dir, name, lambda: clean))
     log(f"FID = {result['fid']:.3f}")
   if "memorization" in metrics:
