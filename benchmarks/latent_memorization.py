@@ -1,0 +1,539 @@
+"""The paper's latent experiment in miniature: LoRA fine-tuning of a pretrained latent
+diffusion model on clean vs. noisy digits, quality and memorization (METHOD.md §8, §10).
+
+    python benchmarks/latent_memorization.py --quick   # ≈ 5 min on 2 CPU cores
+    python benchmarks/latent_memorization.py           # full: t_n = 500 and 800
+
+1. "Pretraining", clean, on the bundled digits of classes 0–8 at 16×16 (RGB, R = G = B),
+   with lean jitted loops: a small AutoencoderKL (f = 2: latents 8×8×4; reconstruction +
+   a small KL), then a small SD-1.5-structured UNet2DConditionModel (cross-attention on a
+   random, frozen 2-layer CLIP text encoder's states; captions "a handwritten digit
+   seven"; plain ε loss on the VAE latents, 10 % prompt dropout). Everything is written as
+   a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/ with a
+   byte-level BPE learned from the captions, scheduler/ = SD 1.5's DDPM schedule), and
+   everything after is the project's real path: `pipeline.load_pretrained`,
+   `prepare_latents.prepare`, the ordinary Trainer with `configs/sdxl.py:family=sd15`
+   (LatentTask: frozen base, LoRA adapters on to_q/to_k/to_v/to_out.0).
+2. Fine-tuning set: --train_size digits of class 9 (never seen in pretraining), caption
+   "a handwritten digit nine"; prepared once clean (t_n = 0) and once per corruption level
+   (noisy latents only). Four ways, same LoRA rank, steps, batch, lr and seed:
+     clean                 plain ε loss on the clean latents (ordinary fine-tuning)
+     naive                 plain ε loss on the noisy latents as if clean
+     ambient               ambient_loss_vp, t uniform above t_n; truncated sampling
+                           (Euler to σ_n, one Tweedie step)
+     ambient_consistency   ambient + λ_c consistency from --consistency_start of the run;
+                           full sampling
+3. Measured on the decoded samples (--num_samples, guided Euler, --sample_steps steps):
+   FD of the digit classifier's features (`metrics.digit_features`, 16×16) to the held-out
+   nines (not in the fine-tuning set); the share of samples that are copies of a
+   fine-tuning image, calibrated on held-out nines (pixel RMSE to the nearest fine-tuning
+   image below the 1 % quantile of held-out nines', `metrics.memorization.heldout_baseline`)
+   and the feature-similarity fractions; the memorization attack (§8) in latent space:
+   every fine-tuning image encoded (posterior mean), noised at DDPM step --attack_t
+   (default 800), reconstructed by one MMSE step and by posterior sampling
+   (`sampling.ancestral_sampler`, via `metrics.memorization.memorization_attack` on the
+   latents), decoded, and compared with the fine-tuning images (copies, sim > 0.95,
+   self-match = the nearest fine-tuning image is the attacked one).
+Two reference rows need no fine-tuning: held-out real nines and the pretrained model
+itself (it never saw a nine). Writes benchmarks/results/latent_memorization{_quick}.txt
+(the log and table), .json, and _samples.png (samples above their nearest fine-tuning image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from ambient_jax import precond, prepare_latents, sampling  # noqa: E402
+from ambient_jax.latent import clip, guidance, lora, pipeline, unet, vae  # noqa: E402
+from ambient_jax.latent import configs as latent_configs  # noqa: E402
+from ambient_jax.latent.schedule import NoiseSchedule, ve_denoiser  # noqa: E402
+from ambient_jax.metrics import digit_features, frechet, memorization  # noqa: E402
+
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+HELD_CLASS = 9
+METHODS = ("clean", "naive", "ambient", "ambient_consistency")
+RES = 16
+
+VAE_CONFIG = dict(_class_name="AutoencoderKL", in_channels=3, out_channels=3,
+                  down_block_types=["DownEncoderBlock2D"] * 2,
+                  up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[16, 32],
+                  layers_per_block=1, act_fn="silu", latent_channels=4, norm_num_groups=8,
+                  sample_size=RES, scaling_factor=1.0, force_upcast=True,
+                  mid_block_add_attention=True)
+TEXT_CONFIG = dict(architectures=["CLIPTextModel"], attention_dropout=0.0, dropout=0.0,
+                   hidden_act="quick_gelu", hidden_size=32, intermediate_size=64,
+                   layer_norm_eps=1e-5, max_position_embeddings=77,
+                   model_type="clip_text_model", num_attention_heads=2, num_hidden_layers=2,
+                   projection_dim=32)
+UNET_CONFIG = dict(_class_name="UNet2DConditionModel", sample_size=RES // 2, in_channels=4,
+                   out_channels=4, block_out_channels=[32, 64], layers_per_block=1,
+                   down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                   up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+                   cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+MODEL_INDEX = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+               "unet": ["diffusers", "UNet2DConditionModel"],
+               "vae": ["diffusers", "AutoencoderKL"],
+               "text_encoder": ["transformers", "CLIPTextModel"],
+               "tokenizer": ["transformers", "CLIPTokenizer"],
+               "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+               "safety_checker": [None, None], "feature_extractor": [None, None],
+               "requires_safety_checker": False}
+
+
+LINES = []
+
+
+def log(msg):
+  LINES.append(str(msg))
+  print(msg, flush=True)
+
+
+def caption(label: int) -> str:
+  return f"a handwritten digit {WORDS[label]}"
+
+
+# ----------------------------------------------------------------------------- the tiny model
+
+
+def write_tokenizer(folder: str) -> int:
+  """A CLIP tokenizer folder in SD 1.5's layout (the tests' byte-level BPE, learned from a
+  few sentences; the captions' words fall back to shorter pieces); returns its vocab size."""
+  from tests.test_latent_tokenizer import write_clip_tokenizer  # pylint: disable=g-import-not-at-top
+  write_clip_tokenizer(folder)
+  with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
+    return len(json.load(f))
+
+
+def _adam_loop(model, loss_fn, batches, steps, lr, name, seed):
+  """Trains every nnx.Param of `model` by Adam on loss_fn(model, batch, key); in place."""
+  if steps <= 0:
+    return 0.0
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
+      optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10 + 1), steps, lr / 10),
+      weight_decay=0.0))
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state, batch, key):
+    def f(p):
+      return loss_fn(nnx.merge(graphdef, p, rest), batch, key)
+    loss, grads = jax.value_and_grad(f)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  t0, recent = time.time(), []
+  for i in range(steps):
+    params, opt_state, loss = step(params, opt_state, batches(i), jax.random.key(seed * 7919 + i))
+    recent.append(loss)
+    if (i + 1) % max(steps // 4, 1) == 0:
+      log(f"  pretrain {name}: step {i + 1}/{steps}  loss {float(np.mean(jax.device_get(recent))):.4f}"
+          f"  ({time.time() - t0:.0f} s)")
+      recent = []
+  nnx.update(model, params)
+  return time.time() - t0
+
+
+def pretrain(folder: str, images: np.ndarray, labels: np.ndarray, args) -> dict:
+  """Trains the VAE then the UNet on (images [N, 16, 16, 3] in [-1, 1], labels) and writes
+  the diffusers folder. Returns timings and the latent scaling factor."""
+  rng = np.random.default_rng(args.seed)
+  n, b = len(images), args.pretrain_batch
+  pick = lambda i: np.random.default_rng(args.seed * 100_003 + i).integers(0, n, b)
+
+  vae_model = vae.AutoencoderKL(VAE_CONFIG, rngs=nnx.Rngs(args.seed))
+
+  def vae_loss(m, x, key):
+    mean, logvar = m.encode(x)
+    z = m.sample_posterior(mean, logvar, key)
+    rec = jnp.mean((m.decode(z) - x) ** 2)
+    kl = 0.5 * jnp.mean(jnp.sum(mean ** 2 + jnp.exp(logvar) - 1 - logvar, axis=-1))
+    return rec + args.kl_weight * kl
+
+  t_vae = _adam_loop(vae_model, vae_loss, lambda i: images[pick(i)], args.vae_steps, 2e-3,
+                     "VAE", args.seed)
+  encode = jax.jit(lambda x: vae_model.encode(x))
+  means = np.concatenate([np.asarray(encode(images[i:i + 500])[0]) for i in range(0, n, 500)])
+  scale = float(1.0 / means.std())
+  vae_cfg = dict(VAE_CONFIG, scaling_factor=round(scale, 5))
+  vae_model.scaling_factor = float(vae_cfg["scaling_factor"])
+  latents = means * vae_model.scaling_factor
+  recon = np.asarray(jax.jit(lambda z: vae_model.from_latents(z))(latents[:500]))
+  rec_rmse = float(np.sqrt(np.mean((recon - images[:500]) ** 2)))
+  log(f"  VAE: latents {latents.shape[1:]}, scaling factor {scale:.4f}, reconstruction RMSE "
+      f"{rec_rmse:.4f} (pixels in [-1, 1])")
+
+  os.makedirs(folder, exist_ok=True)
+  vocab = write_tokenizer(os.path.join(folder, "tokenizer"))
+  text_cfg = dict(TEXT_CONFIG, vocab_size=vocab, bos_token_id=vocab - 2, eos_token_id=2,
+                  pad_token_id=1)
+  encoder = clip.text_encoder(text_cfg, rngs=nnx.Rngs(args.seed + 1))
+  from ambient_jax.latent import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  tok = tok_lib.load_tokenizer(os.path.join(folder, "tokenizer"))
+  states = np.asarray(encoder(jnp.asarray(tok([caption(i) for i in range(10)] + [""]))).last_hidden_state)
+  label_states = jnp.asarray(states)  # [11, T, 32]; row 10 = the empty prompt
+
+  schedule = NoiseSchedule.from_config(latent_configs.bundled_config("sd15", "scheduler"))
+  vp = jnp.asarray(schedule.vp_sigmas, jnp.float32)
+  model = unet.UNet2DConditionModel(UNET_CONFIG, rngs=nnx.Rngs(args.seed + 2))
+  lat = jnp.asarray(latents)
+  lab = jnp.asarray(labels)
+
+  def eps_loss(m, idx, key):
+    k_t, k_e, k_d = jax.random.split(key, 3)
+    z0 = lat[idx]
+    t = jax.random.randint(k_t, (z0.shape[0],), 0, vp.shape[0])
+    s = vp[t][:, None, None, None]
+    eps = jax.random.normal(k_e, z0.shape)
+    x_t = jnp.sqrt(1 - s ** 2) * z0 + s * eps
+    drop = jax.random.uniform(k_d, (z0.shape[0],)) < 0.1
+    ctx = label_states[jnp.where(drop, 10, lab[idx])]
+    return jnp.mean((m(x_t, t.astype(jnp.float32), ctx) - eps) ** 2)
+
+  t_unet = _adam_loop(model, eps_loss, pick, args.unet_steps, args.pretrain_lr, "UNet",
+                      args.seed + 1)
+  with open(os.path.join(folder, "model_index.json"), "w") as f:
+    json.dump(MODEL_INDEX, f, indent=2)
+  unet.save_unet(model, os.path.join(folder, "unet"))
+  vae.save_vae(vae_model, vae_cfg, os.path.join(folder, "vae"))
+  clip.save_text_encoder(encoder, text_cfg, os.path.join(folder, "text_encoder"))
+  os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
+  sched_cfg = dict(latent_configs.bundled_config("sd15", "scheduler"),
+                   _class_name="EulerDiscreteScheduler")
+  with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+    json.dump(sched_cfg, f, indent=2)
+  params = lambda m: sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(m, nnx.Param)))
+  del rng
+  return dict(vae_seconds=t_vae, unet_seconds=t_unet, vae_rmse=rec_rmse, scaling_factor=scale,
+              unet_params=params(model), vae_params=params(vae_model),
+              text_params=params(encoder))
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def sdxl_config(arg: str):
+  spec = importlib.util.spec_from_file_location("latent_mem_sdxl_cfg",
+                                                os.path.join(ROOT, "configs", "sdxl.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def finetune_config(method: str, t_n: int, pretrained: str, dataset: str, args):
+  """configs/sdxl.py:family=sd15,... with the miniature's sizes."""
+  mode = {"clean": "clean", "naive": "naive", "ambient": "ambient_only",
+          "ambient_consistency": f"consistency={args.consistency_weight}"}[method]
+  c = sdxl_config(f"family=sd15,t_n={t_n},{mode}")
+  c.latent.pretrained, c.latent.dataset = pretrained, dataset
+  c.latent.lora_rank = args.lora_rank
+  c.latent.param_dtype = c.latent.dtype = "float32"
+  c.latent.cfg_dropout = 0.1
+  c.num_train_steps = args.steps
+  c.batch_size = args.batch
+  c.optim.lr = args.lr
+  c.optim.warmup_steps = 0
+  c.consistency.start_step = int(args.steps * args.consistency_start)
+  c.consistency.batch_fraction = 0.25
+  c.ema.halflife_kimg = (args.batch * args.steps / 1000 / 20,)
+  c.mesh.fsdp, c.mesh.data = 1, -1
+  c.log_every_steps = max(args.steps // 4, 1)
+  c.checkpoint.every_steps = args.steps
+  c.checkpoint.keep_every_steps = 0
+  c.sample.every_steps = 0
+  c.seed = args.seed
+  return c
+
+
+def finetune(method, t_n, pretrained, dataset, workdir, args):
+  """Runs the ordinary Trainer; returns (EMA LoRA tree, seconds)."""
+  from ambient_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  config = finetune_config(method, t_n, pretrained, dataset, args)
+  t0 = time.time()
+  state = train_lib.train_and_evaluate(config, workdir)
+  return jax.device_get(state.ema[0]), time.time() - t0
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+class Evaluator:
+  """Samples and attacks fine-tuned models: each is a LoRA tree over the pretrained base
+  (the pretrained model itself = the initial adapters, B = 0). The sampler and the attack
+  are jitted once with the tree as an argument, so every model reuses their compilation."""
+
+  def __init__(self, pretrained: str, x_train, heldout, args):
+    self.args = args
+    self.pipe = pipeline.load_pretrained(pretrained)
+    cond, uncond = self.pipe.encode_prompts([caption(HELD_CLASS)], negative=[""])
+    self.schedule = sched = self.pipe.schedule
+    self.net = digit_features.get_digit_feature_net(RES, log=log)
+    gray = lambda x: x[..., :1]
+    self.x_train = gray(x_train)
+    self.index = memorization.NearestNeighbourIndex(self.x_train, self.net.features)
+    self.baseline = memorization.heldout_baseline(self.index, gray(heldout), 0.01)
+    self.copy_rmse = self.baseline["copy_rmse"]
+    self.ref_features = self.net.features(gray(heldout))
+    vae_model = self.pipe.vae
+    self.z_train = np.asarray(jax.jit(vae_model.to_latents)(jnp.asarray(x_train)))
+    model = nnx.merge(*nnx.split(self.pipe.unet), copy=True)
+    lora.add_lora(model, rank=args.lora_rank, key=jax.random.key(0))
+    graphdef, trainable, frozen = nnx.split(model, lora.LoRAParam, ...)
+    self.base_tree = nnx.to_pure_dict(trainable)
+    frozen = nnx.to_pure_dict(frozen)
+
+    def denoiser(tree, n, g):
+      unet_model = nnx.merge(graphdef, tree, frozen, copy=True)
+      c = guidance.Conditioning(jnp.broadcast_to(cond.context, (n,) + cond.context.shape[1:]))
+      u = guidance.Conditioning(jnp.broadcast_to(uncond.context, (n,) + uncond.context.shape[1:]))
+      return guidance.guided_denoiser(unet_model, sched, c, u, g)
+
+    decode = lambda z: jnp.clip(vae_model.from_latents(z), -1, 1)[..., :1]
+    full = sched.inference_sigmas(args.sample_steps)
+    scale = np.float32(sched.init_noise_sigma(full))
+    n = args.num_samples
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(args.seed + 1), i))(jnp.arange(n))
+    self.latents = sampling.latents_from_keys(keys, (RES // 2, RES // 2, 4)) * scale
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def sample(tree, x, sigma_stop):
+      denoise = denoiser(tree, n, args.guidance_scale)
+      if sigma_stop <= 0:
+        return decode(sampling.euler_sampler(denoise, x, jnp.asarray(full)))
+      from ambient_jax.latent.sample_grid import truncated_sigmas  # pylint: disable=g-import-not-at-top
+      z = sampling.euler_sampler(denoise, x, jnp.asarray(truncated_sigmas(full, sigma_stop)))
+      return decode(denoise(z, jnp.full((n,), sigma_stop, jnp.float32)))  # one Tweedie step
+
+    self.attack_sigma = sigma = float(sched.ve_sigmas[args.attack_t])
+    m = len(self.z_train)
+    idx = jnp.arange(m)
+    self.noisy = memorization.noise_images(self.z_train, sigma, jax.random.key(args.seed + 7), idx)
+    post_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(args.seed + 8), i))(idx)
+    sigma_min = float(np.min(sched.ve_sigmas))
+
+    @jax.jit
+    def attack(tree, x):
+      denoise = denoiser(tree, m, 1.0)  # the conditional MMSE denoiser, no guidance
+      mmse = denoise(x, jnp.full((m,), sigma, jnp.float32))
+      post = sampling.ancestral_sampler(denoise, x, jnp.full((m,), sigma, jnp.float32), post_keys,
+                                        args.posterior_steps, sigma_to=sigma_min)
+      return decode(mmse), decode(post)
+
+    self._sample, self._attack = sample, attack
+
+  def samples(self, tree, sigma_stop_vp: float):
+    """Decoded samples [num_samples, 16, 16, 1] in [-1, 1], quantized as saved images;
+    truncated at VP σ_n (Euler to it, then one Tweedie step) when sigma_stop_vp > 0."""
+    stop = float(precond.vp_to_ve_sigma(sigma_stop_vp)) if sigma_stop_vp > 0 else 0.0
+    x = np.asarray(self._sample(self.base_tree if tree is None else tree, self.latents, stop))
+    return np.clip(np.rint((x + 1) * 127.5), 0, 255) / 127.5 - 1
+
+  def measure(self, samples, tree=None, attack=True):
+    """FD to held-out nines, the samples' nearest fine-tuning images and, with `attack`,
+    the memorization attack on every fine-tuning image."""
+    fd = frechet.fd_from_features(self.net.features(samples), self.ref_features)
+    nn = self.index.query(samples)
+    res = dict(fd=fd, samples_nn=memorization.summarize(nn, copy_rmse=self.copy_rmse))
+    if attack:
+      recon = self._attack(self.base_tree if tree is None else tree, self.noisy)
+      attacked = np.arange(len(self.z_train))
+      res["attack"] = {m: memorization.summarize(self.index.query(np.asarray(r)), attacked,
+                                                 self.copy_rmse)
+                       for m, r in zip(("mmse", "posterior"), recon)}
+      res["attack"].update(t=self.args.attack_t, sigma_ve=self.attack_sigma)
+    return res, nn["pixel_index"]
+
+
+def pairs_png(path, rows, x_train):
+  """Per model, a row of samples above the nearest (pixel) fine-tuning image of each: the
+  pixel benchmark's picture (imported at the end: that module sets XLA_FLAGS on import,
+  too late by then to matter)."""
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import memorization_comparison  # pylint: disable=g-import-not-at-top
+  memorization_comparison.pairs_png(path, rows, x_train)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def split_digits(train_size: int, seed: int):
+  """(pretraining images, labels; fine-tuning nines; held-out nines), RGB in [-1, 1]."""
+  images, labels = digit_features.load_digits(RES)
+  images = np.repeat(images, 3, axis=-1)
+  rng = np.random.default_rng(seed)
+  nines = rng.permutation(np.flatnonzero(labels == HELD_CLASS))
+  rest = np.flatnonzero(labels != HELD_CLASS)
+  return (images[rest], labels[rest], images[np.sort(nines[:train_size])],
+          images[nines[train_size:]])
+
+
+def write_images(folder: str, images: np.ndarray) -> str:
+  """PNG files + metadata.jsonl captions (the imagefolder convention prepare_latents reads)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  os.makedirs(folder, exist_ok=True)
+  lines = []
+  for i, x in enumerate(images):
+    Image.fromarray(np.clip(np.rint((x + 1) * 127.5), 0, 255).astype(np.uint8)).save(
+        os.path.join(folder, f"{i:04d}.png"))
+    lines.append(json.dumps({"file_name": f"{i:04d}.png", "text": caption(HELD_CLASS)}) + "\n")
+  with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
+    f.write("".join(lines))
+  return folder
+
+
+def fmt_row(name, t_n, mode, res, train_s):
+  s = res["samples_nn"]
+  row = (f"| {name} | {t_n} | {mode} | {res['fd']:.1f} | {s['frac_copies']:.2f} / "
+         f"{s['frac_sim_above_0.9']:.2f} / {s['frac_sim_above_0.95']:.2f} |")
+  if "attack" in res:
+    for m in ("mmse", "posterior"):
+      a = res["attack"][m]
+      row += (f" {a['frac_copies']:.2f} / {a['frac_sim_above_0.95']:.2f} / "
+              f"{a['self_match_pixels']:.2f} |")
+  else:
+    row += " – | – |"
+  return row + (f" {train_s:.0f} |" if train_s else " – |")
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--quick", action="store_true", help="t_n = 800 only, fewer steps and samples")
+  p.add_argument("--t_n", type=int, nargs="+", default=None, help="DDPM corruption steps")
+  p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+  p.add_argument("--train_size", type=int, default=100, help="fine-tuning nines")
+  p.add_argument("--vae_steps", type=int, default=None)
+  p.add_argument("--unet_steps", type=int, default=None)
+  p.add_argument("--pretrained", default=None,
+                 help="a folder written by an earlier run (WORKDIR/pretrained): skip pretraining")
+  p.add_argument("--pretrain_batch", type=int, default=32)
+  p.add_argument("--pretrain_lr", type=float, default=2e-3)
+  p.add_argument("--kl_weight", type=float, default=1e-4)
+  p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per model")
+  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate (constant)")
+  p.add_argument("--lora_rank", type=int, default=8)
+  p.add_argument("--consistency_weight", type=float, default=0.01)
+  p.add_argument("--consistency_start", type=float, default=0.5,
+                 help="fraction of the fine-tuning run after which consistency is on")
+  p.add_argument("--num_samples", type=int, default=None)
+  p.add_argument("--sample_steps", type=int, default=25)
+  p.add_argument("--guidance_scale", type=float, default=2.0)
+  p.add_argument("--attack_t", type=int, default=800)
+  p.add_argument("--posterior_steps", type=int, default=16)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--workdir", default=None, help="where the model, datasets and runs go "
+                 "(default: a temporary folder, removed at the end)")
+  p.add_argument("--out", default=None)
+  args = p.parse_args()
+  q = args.quick
+  args.t_n = args.t_n or ([800] if q else [500, 800])
+  args.vae_steps = args.vae_steps or (100 if q else 1500)
+  args.unet_steps = args.unet_steps or (150 if q else 3000)
+  args.steps = args.steps or (40 if q else 600)
+  args.num_samples = args.num_samples or (64 if q else 500)
+  if q:
+    args.posterior_steps = min(args.posterior_steps, 4)
+  out = args.out or os.path.join(RESULTS, "latent_memorization" + ("_quick" if q else ""))
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  work = args.workdir or tempfile.mkdtemp(prefix="latent_mem_")
+  os.makedirs(work, exist_ok=True)
+  t_all = time.time()
+  # One compilation cache for the run: the fine-tunes that share a loss share their step.
+  jax.config.update("jax_compilation_cache_dir", os.path.join(work, "xla_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  log(f"latent memorization miniature: {vars(args)}")
+
+  x_pre, y_pre, x_train, heldout = split_digits(args.train_size, args.seed)
+  log(f"digits {RES}x{RES}: pretraining {len(x_pre)} (classes 0-8), fine-tuning {len(x_train)} "
+      f"nines, held-out nines {len(heldout)}")
+  if args.pretrained:
+    folder, info = args.pretrained, {}
+    log(f"pretrained folder {folder} (given: step 1 skipped)")
+  else:
+    folder = os.path.join(work, "pretrained")
+    info = pretrain(folder, x_pre, y_pre, args)
+    log(f"pretrained folder {folder}: UNet {info['unet_params']:,} params, VAE "
+        f"{info['vae_params']:,}, text encoder {info['text_params']:,} "
+        f"(VAE {info['vae_seconds']:.0f} s, UNet {info['unet_seconds']:.0f} s)")
+
+  images_dir = write_images(os.path.join(work, "finetune_images"), x_train)
+  datasets = {}
+  for t_n in sorted({0, *args.t_n}):
+    datasets[t_n] = prepare_latents.prepare(prepare_latents.Args(
+        images=images_dir, pretrained=folder, out=os.path.join(work, f"latents_t{t_n}"),
+        resolution=RES, t_n=t_n, batch_size=50), log=lambda m: None)
+  log(f"prepared latents t_n = {sorted(datasets)} ({time.time() - t_all:.0f} s so far)")
+
+  # Held-out nines: half the FD reference and copy calibration, half the "real" row.
+  heldout_ref, heldout_real = heldout[len(heldout) // 2:], heldout[:len(heldout) // 2]
+  ev = Evaluator(folder, x_train, heldout_ref, args)
+  sig = lambda t: float(ev.schedule.vp_sigmas[t]) if t > 0 else 0.0
+  log(f"copy threshold: pixel RMSE < {ev.copy_rmse:.3f} (1 % of held-out nines are closer)")
+  header = ("| model | t_n | sampling | FD ↓ | samples: copies / sim>0.9 / >0.95 | "
+            f"attack t={args.attack_t} MMSE: copies / sim>0.95 / self | posterior: copies / "
+            "sim>0.95 / self | fine-tune s |\n|---|---|---|---|---|---|---|---|")
+  rows, pictures, results = [], [], []
+
+  def record(name, t_n, mode, res, train_s, samples, nn_idx):
+    rows.append(fmt_row(name, t_n, mode, res, train_s))
+    pictures.append((f"{name} t_n={t_n} ({mode}): FD {res['fd']:.1f}, "
+                     f"copies {res['samples_nn']['frac_copies']:.2f}", samples, nn_idx))
+    results.append(dict(name=name, t_n=t_n, sampling=mode, train_seconds=train_s, **res))
+    log(rows[-1])
+
+  real = heldout_real[:args.num_samples, ..., :1]
+  held, nn_idx = ev.measure(real, attack=False)
+  record("held-out real nines", "–", "–", held, 0, real, nn_idx)
+  s = ev.samples(None, 0.0)
+  res, nn_idx = ev.measure(s)
+  record("pretrained (no fine-tune)", "–", "full", res, 0, s, nn_idx)
+
+  runs = [("clean", 0)] if "clean" in args.methods else []
+  runs += [(m, t) for t in args.t_n for m in args.methods if m != "clean"]
+  for method, t_n in runs:
+    workdir = os.path.join(work, "runs", f"{method}_t{t_n}")
+    log(f"fine-tuning {method} on latents_t{t_n} ({args.steps} steps)")
+    tree, secs = finetune(method, t_n, folder, datasets[t_n], workdir, args)
+    mode = "truncated" if method == "ambient" else "full"
+    s = ev.samples(tree, sig(t_n) if method == "ambient" else 0.0)
+    res, nn_idx = ev.measure(s, tree)
+    record(method, t_n, mode, res, secs, s, nn_idx)
+
+  total = time.time() - t_all
+  table = "\n".join([header] + rows)
+  summary = (f"\n{table}\n\nFD: digit-classifier features of {args.num_samples} samples vs "
+             f"held-out nines; copies: pixel RMSE to the nearest fine-tuning image < "
+             f"{ev.copy_rmse:.3f}; self: the nearest fine-tuning image is the attacked one.\n"
+             f"total wall time {total:.0f} s")
+  log(summary)
+  pairs_png(out + "_samples.png", pictures, ev.x_train)
+  with open(out + ".json", "w") as f:
+    json.dump(dict(args=vars(args), pretrained=info, copy_rmse=ev.copy_rmse,
+                   results=results, seconds=total), f, indent=1, default=float)
+  with open(out + ".txt", "w") as f:
+    f.write("\n".join(LINES) + "\n")
+  if args.workdir is None:
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+  main()
