@@ -1,5 +1,5 @@
-"""Evaluation and LoRA export of a latent run: a configs/sdxl.py:smoke run of 2 steps on
-the tiny SDXL folder (tests/latent_reference.py), trained once for the module.
+"""Evaluation and LoRA export of a latent run: a configs/sdxl.py:smoke workdir (step 2) on
+the tiny SDXL folder (tests/latent_reference.py), made once for the module.
 
 - `python -m ambient_jax.evaluate` on it writes metrics.json with the memorization attack's
   figures (held-out calibrated), the sample grid and the histogram;
@@ -7,8 +7,8 @@ the tiny SDXL folder (tests/latent_reference.py), trained once for the module.
   here from the UNet directly (VP, t = 800);
 - the exported LoRA file gives the run's UNet output in ours and in diffusers;
 - mistakes are one line.
-The run's learning rate is raised (3e-3) so that its adapters move far from B = 0: the
-export parity checks would be blind with the paper's 1e-5 after 2 steps.
+The run is the smoke Trainer's state with random adapters, saved by the Trainer at step 2
+(see the `workdir` fixture).
 """
 
 import json
@@ -31,17 +31,29 @@ DEVICES = 1  # one device: the cheapest compiles (sharding is tested in test_lat
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
+  """A latent run's workdir at step 2, as configs/sdxl.py:smoke's Trainer leaves it, with
+  random non-zero adapters (B too: the export parity would be blind with B ≈ 0) in the
+  parameters and the EMA. The state is the Trainer's own and saved by it; only the train
+  step is skipped (its compile is most of a smoke run's time; tests/test_latent_training.py
+  runs it)."""
+  from ambient_jax import metrics_io
   root = tmp_path_factory.mktemp("latent_eval")
   folder, dataset = prepare_tiny_sdxl_dataset(root)
   config = sdxl_config()
   config.latent.pretrained, config.latent.dataset = folder, dataset
-  config.num_train_steps, config.checkpoint.every_steps = 2, 2
-  config.consistency.weight = 0.0
-  config.sample.every_steps = -1
-  config.optim.lr = 3e-3
+  config.num_train_steps, config.sample.every_steps = 2, -1
   wd = str(root / "run")
   trainer = train.Trainer(config, wd, devices=jax.devices()[:DEVICES])
-  trainer.run()
+  state = trainer.initial_state()
+  leaves, treedef = jax.tree.flatten(state.params)
+  keys = jax.random.split(jax.random.key(7), len(leaves))
+  params = jax.tree.unflatten(treedef, [
+      jax.device_put(a + 0.1 * jax.random.normal(k, a.shape, a.dtype), a.sharding)
+      for a, k in zip(leaves, keys)])
+  state = state.replace(step=jax.device_put(state.step + 2, state.step.sharding),
+                        params=params, ema=(params,))
+  metrics_io.write_config_json(wd, config)
+  trainer.save(2, state)
   trainer.close()
   return wd
 
