@@ -331,6 +331,7 @@ def evaluate(workdir: str, *, step: Optional[int] = None, sampling: str = "full"
   num_steps 18 (latent: config.latent.sample_steps), attack_images 500 (latent: all).
   """
   from ambient_jax.metrics import digit_features, frechet, memorization  # pylint: disable=g-import-not-at-top
+  metrics = check_metrics(metrics, inception_weights)  # before the workdir is read
   config = run.config if run is not None else load_config(workdir)
   given = {k: v for k, v in latent_options.items() if v is not None}
   if is_latent(config):
@@ -351,7 +352,6 @@ def evaluate(workdir: str, *, step: Optional[int] = None, sampling: str = "full"
   num_steps = 18 if num_steps is None else num_steps
   attack_sigma = 5.0 if attack_sigma is None else attack_sigma
   attack_images = 500 if attack_images is None else attack_images
-  metrics = check_metrics(metrics, inception_weights)
   cache_dir = cache_dir or digit_features.default_cache_dir()
   t_start = time.time()
   run = run if run is not None else Run(workdir, step, ema)
@@ -449,7 +449,8 @@ def _define_flags():
   flags.DEFINE_integer("num_steps", None, "Sampler steps (default: 18 EDM Heun steps; latent "
                        "runs: config.latent.sample_steps Euler steps).")
   flags.DEFINE_integer("batch_size", 256, "Images per sampler call (does not change the images).")
-  flags.DEFINE_float("truncate_sigma", -1.0, "Truncated sampling level; -1 = the run's largest σ_n.")
+  flags.DEFINE_float("truncate_sigma", -1.0, "Truncated sampling level (VE σ; latent runs: of "
+                     "the latent VE view); -1 = the run's largest σ_n.")
   flags.DEFINE_float("s_churn", 40.0, "S_churn of --sampling=stochastic.")
   flags.DEFINE_string("inception_weights", None, "FID Inception weights (.npz from the converter, "
                       "or pytorch-fid's .pth with torch installed).")

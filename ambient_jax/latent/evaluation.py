@@ -22,6 +22,10 @@ here (`evaluate.evaluate` dispatches). What it does, with the paper's settings (
     feature cosine and pixel RMSE, fractions above 0.9 / 0.95, self-match rate). With
     --heldout_images=DIR (images not in the fine-tuning set) a copy is calibrated as for
     pixel runs (`memorization.heldout_baseline`); without, the raw similarities only.
+    Features (--attack_features): auto = Inception pool features when --inception_weights
+    is given, else the digit network for gray images, else pixels (centred cosine).
+--truncate_sigma is a VE σ here too (the latent model's VE view; default: the dataset's
+σ_n converted, σ_VP / √(1 − σ_VP²)). --num_samples cycles over the fine-tuning prompts.
 """
 
 from __future__ import annotations
