@@ -21,8 +21,10 @@ entry point exits with status 143). A workdir that is already finished is left u
 from __future__ import annotations
 
 import collections
-from absl import logging
+import os
 import time
+
+from absl import logging
 from typing import Any, Optional, Sequence
 
 import jax
@@ -207,6 +209,16 @@ class PixelTask:
     self._grid.write(done, params, writer, objective_name)
 
 
+def _absolute_latent_paths(config: Any) -> None:
+  """config.latent's folders made absolute in place, so that config.json (read by
+  evaluate and export_lora) works from any directory."""
+  latent = config.get("latent")
+  if latent is not None and latent.pretrained:
+    for field in ("pretrained", "dataset"):
+      if latent[field] and "://" not in latent[field]:
+        latent[field] = os.path.abspath(latent[field])
+
+
 def make_task(config: Any, mesh: jax.sharding.Mesh):
   """LatentTask when config.latent.pretrained is set, else PixelTask."""
   if config.get("latent") is not None and config.latent.pretrained:
@@ -222,6 +234,7 @@ class Trainer:
                devices: Optional[Sequence[jax.Device]] = None):
     devices = list(jax.devices() if devices is None else devices)
     config_validation.validate(config, num_devices=len(devices))
+    _absolute_latent_paths(config)
     self.root = storage.make_workdir(workdir)  # epath.Path: local or gs://
     self.config, self.workdir = config, str(self.root)
     self.is_main = jax.process_index() == 0
