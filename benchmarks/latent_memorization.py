@@ -242,7 +242,8 @@ def sdxl_config(arg: str):
 def finetune_config(method: str, t_n: int, pretrained: str, dataset: str, args):
   """configs/sdxl.py:family=sd15,... with the miniature's sizes."""
   mode = {"clean": "clean", "naive": "naive", "ambient": "ambient_only",
-          "ambient_consistency": f"consistency={args.consistency_weight}"}[method]
+          "ambient_consistency": ("" if args.consistency_weight is None
+                                  else f"consistency={args.consistency_weight}")}[method]
   c = sdxl_config(f"family=sd15,t_n={t_n},{mode}")
   c.latent.pretrained, c.latent.dataset = pretrained, dataset
   c.latent.lora_rank = args.lora_rank
@@ -431,7 +432,8 @@ def main():
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate (constant)")
   p.add_argument("--lora_rank", type=int, default=8)
-  p.add_argument("--consistency_weight", type=float, default=0.01)
+  p.add_argument("--consistency_weight", type=float, default=None,
+                 help="λ_c (default: configs/sdxl.py's, the paper's: 0.01, 1e-4 at t_n = 800)")
   p.add_argument("--consistency_start", type=float, default=0.5,
                  help="fraction of the fine-tuning run after which consistency is on")
   p.add_argument("--num_samples", type=int, default=None)
