@@ -1,0 +1,36 @@
+"""benchmarks/sdxl_memory.py on a tiny SDXL-shaped UNet: the abstract build, the compile on
+the 8 fake devices with the config's FSDP mesh, and the printed memory analysis (the real
+SDXL compile takes many minutes: benchmarks/results/sdxl_memory.txt)."""
+
+import os
+import sys
+
+import jax
+import pytest
+
+from tests.latent_reference import TINY_UNETS
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(HERE, "benchmarks"))
+import sdxl_memory  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def test_tiny_unet_compiles_abstractly_and_reports_memory():
+  if jax.device_count() < 8:
+    pytest.skip("needs the 8 fake CPU devices of tests/conftest.py")
+  config = sdxl_memory.load_config(os.path.join(HERE, "configs", "sdxl.py"))
+  built = sdxl_memory.build(config, resolution=64, unet_config=TINY_UNETS["sdxl"])
+  state, batch, frozen = built["args"]
+  assert built["mesh"].shape == {"data": 1, "fsdp": 8}
+  assert batch["latent"].shape == (16, 8, 8, 4) and batch["text_embeds"].shape == (16, 12)
+  # Only the adapters train (float32); the base stays bf16 and is never materialised.
+  assert {x.dtype.name for x in jax.tree.leaves(state.params)} == {"float32"}
+  assert {x.dtype.name for x in jax.tree.leaves(frozen)} == {"bfloat16"}
+  assert built["trainable_params"] > 0 and built["frozen_params"] > 20 * built["trainable_params"]
+  lines = []
+  (r,) = sdxl_memory.report(built, "tiny", ["ambient"], lines.append)
+  assert r["arguments"] > 0 and r["temporaries"] > 0 and r["compile_s"] > 0
+  assert r["total"] == r["arguments"] + r["outputs"] - r["aliased"] + r["temporaries"]
+  assert r["aliased"] > 0  # the donated state is updated in place
+  assert lines[0].startswith("# tiny: frozen UNet") and lines[1].startswith("tiny ")
+  assert "TPU v5e 16 GiB: fits" in lines[2] and "H100 80 GiB: fits" in lines[2]
