@@ -182,6 +182,7 @@ def _check_latent(c: "_Checker") -> None:
   for field in ("latent.param_dtype", "latent.dtype"):
     c.one_of(field, ("float32", "bfloat16"))
   c.one_of("latent.timesteps", ("uniform", "lognormal"))
+  c.one_of("latent.remat", (True, False))
   c.number("latent.cfg_dropout", 0.0, 1.0, high_open=True)
   c.number("latent.guidance_scale", 0.0)
   c.int_at_least("latent.sample_steps", 1)

@@ -127,7 +127,7 @@ def build(config, *, batch: int | None = None, resolution: int | None = None,
 
   def factory():
     model = unet.UNet2DConditionModel(unet_config, dtype=dtype, param_dtype=param_dtype,
-                                      rngs=nnx.Rngs(0))
+                                      remat=bool(lc.remat), rngs=nnx.Rngs(0))
     if rank > 0:
       lora.add_lora(model, rank=rank, alpha=float(lc.lora_alpha) or None,
                     targets=tuple(lc.lora_targets), key=jax.random.key(0))

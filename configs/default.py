@@ -83,6 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.latent.lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections
   c.latent.param_dtype = "bfloat16"  # frozen base weights ("float32" for exactness)
   c.latent.dtype = "bfloat16"     # UNet compute dtype; adapters and the loss stay float32
+  c.latent.remat = False          # recompute UNet blocks in the backward pass (memory for speed)
   c.latent.timesteps = "uniform"  # "uniform": DDPM steps above t_n (paper) | "lognormal"
   c.latent.cfg_dropout = 0.0      # probability of training on the unconditional prompt
   c.latent.guidance_scale = 5.0   # sample grids: classifier-free guidance

@@ -33,13 +33,16 @@ VARIANTS = {
     "consistency=0.01": "λ_c (0 = off; default the paper's: 0.01, 1e-4 at t_n = 800)",
     "family=sd15": "Stable Diffusion 1.5 instead of SDXL: 512², batch 16, the same recipe",
     "full_finetune": "train the whole UNet (float32) instead of LoRA adapters",
+    "remat": "recompute each UNet resnet / transformer block in the backward pass (same "
+             "gradients; XLA:CPU's memory plan showed no saving, untested on accelerators)",
     "smoke": "a few CPU steps on a tiny diffusers folder (tests): float32, rank 2, batch 4",
 }
 
 
 def get_config(arg=None):
   a = edm_paper.parse_arg(arg, t_n=500, consistency=-1.0, consistency_start=150_000,
-                          mode="ambient", family="sdxl", full_finetune=False, smoke=False)
+                          mode="ambient", family="sdxl", full_finetune=False, remat=False,
+                          smoke=False)
   if a["family"] not in ("sdxl", "sd15"):
     raise ValueError(f"Config variant family={a['family']!r} is unknown; allowed: sdxl, sd15.")
   if a["consistency"] < 0 and a["consistency"] != -1.0:
@@ -54,6 +57,7 @@ def get_config(arg=None):
   c.latent.lora_alpha = 0.0               # = rank: scale 1
   c.latent.param_dtype = "float32" if a["full_finetune"] else "bfloat16"
   c.latent.dtype = "bfloat16"
+  c.latent.remat = a["remat"]
   c.latent.timesteps = "uniform"
   c.latent.sample_steps = 25
   c.latent.guidance_scale = 5.0 if a["family"] == "sdxl" else 7.5

@@ -102,7 +102,7 @@ class LatentTask:
     shard = lambda state: sharding_lib.param_sharding(self.mesh, state, min_size=min_size)
     model, self.unet_config = unet.load_unet(
         os.path.join(self.pretrained, "unet"), param_dtype=param_dtype,
-        dtype=DTYPES[lc.dtype], shardings=shard)
+        dtype=DTYPES[lc.dtype], shardings=shard, remat=bool(lc.remat))
     self._check_dataset_fits()
     if lc.lora_rank > 0:
       alpha = float(lc.lora_alpha) or None

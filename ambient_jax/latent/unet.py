@@ -30,6 +30,14 @@ from ambient_jax.latent.unet_config import resolve_unet_config
 Dtype = Any
 
 
+def call(module: nnx.Module, remat: bool, *args):
+  """module(*args); with `remat`, its activations are recomputed in the backward pass
+  instead of stored (jax.checkpoint): the memory lever for SDXL at 1024²."""
+  if not remat:
+    return module(*args)
+  return nnx.remat(lambda m, *a: m(*a))(module, *args)
+
+
 def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool,
                        freq_shift: float, max_period: float = 10000.0) -> jax.Array:
   """diffusers' `get_timestep_embedding`: float timesteps [N] -> [N, dim] float32."""
@@ -116,11 +124,11 @@ class Transformer2DModel(nnx.Module):
         for _ in range(num_layers)])
     self.proj_out = project(channels, channels)
 
-  def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, context: jax.Array, remat: bool = False) -> jax.Array:
     b, h, w, c = x.shape
     tokens = self.proj_in(self.norm(x)).reshape(b, h * w, c)
     for block in self.transformer_blocks:
-      tokens = block(tokens, context)
+      tokens = call(block, remat, tokens, context)
     return self.proj_out(tokens.reshape(b, h, w, c)) + x.astype(tokens.dtype)
 
 
@@ -152,12 +160,12 @@ class DownBlock(nnx.Module):
     self.downsamplers = nnx.data(nnx.List([Downsample2D(
         out_channels, padding=cfg["downsample_padding"], **kw)]) if add_downsample else None)
 
-  def __call__(self, x, temb, context):
+  def __call__(self, x, temb, context, remat: bool = False):
     skips = []
     for i, resnet in enumerate(self.resnets):
-      x = resnet(x, temb)
+      x = call(resnet, remat, x, temb)
       if self.attentions is not None:
-        x = self.attentions[i](x, context)
+        x = self.attentions[i](x, context, remat)
       skips.append(x)
     if self.downsamplers is not None:
       x = self.downsamplers[0](x)
@@ -183,11 +191,11 @@ class UpBlock(nnx.Module):
                                             cross_attention_dim, cfg, **kw) if attention else None)
     self.upsamplers = nnx.data(nnx.List([Upsample2D(out_channels, **kw)]) if add_upsample else None)
 
-  def __call__(self, x, skips, temb, context):
+  def __call__(self, x, skips, temb, context, remat: bool = False):
     for i, resnet in enumerate(self.resnets):
-      x = resnet(jnp.concatenate([x, skips[-1 - i].astype(x.dtype)], axis=-1), temb)
+      x = call(resnet, remat, jnp.concatenate([x, skips[-1 - i].astype(x.dtype)], axis=-1), temb)
       if self.attentions is not None:
-        x = self.attentions[i](x, context)
+        x = self.attentions[i](x, context, remat)
     if self.upsamplers is not None:
       x = self.upsamplers[0](x)
     return x
@@ -204,21 +212,23 @@ class MidBlock(nnx.Module):
                                    cfg, **kw)
     self.resnets = nnx.List([ResnetBlock2D(channels, channels, **rkw) for _ in range(2)])
 
-  def __call__(self, x, temb, context):
-    x = self.resnets[0](x, temb)
-    return self.resnets[1](self.attentions[0](x, context), temb)
+  def __call__(self, x, temb, context, remat: bool = False):
+    x = call(self.resnets[0], remat, x, temb)
+    return call(self.resnets[1], remat, self.attentions[0](x, context, remat), temb)
 
 
 class UNet2DConditionModel(nnx.Module):
   """ε (or v) prediction network of Stable Diffusion: [B, h, w, C] latents -> [B, h, w, C].
 
   `config`: the unet/config.json dict (validated by `resolve_unet_config`). `dtype` is the
-  compute dtype (e.g. bfloat16), `param_dtype` the storage dtype.
+  compute dtype (e.g. bfloat16), `param_dtype` the storage dtype. `remat`: recompute every
+  resnet and transformer block in the backward pass (same numbers, far less memory).
   """
 
   def __init__(self, config: Mapping[str, Any], *, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               param_dtype: Dtype = jnp.float32, remat: bool = False, rngs: nnx.Rngs):
     cfg = resolve_unet_config(config)
+    self.remat = bool(remat)  # recompute each resnet / transformer block in the backward pass
     self.config = freeze(dict(config))  # the folder's config.json, saved back unchanged
     self.cfg = freeze(cfg)
     self.dtype = dtype
@@ -301,19 +311,19 @@ class UNet2DConditionModel(nnx.Module):
     x = self.conv_in(sample)
     skips = [x]
     for block in self.down_blocks:
-      x, block_skips = block(x, temb, context)
+      x, block_skips = block(x, temb, context, self.remat)
       skips += block_skips
-    x = self.mid_block(x, temb, context)
+    x = self.mid_block(x, temb, context, self.remat)
     for block in self.up_blocks:
       used = len(block.resnets)
-      x = block(x, skips[-used:], temb, context)
+      x = block(x, skips[-used:], temb, context, self.remat)
       skips = skips[:-used]
     x = self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
     return x.astype(jnp.float32)
 
 
 def load_unet(folder: str, *, dtype: Dtype = None, param_dtype: Dtype = None,
-              shardings: Any = None, variant: str | None = None
+              shardings: Any = None, variant: str | None = None, remat: bool = False
               ) -> tuple[UNet2DConditionModel, dict[str, Any]]:
   """A diffusers `unet/` folder -> (UNet2DConditionModel with its weights, config.json dict).
 
@@ -324,7 +334,8 @@ def load_unet(folder: str, *, dtype: Dtype = None, param_dtype: Dtype = None,
   param_dtype = param_dtype or jnp.float32
   config = weights.read_config(folder)
   abstract = weights.build_abstract(lambda: UNet2DConditionModel(
-      config, dtype=dtype or param_dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+      config, dtype=dtype or param_dtype, param_dtype=param_dtype, remat=remat,
+      rngs=nnx.Rngs(0)))
   module = weights.load_params(abstract, weights.open_checkpoint(folder, variant),
                                component=f"unet ({folder})", dtype=param_dtype,
                                shardings=shardings)
