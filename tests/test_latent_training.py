@@ -64,12 +64,14 @@ def test_lora_fine_tune_trains_only_the_adapters_and_resumes_bit_exactly(prepare
 
 @pytest.mark.parametrize("variant", ["naive", "full_finetune"])
 def test_baselines_and_full_fine_tuning_take_a_step(prepared, tmp_path, variant):
+  """One step of the naive baseline (with remat) and of full fine-tuning."""
   config = _config(prepared, num_train_steps=1, **{"sample.every_steps": -1})
   if variant == "full_finetune":
     config.latent.lora_rank = 0
   else:
     config.loss.kind = "naive"
     config.consistency.weight = 0.0
+    config.latent.remat = True  # the LoRA step with every block recomputed in the backward pass
   trainer = train.Trainer(config, str(tmp_path / variant), devices=jax.devices()[:1])
   state = trainer.run()
   trainer.close()

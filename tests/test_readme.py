@@ -21,5 +21,5 @@ def test_readme_losses_example_runs():
 
 def test_readme_gives_the_test_command_that_ci_runs():
   ci = (README.parent / ".ci" / "run").read_text()
-  assert "python -m pytest tests" in README.read_text() and "python -m pytest tests" in ci
+  assert "python -m pytest tests -n 2" in README.read_text() and "python -m pytest tests -n 2" in ci
   assert "pip install -e '.[test]'" in ci
