@@ -4,7 +4,8 @@
 
 Restores DIR's checkpoint (latest, or --step) as `python -m ambient_jax.evaluate` does, takes
 EMA --ema (default 0) or, with --raw, the raw parameters, attaches them to the UNet of the
-run's pretrained folder and writes its adapters with `latent.lora.save_lora`: the diffusers /
+run's pretrained folder (its structure only: the base weights are never read, so exporting
+from an SDXL run needs no 5 GB load) and writes its adapters with `latent.lora.save_lora`: the diffusers /
 PEFT LoRA format, "unet.<module>.lora_A.weight" [r, in] / "lora_B.weight" [out, r] with
 α / r folded into B, float32 unless --dtype. No torch is needed; in PyTorch
 
@@ -34,7 +35,8 @@ def export(workdir: str, out: str, *, step: int | None = None, ema: int = 0,
   if not out.endswith(".safetensors"):
     raise cli.UsageError(f"--out={out}: give a .safetensors file name (diffusers' "
                          "load_lora_weights reads safetensors).")
-  run = run if run is not None else evaluation.LatentRun(workdir, step, ema, devices=devices)
+  if run is None:  # the adapters only: the base UNet's weights are never read
+    run = evaluation.LatentRun(workdir, step, ema, devices=devices, base_weights=False)
   path = evaluation.export_lora(run, out, dtype=getattr(jnp, dtype))
   print(f"[export_lora] wrote {path}: adapters of {run.workdir} step {run.step} ({run.weights}); "
         f"load with pipe.load_lora_weights on {run.task.pretrained}", flush=True)

@@ -39,7 +39,7 @@ from jax.experimental import multihost_utils
 
 from ambient_jax import cli
 from ambient_jax.data.corruption import example_noise, uint8_to_float
-from ambient_jax.latent import clip, pipeline, prompts, tokenizer, vae
+from ambient_jax.latent import pipeline, prompts, vae
 from ambient_jax.latent import dataset as ds
 from ambient_jax.latent.schedule import NoiseSchedule
 from ambient_jax.precond import expand
@@ -105,20 +105,14 @@ def read_pretrained_configs(folder: str) -> dict[str, Any]:
 
 
 def load_components(folder: str):
-  """A `pipeline.LatentPipeline` with the VAE, text encoders and tokenizers of `folder` and
-  no UNet (unet=None): preparation never runs it, and SDXL's is 10 GB in float32."""
-  configs = read_pretrained_configs(folder)
-  names = [n for n in ("text_encoder", "text_encoder_2") if n in configs]
-  for name in ["vae", *names, *(n.replace("text_encoder", "tokenizer") for n in names)]:
-    if not os.path.isdir(os.path.join(folder, name)):
-      raise cli.UserError(f"--pretrained={folder}: the component folder {name}/ is missing.")
-  vae_module, _ = vae.load_vae(os.path.join(folder, "vae"))
-  encoders = tuple(clip.load_text_encoder(os.path.join(folder, n))[0] for n in names)
-  tokenizers = tuple(tokenizer.load_tokenizer(os.path.join(folder, n.replace("text_encoder",
-                                                                             "tokenizer")))
-                     for n in names)
-  return pipeline.LatentPipeline(None, vae_module, encoders, tokenizers,
-                                 NoiseSchedule.from_config(configs["scheduler"]), configs)
+  """`pipeline.load_pretrained(folder, with_unet=False)` (VAE, text encoders, tokenizers,
+  schedule) after `read_pretrained_configs` checked the folder; a missing component
+  folder is one line."""
+  read_pretrained_configs(folder)
+  try:
+    return pipeline.load_pretrained(folder, with_unet=False)
+  except FileNotFoundError as e:
+    raise cli.UserError(f"--pretrained={folder}: {e}") from e
 
 
 def read_captions(images: str, file_names: Sequence[str], captions_file: Optional[str]

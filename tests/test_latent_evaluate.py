@@ -90,7 +90,8 @@ def _inputs(run, t=(800.0, 300.0)):
 def test_exported_lora_reproduces_the_run_in_ours_and_in_diffusers(workdir, run, unet_fn,
                                                                    tmp_path):
   import diffusers
-  out = export_lora.export(workdir, str(tmp_path / "lora.safetensors"), run=run)
+  out = export_lora.export(workdir, str(tmp_path / "lora.safetensors"),
+                           devices=jax.devices()[:DEVICES])  # restores without base weights
   inputs = _inputs(run)
   expected = unet_fn(run.model(), inputs)  # EMA 0 over the frozen base, as evaluation uses it
   base, _ = unet.load_unet(os.path.join(run.task.pretrained, "unet"))
@@ -103,6 +104,14 @@ def test_exported_lora_reproduces_the_run_in_ours_and_in_diffusers(workdir, run,
   err = relative_error(expected, torch_unet_output(pipe.unet, inputs))
   print(f"export parity vs diffusers: relative {err:.2e}")
   assert err <= 1e-4
+
+
+def test_export_restore_reads_no_base_weights(workdir, run):
+  light = evaluation.LatentRun(workdir, devices=jax.devices()[:DEVICES], base_weights=False)
+  frozen = jax.tree.leaves(light.task.frozen)
+  assert frozen and all(isinstance(a, jax.ShapeDtypeStruct) for a in frozen)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(light.params),
+               jax.device_get(run.params))
 
 
 @pytest.fixture(scope="module")

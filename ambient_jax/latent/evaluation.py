@@ -57,11 +57,13 @@ class LatentRun:
   and the chosen trainable tree (LoRA adapters, or the whole UNet for a full fine-tune).
 
   params: EMA `ema` of the trainable tree, or the raw parameters when ema < 0.
-  `model()` is the UNet with them over the frozen base.
+  `model()` is the UNet with them over the frozen base. base_weights=False leaves the base
+  abstract (nothing read; LoRA export needs only the adapters).
   """
 
   def __init__(self, workdir: str, step: Optional[int] = None, ema: int = 0,
-               devices: Optional[Sequence[jax.Device]] = None, config: Any = None):
+               devices: Optional[Sequence[jax.Device]] = None, config: Any = None,
+               base_weights: bool = True):
     from ambient_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
     from ambient_jax import train_state as ts  # pylint: disable=g-import-not-at-top
     from ambient_jax.latent import training  # pylint: disable=g-import-not-at-top
@@ -74,7 +76,7 @@ class LatentRun:
                               "(configs/sdxl.py).")
     self.mesh = evaluate.eval_mesh(self.config, devices)
     self.batch_sharding = sharding_lib.batch_sharding(self.mesh)
-    self.task = training.LatentTask(self.config, self.mesh)
+    self.task = training.LatentTask(self.config, self.mesh, base_weights=base_weights)
     tx = ts.make_optimizer(self.config.optim)
     init, init_args = self.task.init(tx)
     abstract, shardings = ts.abstract_train_state(self.config, self.mesh, tx, init, init_args)
@@ -223,6 +225,22 @@ def attack_latents(run: LatentRun, z0: np.ndarray, *, attack_t: int, key: jax.Ar
       sigma_to=float(sched.ve_sigmas[0]), log=log)
 
 
+def sample_images(run: LatentRun, mode: str, num_samples: int, *, seed: int, num_steps: int,
+                  guidance_scale: float, sigma_stop: float, batch_size: int = 256) -> np.ndarray:
+  """Decoded samples [num_samples, R, R, 3] in [-1, 1], quantized as saved images: image k
+  from fold_in(key(seed), k) under the prompt of fine-tuning example k mod N, guided Euler
+  over diffusers' σ list, `full` or `truncated` at VE `sigma_stop` (one Tweedie step)."""
+  ds = run.dataset
+  sample_fn = make_sampler(run, mode, run.schedule.inference_sigmas(num_steps), sigma_stop,
+                           guidance_scale)
+  frozen_sh = jax.tree.map(lambda a: a.sharding, run.task.frozen)
+  latents = evaluate.generate(
+      sample_fn, (run.params, run.task.frozen), num_samples, seed=seed, batch_size=batch_size,
+      batch_sharding=run.batch_sharding, param_sharding=(run.param_shardings, frozen_sh),
+      inputs=lambda idx: _cond_keys(ds.get_batch(idx % ds.num_examples)))
+  return evaluate.quantize(np.clip(run.coder[1](latents), -1.0, 1.0))
+
+
 def _feature_fn(name: str, clean: np.ndarray, inception_weights: Optional[str],
                 cache_dir: str, feature_steps: Optional[int]):
   """(feature name, fn images [n, R, R, 3] in [-1, 1] -> [n, F] or None for pixels,
@@ -298,17 +316,9 @@ def evaluate_latent(workdir: str, *, step: Optional[int] = None, sampling: str =
                                                   cache_dir, feature_steps)
     net = net or net_m
   heldout = None if heldout_images is None else read_image_folder(heldout_images, clean.shape[1])
-  encode, decode = run.coder
-
-  # Samples: image k from fold_in(key(seed), k) under the prompt of example k mod N.
-  sample_fn = make_sampler(run, sampling, sched.inference_sigmas(num_steps), sigma_stop, g)
-  frozen_sh = jax.tree.map(lambda a: a.sharding, run.task.frozen)
   t0 = time.time()
-  latents = evaluate.generate(
-      sample_fn, (run.params, run.task.frozen), num_samples, seed=seed, batch_size=batch_size,
-      batch_sharding=run.batch_sharding, param_sharding=(run.param_shardings, frozen_sh),
-      inputs=lambda idx: _cond_keys(ds.get_batch(idx % ds.num_examples)))
-  samples = evaluate.quantize(np.clip(decode(latents), -1.0, 1.0))
+  samples = sample_images(run, sampling, num_samples, seed=seed, num_steps=num_steps,
+                          guidance_scale=g, sigma_stop=sigma_stop, batch_size=batch_size)
   out_dir = run.root / "eval" / str(run.step)
   result: dict[str, Any] = dict(
       workdir=run.workdir, step=run.step, weights=run.weights, kind="latent",
@@ -335,8 +345,8 @@ def evaluate_latent(workdir: str, *, step: Optional[int] = None, sampling: str =
     result.update(evaluate.fid(samples, inception_weights, cache_dir, name, lambda: clean))
     log(f"FID = {result['fid']:.3f}")
   if "memorization" in metrics:
-    result.update(_memorization(
-        run, clean, samples, encode, decode, feature_name, feature_fn, heldout, out_dir,
+    result.update(memorization_report(
+        run, clean, samples, feature_name, feature_fn, heldout, out_dir,
         attack_t=attack_t, key=jax.random.key(seed + 1), num_attacked=attack_images,
         posterior_steps=posterior_steps, batch_size=min(batch_size, 64),
         guidance_scale=attack_guidance))
@@ -345,11 +355,12 @@ def evaluate_latent(workdir: str, *, step: Optional[int] = None, sampling: str =
   return result
 
 
-def _memorization(run, clean, samples, encode, decode, feature_name, feature_fn, heldout,
-                  out_dir, *, attack_t, key, num_attacked, posterior_steps, batch_size,
-                  guidance_scale) -> dict:
-  """The attack on the clean fine-tuning images + nearest neighbours of the samples:
-  {"memorization": {...}, "memorization_png": path}."""
+def memorization_report(run, clean, samples, feature_name, feature_fn, heldout, out_dir, *,
+                        attack_t, key, num_attacked, posterior_steps, batch_size,
+                        guidance_scale) -> dict:
+  """The attack on the clean fine-tuning images [N, R, R, 3] + the nearest fine-tuning
+  image of each sample, copies calibrated on `heldout` images when given (else None):
+  {"memorization": {..., "samples": {...}}, "memorization_png", "attack_png": paths}."""
   from ambient_jax.metrics import memorization  # pylint: disable=g-import-not-at-top
   from ambient_jax.sample_grid import save_png, tile  # pylint: disable=g-import-not-at-top
   log, sched = evaluate.log_message, run.schedule
@@ -358,6 +369,7 @@ def _memorization(run, clean, samples, encode, decode, feature_name, feature_fn,
   if heldout is not None:
     calibration = memorization.heldout_baseline(index, heldout)
     copy_rmse = calibration["copy_rmse"]
+  encode, decode = run.coder
   z0 = encode(clean)
   attacked, recon = attack_latents(run, z0, attack_t=attack_t, key=key,
                                    num_attacked=num_attacked, posterior_steps=posterior_steps,

@@ -99,27 +99,35 @@ class LatentPipeline:
 
 
 def load_pretrained(folder: str | os.PathLike, *, param_dtype: Any = None, dtype: Any = None,
-                    unet_shardings: Any = None, variant: str | None = None) -> LatentPipeline:
+                    unet_shardings: Any = None, variant: str | None = None,
+                    with_unet: bool = True) -> LatentPipeline:
   """Loads a diffusers Stable Diffusion / SDXL folder (`model_index.json` + components).
 
   `param_dtype` (default float32) and `dtype` (compute, default = param_dtype) apply to
   the UNet and the text encoders; the VAE computes in float32 when its config says
   force_upcast. `unet_shardings`: see `weights.load_params` (e.g. FSDP over a mesh).
+  with_unet=False: everything but the UNet (unet=None; latent preparation never runs it,
+  and SDXL's is 10 GB in float32), and the folder needs no unet/.
   """
   folder = os.fspath(folder)
   index = weights.read_json(os.path.join(folder, "model_index.json"))
   sdxl = "text_encoder_2" in index and index["text_encoder_2"] and index["text_encoder_2"][0]
   names = SDXL_COMPONENTS if sdxl else tuple(n for n in SDXL_COMPONENTS if not n.endswith("_2"))
+  names = names if with_unet else tuple(n for n in names if n != "unet")
   missing = [n for n in names if not os.path.isdir(os.path.join(folder, n))]
   if missing:
     raise FileNotFoundError(f"{folder}: component folder(s) {missing} are missing (the folder "
                             f"must hold {list(names)}, as diffusers' save_pretrained writes).")
   param_dtype = param_dtype or jnp.float32
   path = lambda n: os.path.join(folder, n)
-  unet_module, unet_config = unet.load_unet(path("unet"), dtype=dtype, param_dtype=param_dtype,
-                                            shardings=unet_shardings, variant=variant)
+  unet_module, unet_config = None, None
+  if with_unet:
+    unet_module, unet_config = unet.load_unet(path("unet"), dtype=dtype, param_dtype=param_dtype,
+                                              shardings=unet_shardings, variant=variant)
   vae_module, vae_config = vae.load_vae(path("vae"), dtype=param_dtype)
-  encoders, configs = [], {"model_index": index, "unet": unet_config, "vae": vae_config}
+  encoders, configs = [], {"model_index": index, "vae": vae_config}
+  if with_unet:
+    configs["unet"] = unet_config
   for name in [n for n in names if n.startswith("text_encoder")]:
     module, configs[name] = clip.load_text_encoder(path(name), dtype=param_dtype, variant=variant)
     encoders.append(module)

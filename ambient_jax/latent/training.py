@@ -75,8 +75,10 @@ def _expand_cond(cond: guidance.Conditioning, batch: int) -> guidance.Conditioni
 class LatentTask:
   """Data, state, step and grids of a latent fine-tuning run (see the module docstring)."""
 
-  def __init__(self, config: Any, mesh: jax.sharding.Mesh):
-    self.config, self.mesh = config, mesh
+  def __init__(self, config: Any, mesh: jax.sharding.Mesh, base_weights: bool = True):
+    """base_weights=False: the frozen base UNet stays abstract (ShapeDtypeStructs, nothing
+    read): enough to restore a checkpoint and export its adapters, not to run the UNet."""
+    self.config, self.mesh, self.base_weights = config, mesh, base_weights
     lc = config.latent
     self.pretrained = os.path.abspath(lc.pretrained)
     self.index = check_pretrained(self.pretrained)
@@ -102,7 +104,8 @@ class LatentTask:
     shard = lambda state: sharding_lib.param_sharding(self.mesh, state, min_size=min_size)
     model, self.unet_config = unet.load_unet(
         os.path.join(self.pretrained, "unet"), param_dtype=param_dtype,
-        dtype=DTYPES[lc.dtype], shardings=shard, remat=bool(lc.remat))
+        dtype=DTYPES[lc.dtype], shardings=shard, remat=bool(lc.remat),
+        with_weights=self.base_weights)
     self._check_dataset_fits()
     if lc.lora_rank > 0:
       alpha = float(lc.lora_alpha) or None

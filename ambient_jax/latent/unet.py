@@ -325,19 +325,23 @@ class UNet2DConditionModel(nnx.Module):
 
 
 def load_unet(folder: str, *, dtype: Dtype = None, param_dtype: Dtype = None,
-              shardings: Any = None, variant: str | None = None, remat: bool = False
-              ) -> tuple[UNet2DConditionModel, dict[str, Any]]:
+              shardings: Any = None, variant: str | None = None, remat: bool = False,
+              with_weights: bool = True) -> tuple[UNet2DConditionModel, dict[str, Any]]:
   """A diffusers `unet/` folder -> (UNet2DConditionModel with its weights, config.json dict).
 
   `param_dtype`: storage dtype (default: float32); `dtype`: compute dtype (default:
   `param_dtype`). `shardings`: see `weights.load_params` (e.g. FSDP over a mesh); each
   tensor goes straight from the memory-mapped file into its device shards.
+  with_weights=False: the module with ShapeDtypeStruct parameters, nothing read (enough
+  to restore and export adapters, which never run the base).
   """
   param_dtype = param_dtype or jnp.float32
   config = weights.read_config(folder)
   abstract = weights.build_abstract(lambda: UNet2DConditionModel(
       config, dtype=dtype or param_dtype, param_dtype=param_dtype, remat=remat,
       rngs=nnx.Rngs(0)))
+  if not with_weights:
+    return abstract, config
   module = weights.load_params(abstract, weights.open_checkpoint(folder, variant),
                                component=f"unet ({folder})", dtype=param_dtype,
                                shardings=shardings)
