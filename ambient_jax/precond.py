@@ -8,6 +8,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy import special
 
 SIGMA_DATA = 0.5
@@ -97,6 +98,23 @@ def vp_denoiser_from_ve(denoise_ve: DenoiseFn) -> DenoiseFn:
   return denoise
 
 
+BETA_SCHEDULES = ("scaled_linear", "linear")
+
+
+def ddpm_alphas_bar(num_timesteps: int = 1000, beta_start: float = 0.00085,
+                    beta_end: float = 0.012, schedule: str = "scaled_linear") -> np.ndarray:
+  """ᾱ_t = Π_{s≤t} (1 − β_s), t = 0..T−1, of a DDPM β schedule: [T] float32, computed as
+  diffusers' schedulers do (numpy float32), so latent models match them bit for bit."""
+  if schedule == "scaled_linear":
+    betas = np.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=np.float32) ** 2
+  elif schedule == "linear":
+    betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float32)
+  else:
+    raise ValueError(f"beta schedule {schedule!r} is not supported (supported: "
+                     f"{BETA_SCHEDULES}).")
+  return np.cumprod(1.0 - betas, dtype=np.float32)
+
+
 def ddpm_sigmas(num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
                 schedule: str = "scaled_linear") -> jax.Array:
   """VP noise levels σ_t = √(1 − ᾱ_t), t = 0..T−1, of a DDPM β schedule: [T].
@@ -104,12 +122,5 @@ def ddpm_sigmas(num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end
   Defaults are Stable Diffusion / SDXL's scaled-linear schedule, where t = 100/500/800
   give σ_t ≈ 0.325/0.851/0.981 (METHOD.md §4).
   """
-  if schedule == "scaled_linear":
-    betas = jnp.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=jnp.float64
-                         if jax.config.jax_enable_x64 else jnp.float32) ** 2
-  elif schedule == "linear":
-    betas = jnp.linspace(beta_start, beta_end, num_timesteps)
-  else:
-    raise ValueError(f"`schedule` must be one of ('scaled_linear', 'linear'); got {schedule!r}.")
-  alphas_bar = jnp.cumprod(1.0 - betas)
-  return jnp.sqrt(1.0 - alphas_bar)
+  return jnp.sqrt(1.0 - jnp.asarray(ddpm_alphas_bar(num_timesteps, beta_start, beta_end,
+                                                     schedule)))

@@ -24,11 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ambient_jax.precond import expand
+from ambient_jax.precond import BETA_SCHEDULES, ddpm_alphas_bar, expand
 
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 SPACINGS = ("leading", "linspace", "trailing")
-BETA_SCHEDULES = ("scaled_linear", "linear")
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_t [B, ...], t [B]) -> output
 
@@ -52,11 +51,7 @@ class NoiseSchedule:
     kind = config.get("beta_schedule", "linear")
     if config.get("trained_betas") is not None:
       raise ValueError("scheduler config: trained_betas is not supported.")
-    if kind == "scaled_linear":
-      betas = np.linspace(start**0.5, end**0.5, num, dtype=np.float32) ** 2
-    elif kind == "linear":
-      betas = np.linspace(start, end, num, dtype=np.float32)
-    else:
+    if kind not in BETA_SCHEDULES:
       raise ValueError(f"scheduler config: beta_schedule={kind!r} is not supported "
                        f"(supported: {BETA_SCHEDULES}).")
     prediction = config.get("prediction_type", "epsilon")
@@ -70,7 +65,7 @@ class NoiseSchedule:
       if config.get(key, default) not in (default, None):
         raise ValueError(f"scheduler config: {key}={config[key]!r} is not supported (only "
                          f"{default!r}).")
-    alphas_cumprod = np.cumprod(1.0 - betas, dtype=np.float32)
+    alphas_cumprod = ddpm_alphas_bar(num, start, end, kind)
     return cls(alphas_cumprod, prediction, spacing, int(config.get("steps_offset", 0)))
 
   @property
