@@ -178,6 +178,45 @@ def test_resampling_matches_torch_definition(filt):
   np.testing.assert_allclose(down, ref_down, atol=1e-5)
 
 
+def _group_norm_nchw(x, weight, bias, groups, eps):
+  """torch.nn.functional.group_norm's definition on NCHW float64 arrays."""
+  n, c = x.shape[:2]
+  xg = x.reshape(n, groups, -1)
+  y = (xg - xg.mean(-1, keepdims=True)) / np.sqrt(xg.var(-1, keepdims=True) + eps)
+  return y.reshape(x.shape) * weight[None, :, None, None] + bias[None, :, None, None]
+
+
+@pytest.mark.parametrize("channels,offset", [(32, 0.0), (24, 0.0), (64, 50.0)])
+def test_group_norm_matches_torch_definition(channels, offset):
+  """Values and gradients (input, scale, bias) of the per-channel-then-group reduction."""
+  norm = layers.GroupNorm(channels, eps=1e-6)
+  groups = norm.num_groups
+  assert groups == min(32, channels // 4)
+  rng = np.random.default_rng(channels)
+  norm.scale[...] = jnp.asarray(1 + 0.3 * rng.standard_normal(channels), jnp.float32)
+  norm.bias[...] = jnp.asarray(0.3 * rng.standard_normal(channels), jnp.float32)
+  x = offset + 3 * rng.standard_normal((2, 5, 7, channels))  # NHWC, non-square, large mean
+  dy = rng.standard_normal(x.shape)
+
+  def ref(x, w, b):
+    return _group_norm_nchw(x.transpose(0, 3, 1, 2), w, b, groups, 1e-6).transpose(0, 2, 3, 1)
+
+  w, b = np.asarray(norm.scale[...], np.float64), np.asarray(norm.bias[...], np.float64)
+  out = norm(jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(out, ref(x, w, b), atol=2e-5)
+
+  graphdef, state = nnx.split(norm)
+  loss = lambda x, state: jnp.sum(nnx.merge(graphdef, state)(x) * dy)
+  dx, dstate = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x, jnp.float32), state)
+  xhat = (ref(x, w, b) - b) / w
+  np.testing.assert_allclose(dstate["bias"][...], dy.sum((0, 1, 2)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dstate["scale"][...], (dy * xhat).sum((0, 1, 2)), rtol=1e-4,
+                             atol=1e-4)
+  h, probe = 1e-6, rng.standard_normal(x.shape)  # directional derivative of the reference
+  numeric = ((ref(x + h * probe, w, b) - ref(x - h * probe, w, b)) * dy).sum() / (2 * h)
+  np.testing.assert_allclose(float(jnp.sum(dx * probe)), numeric, rtol=1e-3)
+
+
 def test_attention_matches_edm_channel_layout():
   attn = layers.Attention(8, 2, eps=1e-6, init_qkv=layers.Init("xavier_uniform"),
                           init_proj=layers.Init("xavier_uniform"), dtype=jnp.float32,

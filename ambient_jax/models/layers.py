@@ -239,12 +239,23 @@ class GroupNorm(nnx.Module):
     self.bias = _param(jnp.zeros((num_channels,), param_dtype), NORM_AXES)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    shape, c, g = x.shape, x.shape[-1], self.num_groups
-    xg = x.astype(jnp.float32).reshape(shape[0], -1, g, c // g)
-    mean = xg.mean(axis=(1, 3), keepdims=True)
-    var = jnp.square(xg - mean).mean(axis=(1, 3), keepdims=True)
-    y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
-    return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+    # Per-channel means over positions first (a reduction along contiguous NHWC rows), then
+    # over each group's channels; two passes (mean, then variance about it). XLA:CPU runs
+    # this ~3-4x faster, forward and backward, than one reduction over (positions,
+    # channels-in-group) of [B, N, groups, C/groups]. Then one fused multiply-add per element.
+    shape, c = x.shape, x.shape[-1]
+    xf = x.astype(jnp.float32).reshape(shape[0], -1, c)  # [B, N, C]
+    mean = self._group_mean(xf.mean(axis=1))  # [B, C]: its group's mean, per channel
+    var = self._group_mean(jnp.square(xf - mean[:, None, :]).mean(axis=1))
+    scale = jax.lax.rsqrt(var + self.eps) * self.scale[...]
+    shift = self.bias[...] - mean * scale
+    return (xf * scale[:, None, :] + shift[:, None, :]).reshape(shape).astype(self.dtype)
+
+  def _group_mean(self, per_channel: jax.Array) -> jax.Array:
+    """[B, C] -> [B, C]: the mean over each group's channels, repeated for its channels."""
+    b, c = per_channel.shape
+    g = self.num_groups
+    return jnp.repeat(per_channel.reshape(b, g, c // g).mean(axis=-1), c // g, axis=-1)
 
 
 # ----------------------------------------------------------------------------- embeddings
