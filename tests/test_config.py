@@ -102,11 +102,7 @@ def _error(config, num_devices=8) -> str:
 def test_validation_names_field_value_and_allowed(field, value, expected):
   c = load("default.py")
   with c.unlocked():
-    node = c
-    *parents, leaf = field.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    c.update_from_flattened_dict({field: value})
   msg = _error(c)
   for e in expected:
     assert e in msg, msg

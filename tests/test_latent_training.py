@@ -24,12 +24,7 @@ def prepared(tmp_path_factory):
 def _config(prepared, **changes):
   config = sdxl_config()
   config.latent.pretrained, config.latent.dataset = prepared
-  for key, value in changes.items():
-    node = config
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(changes)
   return config
 
 

@@ -47,12 +47,7 @@ def tiny_config(tfds_dir, **overrides) -> ml_collections.ConfigDict:
   c.sample.every_steps = -1
   c.sample.num_images = 8
   c.sample.num_steps = 3
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
+  c.update_from_flattened_dict(overrides)
   return c
 
 
