@@ -27,6 +27,11 @@ from ambient_jax.sample_grid import save_png, tile
 def truncated_sigmas(full: np.ndarray, sigma_stop: float) -> np.ndarray:
   """diffusers' σ list [N + 1] cut at `sigma_stop` (VE): the levels above it, then it."""
   above = full[full > sigma_stop]
+  if not above.size:
+    raise ValueError(f"truncated sampling at σ = {sigma_stop:.4g} (VE): the {len(full) - 1}-step "
+                     f"σ list starts below it (at {float(full[0]):.4g}), so no step is left; "
+                     "use more sampling steps (diffusers' leading spacing starts low for few "
+                     "steps).")
   return np.concatenate([above, [sigma_stop]]).astype(np.float32)
 
 
