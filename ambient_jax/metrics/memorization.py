@@ -38,46 +38,89 @@ def pixel_features(images) -> np.ndarray:
   return images.reshape(images.shape[0], -1)
 
 
+def gaussian_blur(images, sigma_px: float) -> np.ndarray:
+  """Images [N, H, W, C] low-passed by a separable Gaussian of std `sigma_px` pixels
+  (edges reflected): the fixed denoiser of the denoised copy measure."""
+  images = np.asarray(images, np.float32)
+  radius = max(1, int(np.ceil(3 * sigma_px)))
+  taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma_px) ** 2)
+  taps /= taps.sum()
+  for axis in (1, 2):
+    pad = [(0, 0)] * images.ndim
+    pad[axis] = (radius, radius)
+    padded = np.pad(images, pad, mode="reflect")
+    n = images.shape[axis]
+    images = sum(w * np.take(padded, np.arange(i, i + n), axis=axis) for i, w in enumerate(taps))
+  return images.astype(np.float32)
+
+
+class _PixelNN:
+  """Pixel-L2 nearest neighbours among flattened reference images [M, D]."""
+
+  def __init__(self, images):
+    self.pixels = np.asarray(images, np.float64).reshape(len(images), -1)
+    self.sq = np.sum(self.pixels ** 2, axis=1)
+
+  def query(self, images) -> tuple[np.ndarray, np.ndarray]:
+    """(RMSE to the nearest [n], its index [n])."""
+    px = np.asarray(images, np.float64).reshape(len(images), -1)
+    d2 = np.maximum(np.sum(px ** 2, 1, keepdims=True) - 2 * px @ self.pixels.T + self.sq[None], 0)
+    return np.sqrt(d2.min(1) / px.shape[1]), d2.argmin(1)
+
+
 class NearestNeighbourIndex:
-  """Cosine nearest neighbours in a feature space, plus pixel L2 nearest neighbours."""
+  """Cosine nearest neighbours in a feature space, plus pixel L2 nearest neighbours.
+
+  `denoise` (e.g. `functools.partial(gaussian_blur, sigma_px=1.0)`): also the pixel
+  nearest neighbours after the same fixed denoising of query and reference images. A
+  model trained on noisy images may reproduce a training image *with* its noise; its
+  plain pixel distance to the clean image is then about the noise's size and the plain
+  copy criterion misses it; after low-passing both, the noise mostly averages out.
+  """
 
   def __init__(self, reference_images, feature_fn: Optional[FeatureFn] = None,
-               center: bool = True):
+               center: bool = True, denoise: Optional[Callable[[np.ndarray], np.ndarray]] = None):
     self.images = np.asarray(reference_images, np.float32)
     self.feature_fn = feature_fn or pixel_features
     feats = np.asarray(self.feature_fn(self.images), np.float64)
     self.center = feats.mean(0) if center else np.zeros(feats.shape[1])
     self.feats = self._normalise(feats)
-    self.pixels = self.images.reshape(len(self.images), -1).astype(np.float64)
-    self.pixel_sq = np.sum(self.pixels ** 2, axis=1)
+    self.pixel_nn = _PixelNN(self.images)
+    self.denoise = denoise
+    self.denoised_nn = None if denoise is None else _PixelNN(denoise(self.images))
 
   def _normalise(self, feats):
     f = np.asarray(feats, np.float64) - self.center
     return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
 
   def query(self, images, chunk: int = 1000) -> dict[str, np.ndarray]:
-    """images [n, ...] -> {similarity, index (feature NN), pixel_rmse, pixel_index}."""
+    """images [n, ...] -> {similarity, index (feature NN), pixel_rmse, pixel_index}, and
+    with `denoise` {denoised_rmse, denoised_index}."""
     images = np.asarray(images, np.float32)
     q = self._normalise(self.feature_fn(images))
     sims = q @ self.feats.T
-    px = images.reshape(len(images), -1).astype(np.float64)
-    d2 = np.sum(px ** 2, 1, keepdims=True) - 2 * px @ self.pixels.T + self.pixel_sq[None]
-    d2 = np.maximum(d2, 0.0)
-    return dict(similarity=sims.max(1), index=sims.argmax(1),
-                pixel_rmse=np.sqrt(d2.min(1) / px.shape[1]), pixel_index=d2.argmin(1))
+    rmse, idx = self.pixel_nn.query(images)
+    out = dict(similarity=sims.max(1), index=sims.argmax(1), pixel_rmse=rmse, pixel_index=idx)
+    if self.denoised_nn is not None:
+      out["denoised_rmse"], out["denoised_index"] = self.denoised_nn.query(self.denoise(images))
+    return out
 
 
 def summarize(result: dict[str, np.ndarray], attacked: Optional[np.ndarray] = None,
-              copy_rmse: Optional[float] = None) -> dict:
+              copy_rmse: Optional[float] = None,
+              copy_rmse_denoised: Optional[float] = None) -> dict:
   """Fractions above the similarity thresholds, means, self-match rates (when `attacked`
   gives the attacked indices) and, with `copy_rmse`, the fraction of copies: images whose
-  nearest training image is closer in pixels than `copy_rmse` (see `heldout_baseline`)."""
+  nearest training image is closer in pixels than `copy_rmse` (see `heldout_baseline`);
+  with `copy_rmse_denoised`, the same after the index's fixed denoising of both."""
   sims = result["similarity"]
   out = {f"frac_sim_above_{t}": float(np.mean(sims > t)) for t in THRESHOLDS}
   out.update(mean_similarity=float(np.mean(sims)), median_similarity=float(np.median(sims)),
              mean_nn_pixel_rmse=float(np.mean(result["pixel_rmse"])), count=int(len(sims)))
   if copy_rmse is not None:
     out["frac_copies"] = float(np.mean(result["pixel_rmse"] < copy_rmse))
+  if copy_rmse_denoised is not None:
+    out["frac_copies_denoised"] = float(np.mean(result["denoised_rmse"] < copy_rmse_denoised))
   if attacked is not None:
     out["self_match_features"] = float(np.mean(result["index"] == attacked))
     out["self_match_pixels"] = float(np.mean(result["pixel_index"] == attacked))
@@ -85,18 +128,32 @@ def summarize(result: dict[str, np.ndarray], attacked: Optional[np.ndarray] = No
 
 
 def heldout_baseline(index: "NearestNeighbourIndex", heldout_images,
-                     quantile: float = 0.01) -> dict:
+                     quantile: float = 0.01, noise_sigma: float = 0.0, seed: int = 0) -> dict:
   """How close *new* real images come to the training set: the yardstick for copies.
 
   Real images that are not in the training set have nearest training neighbours too, and
   with a small classifier's features many are "almost identical" (similarity > 0.95) to
   one. Calibrate instead: `copy_rmse` is the `quantile` of the held-out images' nearest-
   neighbour pixel RMSE, so a model that generalizes like fresh data has ~`quantile` of
-  its outputs closer than that, and a memorizer ~1. Returns the held-out summary too.
+  its outputs closer than that, and a memorizer ~1. With a denoising index, also
+  `copy_rmse_denoised`: the same quantile after the fixed denoising, of held-out images
+  first noised with std `noise_sigma` (normal draws from `seed`) — as noisy as the
+  outputs being judged, e.g. σ_n for a model trained on noisy data, so that fresh noisy
+  images again count ~`quantile` and noisy copies of training images far more.
+  Returns the held-out summary too.
   """
   r = index.query(heldout_images)
   copy_rmse = float(np.quantile(r["pixel_rmse"], quantile))
-  return dict(summarize(r, copy_rmse=copy_rmse), copy_rmse=copy_rmse, quantile=quantile)
+  out = dict(copy_rmse=copy_rmse, quantile=quantile)
+  if "denoised_rmse" in r:  # the index denoises: calibrate that criterion too
+    heldout = np.asarray(heldout_images, np.float32)
+    noisy = heldout + np.float32(noise_sigma) * np.random.default_rng(seed).standard_normal(
+        heldout.shape).astype(np.float32)
+    denoised = index.query(noisy)["denoised_rmse"] if noise_sigma > 0 else r["denoised_rmse"]
+    out.update(copy_rmse_denoised=float(np.quantile(denoised, quantile)),
+               noise_sigma=float(noise_sigma))
+  return dict(summarize(r, copy_rmse=copy_rmse,
+                        copy_rmse_denoised=out.get("copy_rmse_denoised")), **out)
 
 
 def noise_images(images, sigma: float, key: jax.Array, indices) -> jax.Array:
@@ -198,11 +255,12 @@ def memorization_attack(denoise_fn, train_images, *, sigma: float, key: jax.Arra
 
 def nearest_neighbours(samples, train_images=None, *, feature_fn: Optional[FeatureFn] = None,
                        index: Optional[NearestNeighbourIndex] = None, center: bool = True,
-                       copy_rmse: Optional[float] = None):
+                       copy_rmse: Optional[float] = None,
+                       copy_rmse_denoised: Optional[float] = None):
   """Nearest training image of each generated sample: (summary, similarities [n])."""
   index = index or NearestNeighbourIndex(train_images, feature_fn, center)
   r = index.query(samples)
-  return summarize(r, copy_rmse=copy_rmse), r["similarity"]
+  return summarize(r, copy_rmse=copy_rmse, copy_rmse_denoised=copy_rmse_denoised), r["similarity"]
 
 
 def similarity_histogram_png(path: str, similarities: dict[str, np.ndarray], title: str = "") -> str:
