@@ -1,18 +1,21 @@
-"""The paper's latent experiment in miniature: LoRA fine-tuning of a pretrained latent
-diffusion model on clean vs. noisy digits, quality and memorization (METHOD.md §8, §10).
+"""The paper's latent experiment in miniature: fine-tuning of a pretrained latent diffusion
+model on clean vs. noisy digits, quality and memorization (METHOD.md §8, §10).
 
-    python benchmarks/latent_memorization.py --quick   # 5-6.5 min on 2 shared CPU cores
-    python benchmarks/latent_memorization.py           # full: t_n = 500 and 800, ≈ 40-45 min
+    python benchmarks/latent_memorization.py --quick   # pipeline check, ≈ 5 min on 2 CPU cores
+    python benchmarks/latent_memorization.py           # full: t_n = 500 and 800, ≈ 45-60 min
 
-Measured here (2 CPU cores shared, load 4-5): VAE step (batch 32) 0.12 s, UNet pretraining
-step (batch 32) 0.23 s, LoRA fine-tuning step through the Trainer (batch 16) ≈ 0.08 s plus
-≈ 15-40 s start-up and compilation per run (fine-tunes with the same loss share the step
-through a per-run XLA compilation cache). --quick (100 VAE / 150 UNet / 40 fine-tuning
-steps) checks the pipeline only: 40 steps teach the adapters nothing. The full run's sizes
-(1,500 / 3,000 / 2,000 steps, 7 fine-tunes) are estimated from these step times, not yet
-run; with 800 / 1,500 / 400 steps and t_n = 800 only (16.5 min,
-results/latent_memorization_t800_400steps.txt) clean fine-tuning learned the nines (FD
-88 vs 643 before) but copied none of them yet.
+Sizes: "pretraining" 800 VAE + 1,500 UNet steps; 32 fine-tuning nines; 2,000 fine-tuning
+steps per model (1,000 epochs at batch 16), the whole UNet (--lora_rank 0, lr 2e-4).
+Why not LoRA: measured here, LoRA r = 8 on this tiny UNet (adapters on the attention
+projections of its one cross-attention level) does not memorize even with clean
+fine-tuning — 0 copies from 100 nines after 2,000 steps and from 32 nines after 2,000
+steps (lr 1e-3) — so it could not show the paper's contrast; the full fine-tune of the
+same model copies 91 % of its samples (`--lora_rank 8 --lr 1e-3` runs the LoRA version).
+Measured step times (2 cores shared with other work, load 3–4): VAE step (batch 32)
+≈ 0.1 s, UNet pretraining step ≈ 0.4 s, full fine-tuning step through the Trainer
+(batch 16) ≈ 0.15 s plus ≈ 30 s start-up and compilation per run (fine-tunes with the same
+loss share the step through a per-run XLA compilation cache). --quick (100 VAE / 150 UNet
+/ 40 fine-tuning steps) checks the pipeline only.
 
 1. "Pretraining", clean, on the bundled digits of classes 0–8 at 16×16 (RGB, R = G = B),
    with lean jitted loops: a small AutoencoderKL (f = 2: latents 8×8×4; reconstruction +
@@ -23,27 +26,28 @@ results/latent_memorization_t800_400steps.txt) clean fine-tuning learned the nin
    byte-level BPE learned from the captions, scheduler/ = SD 1.5's DDPM schedule), and
    everything after is the project's real path: `pipeline.load_pretrained`,
    `prepare_latents.prepare`, the ordinary Trainer with `configs/sdxl.py:family=sd15`
-   (LatentTask: frozen base, LoRA adapters on to_q/to_k/to_v/to_out.0).
+   (LatentTask: frozen base + LoRA adapters, or the whole UNet), and evaluation through
+   `latent.evaluation` (`LatentRun`, `sample_images`, `memorization_report`).
 2. Fine-tuning set: --train_size digits of class 9 (never seen in pretraining), caption
    "a handwritten digit nine"; prepared once clean (t_n = 0) and once per corruption level
-   (noisy latents only). Four ways, same LoRA rank, steps, batch, lr and seed:
+   (noisy latents only). Four ways, same model, steps, batch, lr and seed:
      clean                 plain ε loss on the clean latents (ordinary fine-tuning)
      naive                 plain ε loss on the noisy latents as if clean
      ambient               ambient_loss_vp, t uniform above t_n; truncated sampling
                            (Euler to σ_n, one Tweedie step)
      ambient_consistency   ambient + λ_c consistency from --consistency_start of the run;
                            full sampling
-3. Measured on the decoded samples (--num_samples, guided Euler, --sample_steps steps):
-   FD of the digit classifier's features (`metrics.digit_features`, 16×16) to the held-out
-   nines (not in the fine-tuning set); the share of samples that are copies of a
-   fine-tuning image, calibrated on held-out nines (pixel RMSE to the nearest fine-tuning
-   image below the 1 % quantile of held-out nines', `metrics.memorization.heldout_baseline`)
-   and the feature-similarity fractions; the memorization attack (§8) in latent space:
-   every fine-tuning image encoded (posterior mean), noised at DDPM step --attack_t
-   (default 800), reconstructed by one MMSE step and by posterior sampling
-   (`sampling.ancestral_sampler`, via `metrics.memorization.memorization_attack` on the
-   latents), decoded, and compared with the fine-tuning images (copies, sim > 0.95,
-   self-match = the nearest fine-tuning image is the attacked one).
+3. Measured on the decoded samples (--num_samples, guided Euler, --sample_steps steps, the
+   fine-tuning prompt): FD of the digit classifier's features (`metrics.digit_features`,
+   16×16) to held-out nines (not in the fine-tuning set); the share of samples that are
+   copies of a fine-tuning image, calibrated on held-out nines (pixel RMSE to the nearest
+   fine-tuning image below the 1 % quantile of held-out nines',
+   `metrics.memorization.heldout_baseline`) and the feature-similarity fractions; the
+   memorization attack (§8) in latent space (`latent.evaluation.attack_latents`): every
+   fine-tuning image encoded (posterior mean), noised at DDPM step --attack_t (default
+   800), reconstructed by one MMSE step and by posterior sampling, decoded, and compared
+   with the fine-tuning images (copies, sim > 0.95, self-match = the nearest fine-tuning
+   image is the attacked one).
 Two reference rows need no fine-tuning: held-out real nines and the pretrained model
 itself (it never saw a nine). Writes benchmarks/results/latent_memorization{_quick}.txt
 (the log and table), .json, and _samples.png (samples above their nearest fine-tuning image).
@@ -52,7 +56,7 @@ itself (it never saw a nine). Writes benchmarks/results/latent_memorization{_qui
 from __future__ import annotations
 
 import argparse
-import functools
+import copy
 import importlib.util
 import json
 import os
@@ -71,10 +75,10 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from ambient_jax import precond, prepare_latents, sampling  # noqa: E402
-from ambient_jax.latent import clip, guidance, lora, pipeline, unet, vae  # noqa: E402
+from ambient_jax import precond, prepare_latents  # noqa: E402
+from ambient_jax.latent import clip, evaluation, unet, vae  # noqa: E402
 from ambient_jax.latent import configs as latent_configs  # noqa: E402
-from ambient_jax.latent.schedule import NoiseSchedule, ve_denoiser  # noqa: E402
+from ambient_jax.latent.schedule import NoiseSchedule  # noqa: E402
 from ambient_jax.metrics import digit_features, frechet, memorization  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -256,7 +260,7 @@ def finetune_config(method: str, t_n: int, pretrained: str, dataset: str, args):
                                   else f"consistency={args.consistency_weight}")}[method]
   c = sdxl_config(f"family=sd15,t_n={t_n},{mode}")
   c.latent.pretrained, c.latent.dataset = pretrained, dataset
-  c.latent.lora_rank = args.lora_rank
+  c.latent.lora_rank = args.lora_rank  # 0: full fine-tuning of the UNet
   c.latent.param_dtype = c.latent.dtype = "float32"
   c.latent.cfg_dropout = 0.1
   c.num_train_steps = args.steps
@@ -275,103 +279,75 @@ def finetune_config(method: str, t_n: int, pretrained: str, dataset: str, args):
   return c
 
 
-def finetune(method, t_n, pretrained, dataset, workdir, args):
-  """Runs the ordinary Trainer; returns (EMA LoRA tree, seconds)."""
+def finetune(method, t_n, pretrained, dataset, workdir, args) -> float:
+  """Runs the ordinary Trainer (checkpoint at the end); returns its seconds."""
   from ambient_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   config = finetune_config(method, t_n, pretrained, dataset, args)
   t0 = time.time()
-  state = train_lib.train_and_evaluate(config, workdir)
-  return jax.device_get(state.ema[0]), time.time() - t0
+  train_lib.train_and_evaluate(config, workdir)
+  return time.time() - t0
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 
 class Evaluator:
-  """Samples and attacks fine-tuned models: each is a LoRA tree over the pretrained base
-  (the pretrained model itself = the initial adapters, B = 0). The sampler and the attack
-  are jitted once with the tree as an argument, so every model reuses their compilation."""
+  """Measures each fine-tuned run through the project's own evaluation path
+  (`latent.evaluation`: the restored LatentRun, its guided sampler and decoder, and the
+  memorization report with the attack), plus FD to held-out nines. The pretrained model
+  itself is a run whose adapters are all zero (B = 0: the base UNet's output)."""
 
-  def __init__(self, pretrained: str, x_train, heldout, args):
+  def __init__(self, heldout, args):
     self.args = args
-    self.pipe = pipeline.load_pretrained(pretrained)
-    cond, uncond = self.pipe.encode_prompts([caption(HELD_CLASS)], negative=[""])
-    self.schedule = sched = self.pipe.schedule
     self.net = digit_features.get_digit_feature_net(RES, log=log)
-    gray = lambda x: x[..., :1]
-    self.x_train = gray(x_train)
-    self.index = memorization.NearestNeighbourIndex(self.x_train, self.net.features)
-    self.baseline = memorization.heldout_baseline(self.index, gray(heldout), 0.01)
-    self.copy_rmse = self.baseline["copy_rmse"]
-    self.ref_features = self.net.features(gray(heldout))
-    vae_model = self.pipe.vae
-    self.z_train = np.asarray(jax.jit(vae_model.to_latents)(jnp.asarray(x_train)))
-    model = nnx.merge(*nnx.split(self.pipe.unet), copy=True)
-    lora.add_lora(model, rank=args.lora_rank, key=jax.random.key(0))
-    graphdef, trainable, frozen = nnx.split(model, lora.LoRAParam, ...)
-    self.base_tree = nnx.to_pure_dict(trainable)
-    frozen = nnx.to_pure_dict(frozen)
+    self.features = lambda x: self.net.features(np.asarray(x)[..., :1])
+    self.heldout = heldout
+    self.ref_features = self.features(heldout)
+    self.copy_rmse = None
 
-    def denoiser(tree, n, g):
-      unet_model = nnx.merge(graphdef, tree, frozen, copy=True)
-      c = guidance.Conditioning(jnp.broadcast_to(cond.context, (n,) + cond.context.shape[1:]))
-      u = guidance.Conditioning(jnp.broadcast_to(uncond.context, (n,) + uncond.context.shape[1:]))
-      return guidance.guided_denoiser(unet_model, sched, c, u, g)
+  def measure(self, run, mode: str):
+    """(result row dict, decoded samples [n, 16, 16, 1], their nearest fine-tuning image
+    indices): FD to held-out nines, samples' nearest fine-tuning images (copies calibrated
+    on held-out nines) and the attack on every fine-tuning image at --attack_t."""
+    a = self.args
+    stop = float(precond.vp_to_ve_sigma(run.sigma_n_max)) if mode == "truncated" else 0.0
+    samples = evaluation.sample_images(run, mode, a.num_samples, seed=a.seed + 1,
+                                       num_steps=a.sample_steps, guidance_scale=a.guidance_scale,
+                                       sigma_stop=stop, batch_size=a.num_samples)
+    clean = evaluation.clean_images(run)
+    report = evaluation.memorization_report(
+        run, clean, samples, "digits", self.features, self.heldout,
+        run.root / "eval" / str(run.step), attack_t=a.attack_t, key=jax.random.key(a.seed + 7),
+        num_attacked=None, posterior_steps=a.posterior_steps,
+        batch_size=len(clean), guidance_scale=1.0)["memorization"]
+    self.copy_rmse = report["heldout"]["copy_rmse"]
+    fd = frechet.fd_from_features(self.features(samples), self.ref_features)
+    attack = {m: report[m] for m in ("mmse", "posterior")}
+    res = dict(fd=fd, samples_nn=report["samples"],
+               attack=dict(attack, t=a.attack_t, sigma_ve=report["attack_sigma_ve"]))
+    nn_idx = memorization.NearestNeighbourIndex(clean).query(samples)["pixel_index"]
+    return res, samples[..., :1], nn_idx
 
-    decode = lambda z: jnp.clip(vae_model.from_latents(z), -1, 1)[..., :1]
-    full = sched.inference_sigmas(args.sample_steps)
-    scale = np.float32(sched.init_noise_sigma(full))
-    n = args.num_samples
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(args.seed + 1), i))(jnp.arange(n))
-    self.latents = sampling.latents_from_keys(keys, (RES // 2, RES // 2, 4)) * scale
+  def measure_real(self, run, real):
+    """The reference row: held-out real nines [n, 16, 16, 3] as if they were samples."""
+    index = memorization.NearestNeighbourIndex(evaluation.clean_images(run), self.features)
+    nn = index.query(real)
+    calibration = memorization.heldout_baseline(index, self.heldout)
+    self.copy_rmse = calibration["copy_rmse"]
+    res = dict(fd=frechet.fd_from_features(self.features(real), self.ref_features),
+               samples_nn=memorization.summarize(nn, copy_rmse=calibration["copy_rmse"]))
+    return res, real[..., :1], nn["pixel_index"]
 
-    @functools.partial(jax.jit, static_argnums=2)
-    def sample(tree, x, sigma_stop):
-      denoise = denoiser(tree, n, args.guidance_scale)
-      if sigma_stop <= 0:
-        return decode(sampling.euler_sampler(denoise, x, jnp.asarray(full)))
-      from ambient_jax.latent.sample_grid import truncated_sigmas  # pylint: disable=g-import-not-at-top
-      z = sampling.euler_sampler(denoise, x, jnp.asarray(truncated_sigmas(full, sigma_stop)))
-      return decode(denoise(z, jnp.full((n,), sigma_stop, jnp.float32)))  # one Tweedie step
 
-    self.attack_sigma = sigma = float(sched.ve_sigmas[args.attack_t])
-    m = len(self.z_train)
-    idx = jnp.arange(m)
-    self.noisy = memorization.noise_images(self.z_train, sigma, jax.random.key(args.seed + 7), idx)
-    post_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(args.seed + 8), i))(idx)
-    sigma_min = float(np.min(sched.ve_sigmas))
-
-    @jax.jit
-    def attack(tree, x):
-      denoise = denoiser(tree, m, 1.0)  # the conditional MMSE denoiser, no guidance
-      mmse = denoise(x, jnp.full((m,), sigma, jnp.float32))
-      post = sampling.ancestral_sampler(denoise, x, jnp.full((m,), sigma, jnp.float32), post_keys,
-                                        args.posterior_steps, sigma_to=sigma_min)
-      return decode(mmse), decode(post)
-
-    self._sample, self._attack = sample, attack
-
-  def samples(self, tree, sigma_stop_vp: float):
-    """Decoded samples [num_samples, 16, 16, 1] in [-1, 1], quantized as saved images;
-    truncated at VP σ_n (Euler to it, then one Tweedie step) when sigma_stop_vp > 0."""
-    stop = float(precond.vp_to_ve_sigma(sigma_stop_vp)) if sigma_stop_vp > 0 else 0.0
-    x = np.asarray(self._sample(self.base_tree if tree is None else tree, self.latents, stop))
-    return np.clip(np.rint((x + 1) * 127.5), 0, 255) / 127.5 - 1
-
-  def measure(self, samples, tree=None, attack=True):
-    """FD to held-out nines, the samples' nearest fine-tuning images and, with `attack`,
-    the memorization attack on every fine-tuning image."""
-    fd = frechet.fd_from_features(self.net.features(samples), self.ref_features)
-    nn = self.index.query(samples)
-    res = dict(fd=fd, samples_nn=memorization.summarize(nn, copy_rmse=self.copy_rmse))
-    if attack:
-      recon = self._attack(self.base_tree if tree is None else tree, self.noisy)
-      attacked = np.arange(len(self.z_train))
-      res["attack"] = {m: memorization.summarize(self.index.query(np.asarray(r)), attacked,
-                                                 self.copy_rmse)
-                       for m, r in zip(("mmse", "posterior"), recon)}
-      res["attack"].update(t=self.args.attack_t, sigma_ve=self.attack_sigma)
-    return res, nn["pixel_index"]
+def base_run(run):
+  """The run with its initial trainable tree (adapters with B = 0, or the pretrained
+  weights of a full fine-tune): the pretrained UNet, through the same path."""
+  base = copy.copy(run)
+  base.params = jax.tree.map(lambda a, like: jax.device_put(jnp.asarray(a, like.dtype),
+                                                            like.sharding),
+                             run.task.trainable_init, run.params)
+  base.step = 0
+  return base
 
 
 def pairs_png(path, rows, x_train):
@@ -425,12 +401,12 @@ def fmt_row(name, t_n, mode, res, train_s):
   return row + (f" {train_s:.0f} |" if train_s else " – |")
 
 
-def main():
+def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true", help="t_n = 800 only, fewer steps and samples")
   p.add_argument("--t_n", type=int, nargs="+", default=None, help="DDPM corruption steps")
   p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-  p.add_argument("--train_size", type=int, default=100, help="fine-tuning nines")
+  p.add_argument("--train_size", type=int, default=32, help="fine-tuning nines")
   p.add_argument("--vae_steps", type=int, default=None)
   p.add_argument("--unet_steps", type=int, default=None)
   p.add_argument("--pretrained", default=None,
@@ -440,8 +416,10 @@ def main():
   p.add_argument("--kl_weight", type=float, default=1e-4)
   p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per model")
   p.add_argument("--batch", type=int, default=16)
-  p.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate (constant)")
-  p.add_argument("--lora_rank", type=int, default=8)
+  p.add_argument("--lr", type=float, default=2e-4,
+                 help="learning rate (constant); LoRA wants more, e.g. 1e-3")
+  p.add_argument("--lora_rank", type=int, default=0,
+                 help="LoRA adapters of this rank; 0 (default): fine-tune the whole UNet")
   p.add_argument("--consistency_weight", type=float, default=None,
                  help="λ_c (default: configs/sdxl.py's, the paper's: 0.01, 1e-4 at t_n = 800)")
   p.add_argument("--consistency_start", type=float, default=0.5,
@@ -450,18 +428,18 @@ def main():
   p.add_argument("--sample_steps", type=int, default=25)
   p.add_argument("--guidance_scale", type=float, default=2.0)
   p.add_argument("--attack_t", type=int, default=800)
-  p.add_argument("--posterior_steps", type=int, default=16)
+  p.add_argument("--posterior_steps", type=int, default=8)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--workdir", default=None, help="where the model, datasets and runs go "
                  "(default: a temporary folder, removed at the end)")
   p.add_argument("--out", default=None)
-  args = p.parse_args()
+  args = p.parse_args(argv)
   q = args.quick
   args.t_n = args.t_n or ([800] if q else [500, 800])
-  args.vae_steps = args.vae_steps or (100 if q else 1500)
-  args.unet_steps = args.unet_steps or (150 if q else 3000)
+  args.vae_steps = args.vae_steps or (100 if q else 800)
+  args.unet_steps = args.unet_steps or (150 if q else 1500)
   args.steps = args.steps or (40 if q else 2000)
-  args.num_samples = args.num_samples or (64 if q else 500)
+  args.num_samples = args.num_samples or (64 if q else 200)
   if q:
     args.posterior_steps = min(args.posterior_steps, 4)
   out = args.out or os.path.join(RESULTS, "latent_memorization" + ("_quick" if q else ""))
@@ -497,38 +475,34 @@ def main():
 
   # Held-out nines: half the FD reference and copy calibration, half the "real" row.
   heldout_ref, heldout_real = heldout[len(heldout) // 2:], heldout[:len(heldout) // 2]
-  ev = Evaluator(folder, x_train, heldout_ref, args)
-  sig = lambda t: float(ev.schedule.vp_sigmas[t]) if t > 0 else 0.0
-  log(f"copy threshold: pixel RMSE < {ev.copy_rmse:.3f} (1 % of held-out nines are closer)")
+  ev = Evaluator(heldout_ref, args)
   header = ("| model | t_n | sampling | FD ↓ | samples: copies / sim>0.9 / >0.95 | "
             f"attack t={args.attack_t} MMSE: copies / sim>0.95 / self | posterior: copies / "
             "sim>0.95 / self | fine-tune s |\n|---|---|---|---|---|---|---|---|")
   rows, pictures, results = [], [], []
 
-  def record(name, t_n, mode, res, train_s, samples, nn_idx):
+  def record(name, t_n, mode, measured, train_s):
+    res, samples, nn_idx = measured
     rows.append(fmt_row(name, t_n, mode, res, train_s))
     pictures.append((f"{name} t_n={t_n} ({mode}): FD {res['fd']:.1f}, "
                      f"copies {res['samples_nn']['frac_copies']:.2f}", samples, nn_idx))
     results.append(dict(name=name, t_n=t_n, sampling=mode, train_seconds=train_s, **res))
     log(rows[-1])
 
-  real = heldout_real[:args.num_samples, ..., :1]
-  held, nn_idx = ev.measure(real, attack=False)
-  record("held-out real nines", "–", "–", held, 0, real, nn_idx)
-  s = ev.samples(None, 0.0)
-  res, nn_idx = ev.measure(s)
-  record("pretrained (no fine-tune)", "–", "full", res, 0, s, nn_idx)
-
   runs = [("clean", 0)] if "clean" in args.methods else []
   runs += [(m, t) for t in args.t_n for m in args.methods if m != "clean"]
   for method, t_n in runs:
     workdir = os.path.join(work, "runs", f"{method}_t{t_n}")
     log(f"fine-tuning {method} on latents_t{t_n} ({args.steps} steps)")
-    tree, secs = finetune(method, t_n, folder, datasets[t_n], workdir, args)
+    secs = finetune(method, t_n, folder, datasets[t_n], workdir, args)
+    run = evaluation.LatentRun(workdir)
+    if not rows:  # the two reference rows, through the first run's evaluation path
+      record("held-out real nines", "–", "–",
+             ev.measure_real(run, heldout_real[:args.num_samples]), 0)
+      log(f"copy threshold: pixel RMSE < {ev.copy_rmse:.3f} (1 % of held-out nines are closer)")
+      record("pretrained (no fine-tune)", "–", "full", ev.measure(base_run(run), "full"), 0)
     mode = "truncated" if method == "ambient" else "full"
-    s = ev.samples(tree, sig(t_n) if method == "ambient" else 0.0)
-    res, nn_idx = ev.measure(s, tree)
-    record(method, t_n, mode, res, secs, s, nn_idx)
+    record(method, t_n, mode, ev.measure(run, mode), secs)
 
   total = time.time() - t_all
   table = "\n".join([header] + rows)
@@ -537,7 +511,7 @@ def main():
              f"{ev.copy_rmse:.3f}; self: the nearest fine-tuning image is the attacked one.\n"
              f"total wall time {total:.0f} s")
   log(summary)
-  pairs_png(out + "_samples.png", pictures, ev.x_train)
+  pairs_png(out + "_samples.png", pictures, x_train[..., :1])
   with open(out + ".json", "w") as f:
     json.dump(dict(args=vars(args), pretrained=info, copy_rmse=ev.copy_rmse,
                    results=results, seconds=total), f, indent=1, default=float)

@@ -46,3 +46,26 @@ def test_pretrained_folder_loads_prepares_and_generates(tmp_path):
   data = dataset_lib.open_latent_dataset(out)
   assert data.num_examples == 4 and data.latent_shape == (8, 8, 4)
   np.testing.assert_allclose(data.sigma_n, float(pipe.schedule.vp_sigmas[800]), rtol=1e-3)
+
+
+def test_miniature_runs_end_to_end_through_the_project_path(tmp_path):
+  """The whole benchmark at toy sizes (2 steps everywhere): pretraining, preparation, a
+  Trainer fine-tune, evaluation through latent.evaluation (samples, attack) and the
+  table/JSON/picture. The numbers mean nothing here; that they are produced does."""
+  bench = _benchmark()
+  out = tmp_path / "out"
+  bench.main(["--vae_steps", "2", "--unet_steps", "2", "--steps", "2", "--train_size", "8",
+              "--batch", "8", "--num_samples", "8", "--sample_steps", "10", "--posterior_steps", "1",
+              "--t_n", "800", "--methods", "ambient", "--workdir", str(tmp_path / "work"),
+              "--out", str(out)])
+  result = json.loads((tmp_path / "out.json").read_text())
+  names = [r["name"] for r in result["results"]]
+  assert names == ["held-out real nines", "pretrained (no fine-tune)", "ambient"]
+  ambient = result["results"][-1]
+  assert ambient["t_n"] == 800 and ambient["sampling"] == "truncated"
+  assert np.isfinite(ambient["fd"]) and ambient["samples_nn"]["count"] == 8
+  for method in ("mmse", "posterior"):
+    assert ambient["attack"][method]["count"] == 8  # every fine-tuning image attacked
+  assert result["copy_rmse"] > 0
+  assert (tmp_path / "out_samples.png").stat().st_size > 0
+  assert "| ambient | 800 | truncated |" in (tmp_path / "out.txt").read_text()
