@@ -32,7 +32,11 @@ digits; the nearest training image of each sample; the memorization attack
 (`ambient_jax.metrics.memorization`, METHOD.md §8) on every training image at each
 --attack_sigma (posterior sampling and one-step MMSE). "copies" counts outputs closer in
 pixels to a training image than all but 1 % of held-out real digits are
-(`memorization.heldout_baseline`): ~0.01 for fresh data, ~1 for a memorizer. The paper's
+(`memorization.heldout_baseline`): ~0.01 for fresh data, ~1 for a memorizer. "Denoised
+copies" applies the same rule after a fixed Gaussian blur (--copy_blur px) of sample and
+training image, calibrated on held-out digits noised as the outputs are (noisy_edm samples
+the noisy data: σ_n; the others: clean), so that copies of *noisy* training images, far
+from their clean originals in raw pixels, are not missed. The paper's
 feature-similarity thresholds (> 0.9, > 0.95) are reported too, with the held-out row as
 their yardstick. Writes benchmarks/results/memorization_comparison{_quick}.{json,md},
 similarity histograms and a picture of samples beside their nearest training images.
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -184,9 +189,17 @@ class Yardsticks:
   """What every model is measured against (computed once)."""
   net: Any                  # digit feature network
   ref_features: np.ndarray  # features of all 5,000 digits (FD / KID reference)
-  index: Any                # nearest-neighbour index over the training set
+  index: Any                # nearest-neighbour index over the training set (+ blurred pixels)
   copy_rmse: float          # pixel RMSE below which an output counts as a copy
   x_train: np.ndarray       # [N, 16, 16, 1]
+  heldout: np.ndarray       # held-out digits [M, 16, 16, 1]: the copy calibration
+  copy_quantile: float
+
+  def copy_rmse_denoised(self, output_noise: float) -> float:
+    """The denoised copy threshold for outputs that carry `output_noise` (σ): held-out
+    digits noised alike, blurred, their nearest-neighbour RMSE's copy quantile."""
+    return memorization.heldout_baseline(self.index, self.heldout, self.copy_quantile,
+                                         noise_sigma=output_noise)["copy_rmse_denoised"]
 
 
 def generate(kind, denoiser_of, params, stop_level, shape, args) -> np.ndarray:
@@ -209,10 +222,11 @@ def generate(kind, denoiser_of, params, stop_level, shape, args) -> np.ndarray:
   return np.clip(np.rint((samples + 1) * 127.5), 0, 255) / 127.5 - 1
 
 
-def measure(samples, y: Yardsticks, args, denoise=None):
+def measure(samples, y: Yardsticks, args, denoise=None, output_noise: float = 0.0):
   """(results, similarities for the histogram, nearest training image of each sample):
-  FD / KID, the samples' nearest training images and, given `denoise`, the attack at each
-  --attack_sigma."""
+  FD / KID, the samples' nearest training images (copies by pixels and, calibrated for
+  outputs carrying `output_noise`, after the fixed blur) and, given `denoise`, the attack
+  at each --attack_sigma."""
   t0 = time.time()
   f_s = y.net.features(samples)
   fd = frechet.fd_from_features(f_s, y.ref_features)
@@ -228,7 +242,8 @@ def measure(samples, y: Yardsticks, args, denoise=None):
     sims[f"attack σ={sigma:g}, posterior"] = attack.similarities["posterior"]
   sims["samples"] = nn["similarity"]
   res = dict(fd=fd, kid=kid, kid_std=kid_std, attack=attacks,
-             samples_nn=memorization.summarize(nn, copy_rmse=y.copy_rmse),
+             samples_nn=memorization.summarize(
+                 nn, copy_rmse=y.copy_rmse, copy_rmse_denoised=y.copy_rmse_denoised(output_noise)),
              eval_seconds=time.time() - t0)
   return res, sims, nn["pixel_index"]
 
@@ -269,6 +284,8 @@ def main():
   p.add_argument("--posterior_steps", type=int, default=16)
   p.add_argument("--copy_quantile", type=float, default=0.01,
                  help="copies: closer to a training image than this fraction of held-out digits")
+  p.add_argument("--copy_blur", type=float, default=1.0,
+                 help="denoised copies: Gaussian blur std (pixels) applied to both images")
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--lr", type=float, default=2e-3)
   p.add_argument("--seed", type=int, default=0)
@@ -289,9 +306,12 @@ def main():
   all_digits, x_train, heldout = training_set(args.train_size, 16, args.seed)
   heldout = heldout[:args.num_samples]
   net = digit_features.get_digit_feature_net(16, log=log)
-  index = memorization.NearestNeighbourIndex(x_train, net.features)
+  index = memorization.NearestNeighbourIndex(
+      x_train, net.features, denoise=functools.partial(memorization.gaussian_blur,
+                                                       sigma_px=args.copy_blur))
   baseline = memorization.heldout_baseline(index, heldout, args.copy_quantile)
-  y = Yardsticks(net, net.features(all_digits), index, baseline["copy_rmse"], x_train)
+  y = Yardsticks(net, net.features(all_digits), index, baseline["copy_rmse"], x_train, heldout,
+                 args.copy_quantile)
   model_cfg = dict(MODEL, model_channels=args.model_channels)
   n_params = count_params(build_model(model_cfg, rngs=nnx.Rngs(0)))
   log(f"16x16 digits, training subset {args.train_size}, U-Net {n_params:,} params, {args.steps} "
@@ -336,14 +356,18 @@ def main():
     denoiser_of = lambda params, g=graphdef: (lambda x, s: nnx.merge(g, params)(x, s))
     stop = sigma_n if method == "ambient" else 0.0  # truncated at σ_n, else full sampling
     samples = generate("net", denoiser_of, ema, stop, x_train.shape[1:], args)
-    res, sims, nn_idx = measure(samples, y, args, denoiser_of(ema))
+    # noisy_edm samples the noisy data (σ_n noise in its outputs): its noisy copies are
+    # judged against equally noisy held-out digits; the others target clean data.
+    res, sims, nn_idx = measure(samples, y, args, denoiser_of(ema),
+                                output_noise=sigma_n if method == "noisy_edm" else 0.0)
     record(res, method, sigma_n, "truncated" if stop else "full", train_s, sims, samples, nn_idx)
   pairs_png(f"{out}_samples.png", pictures, x_train)
 
   def cells(d, keys):
     return " / ".join(f"{d[k]:.2f}" for k in keys)
 
-  head = ["model", "σ_n", "sampling", "FD ↓", "KID ↓", "samples: copies / sim>0.9 / >0.95"] + [
+  head = ["model", "σ_n", "sampling", "FD ↓", "KID ↓",
+          "samples: copies / denoised copies / sim>0.9 / >0.95"] + [
       f"attack σ={k}, posterior: copies / sim>0.95 / self" for k in rows[-1]["attack"]] + [
       "train s"]
   lines = [
@@ -351,13 +375,16 @@ def main():
       f"{args.train_size} training images, {args.steps} steps x batch {args.batch}, U-Net "
       f"{n_params:,} params, {args.num_samples} samples, attack on all training images "
       f"({args.posterior_steps} posterior steps); copies = pixel RMSE to the nearest training "
-      f"image < {y.copy_rmse:.3f} (held-out digits' {args.copy_quantile:g} quantile); "
+      f"image < {y.copy_rmse:.3f} (held-out digits' {args.copy_quantile:g} quantile); denoised "
+      f"copies = the same after a {args.copy_blur:g}-px Gaussian blur of both, calibrated on "
+      f"held-out digits noised as the outputs (σ_n for noisy_edm, else clean); "
       f"digit-feature net test acc {net.test_accuracy:.3f}; total "
       f"{(time.time() - t_all) / 60:.1f} min.", "",
       "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     row = [r["method"], f"{r['sigma_n']:g}", r["sampling"], f"{r['fd']:.2f}", f"{r['kid']:.3f}",
-           cells(r["samples_nn"], ("frac_copies", "frac_sim_above_0.9", "frac_sim_above_0.95"))]
+           cells(r["samples_nn"], ("frac_copies", "frac_copies_denoised", "frac_sim_above_0.9",
+                                   "frac_sim_above_0.95"))]
     for k in rows[-1]["attack"]:
       a = r["attack"].get(k)
       row.append(cells(a["posterior"], ("frac_copies", "frac_sim_above_0.95",
