@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import ml_collections
 
-from ambient_jax import cli, config_catalog
+from ambient_jax import cli, config_catalog, cpu_defaults
 
 MODES = ("ambient", "naive")
 SOURCES = ("memory", "random_access")
@@ -280,6 +280,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
            f"(mesh.data × mesh.fsdp over {num_devices} devices)")
 
   c.int_at_least("cpu_devices", 0)
+  problem = cpu_defaults.flags_problem(c.get("cpu_xla_flags"))
+  if problem:
+    c.fail("cpu_xla_flags", c.get("cpu_xla_flags"), problem)
 
   # logging, checkpoints, samples
   c.int_at_least("log_every_steps", 1)

@@ -11,13 +11,12 @@ dataset, file or workdir (one line each; --traceback shows the traceback); 143 s
 by SIGTERM after saving a checkpoint (the same command resumes).
 """
 
-import os
 import sys
 
 from absl import flags, logging
 from ml_collections import config_flags
 
-from ambient_jax import cli
+from ambient_jax import cli, cpu_defaults
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -38,15 +37,6 @@ _REQUIRED = {"config": "--config=configs/NAME.py[:VARIANT] (--list_configs lists
              "workdir": "--workdir=DIR, the run directory (the same one again resumes)"}
 
 
-def _split_cpu(num_devices: int) -> None:
-  """config.cpu_devices > 0: N XLA devices on the CPU platform (before jax starts)."""
-  flags_now = os.environ.get("XLA_FLAGS", "")
-  if not num_devices or "xla_force_host_platform_device_count" in flags_now:
-    return
-  os.environ["XLA_FLAGS"] = (
-      f"{flags_now} --xla_force_host_platform_device_count={int(num_devices)}").strip()
-
-
 def main(argv):
   if len(argv) > 1:
     raise cli.UsageError(f"unexpected arguments {argv[1:]}: flags are written --name=value.")
@@ -61,7 +51,10 @@ def main(argv):
                             "save; the same command starts again.")
   if _LOG_CONFIG.value:
     logging.info("Config:\n%s", _CONFIG.value)
-  _split_cpu(_CONFIG.value.get("cpu_devices", 0))
+  try:  # CPU-only runs: XLA devices and flags, before jax starts (ambient_jax/cpu_defaults.py)
+    cpu_defaults.apply(_CONFIG.value.get("cpu_devices", 0), _CONFIG.value.get("cpu_xla_flags", ""))
+  except ValueError as e:
+    raise cli.UsageError(str(e)) from None
   from ambient_jax import sharding  # pylint: disable=g-import-not-at-top
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                   auto=_DISTRIBUTED.value)

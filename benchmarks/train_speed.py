@@ -4,7 +4,8 @@
     python benchmarks/train_speed.py --devices=1,2 --steps=10 --config=configs/default.py \
         --override=data.resolution=16 --override=model.img_resolution=16
 
-Each device count runs in its own process (the fake-device count is fixed when jax starts):
+Each device count runs in its own process (the fake-device count is fixed when jax starts),
+with the config's `cpu_xla_flags` as the entry point sets them:
 it builds the real `Trainer` (dataset, model, sharded jitted step), times the first call
 (compile), then `--steps` steps before the consistency term kicks in and `--steps` steps
 after (the step's second, consistency phase: one more compile), and prints steps/s for both. The
@@ -21,6 +22,9 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ambient_jax import cpu_defaults  # noqa: E402  (no jax)
 
 
 def _load_config(path: str, overrides: list[str]):
@@ -45,7 +49,6 @@ def _load_config(path: str, overrides: list[str]):
 
 def child(args) -> None:
   import jax  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, str(ROOT))
   from ambient_jax import train  # pylint: disable=g-import-not-at-top
   config = _load_config(args.config, args.override)
   with tempfile.TemporaryDirectory() as workdir:
@@ -92,9 +95,11 @@ def main() -> None:
     child(args)
     return
   rows = []
+  cpu_xla_flags = _load_config(args.config, args.override).get("cpu_xla_flags", "")
   for n in [int(d) for d in args.devices.split(",")]:
+    # As `python -m ambient_jax.main` on a CPU: n devices and the config's cpu_xla_flags.
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+               XLA_FLAGS=cpu_defaults.merged_flags("", n, cpu_xla_flags)[0])
     cmd = [sys.executable, __file__, "--child", f"--config={args.config}", f"--steps={args.steps}"]
     cmd += [f"--override={o}" for o in args.override]
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)

@@ -95,6 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp_min_size = 2**14    # fsdp: leaves with fewer elements stay replicated
   c.cpu_devices = 0               # CPU only: split the host into N XLA devices (main.py sets
                                   # XLA_FLAGS before jax starts; an existing setting wins); 0 = 1
+  c.cpu_xla_flags = "auto"        # CPU only: XLA flags main.py adds the same way; "" = none;
+                                  # "auto": Eigen convolutions when devices < cores (README
+                                  # "CPU speed"; ambient_jax/cpu_defaults.py)
 
   c.log_every_steps = 50
   c.checkpoint = ml_collections.ConfigDict()
