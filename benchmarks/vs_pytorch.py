@@ -168,6 +168,8 @@ def _settings(args) -> dict[str, tuple[str, dict]]:
     name, _, spec = item.partition("=")
     n, _, extra = spec.partition(":")
     out[name] = ("jax", dict(jax_env, XLA_FLAGS=cpu_defaults.merged_flags("", int(n), extra)[0]))
+  for name in filter(None, args.skip.split(",")):
+    out.pop(name)
   return out
 
 
@@ -212,7 +214,9 @@ def main() -> None:
                       help="timed sampling batches per process")
   parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
   parser.add_argument("--setting", action="append", default=[],
-                      help="NAME=DEVICES[:XLA_FLAGS], another jax column (repeatable)")
+                      help="NAME=DEVICES[:XLA_FLAGS], another jax column (repeatable); "
+                           "XLA_FLAGS may be 'auto' (config.cpu_xla_flags' rule)")
+  parser.add_argument("--skip", default="", help="comma-separated settings to leave out")
   parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vs_pytorch.txt"))
   parser.add_argument("--child", choices=("torch", "jax"), help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -238,7 +242,8 @@ def main() -> None:
             file=sys.stderr, flush=True)
   medians = {n: {c: statistics.median(run[c]["median"] for run in rs) for c in case_ids}
              for n, rs in runs.items()}
-  params = {"jax": {c: runs["jax_default"][0][c]["params"] for c in case_ids},
+  ours = next(n for n, (kind, _) in settings.items() if kind == "jax")
+  params = {"jax": {c: runs[ours][0][c]["params"] for c in case_ids},
             "torch": {c: runs["pytorch"][0][c]["params"] for c in case_ids}}
   devices, flags = default_setting()
   flags_line = "\n".join(f"{n}: XLA_FLAGS={env.get('XLA_FLAGS', '')!r}"

@@ -122,11 +122,12 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     raise ValueError(f"configs/default.py has no variants (got {arg!r}); override fields with "
                      "--config.FIELD=VALUE instead.")
   c = base_config()
-  # Measured on 2 CPU cores (benchmarks/train_speed.py, README "Measured"): ~4 steps/s
-  # before the consistency term, ~2.4 steps/s with it, on 2 CPU devices; ~12 min in all.
+  # Measured on 2 CPU cores (benchmarks/train_speed.py, README "Measured"): ~4.7 steps/s
+  # before the consistency term, ~2.9 steps/s with it, on 1 CPU device; ~10 min in all.
   c.num_train_steps = 2200
   c.batch_size = 32
-  c.cpu_devices = 2               # both cores: ~1.15x the steps/s of one CPU device
+  c.cpu_devices = 1               # one device whose convolutions use both cores (cpu_xla_flags
+                                  # "auto"): 1.0x / 1.3x the steps/s of 2 devices (README)
   c.data.resolution = 28
   c.model.img_resolution = 28
   c.model.model_channels = 16     # 16/32/64 channels at 28/14/7 px: 0.7M parameters

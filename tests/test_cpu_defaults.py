@@ -20,7 +20,7 @@ EIGEN = cpu_defaults.EIGEN_CONV_FLAGS
 
 
 def test_default_config_uses_auto_flags():
-  assert DEFAULT.cpu_devices == 2 and DEFAULT.cpu_xla_flags == "auto"
+  assert DEFAULT.cpu_devices == 1 and DEFAULT.cpu_xla_flags == "auto"
 
 
 @pytest.mark.parametrize("devices,cores,expected", [
@@ -98,10 +98,10 @@ def _main_flags(tmp_path, *args, xla_flags=None):
 
 def test_main_sets_the_cpu_defaults_before_jax_starts(tmp_path):
   flags, devices = _main_flags(tmp_path)
-  expected = cpu_defaults.auto_flags(2)  # "" on this 2-core machine
-  assert flags.split() == [f"{COUNT}=2", *expected.split()] and devices == 2
-  flags, devices = _main_flags(tmp_path, "--config.cpu_devices=1")
   assert flags.split() == [f"{COUNT}=1", *cpu_defaults.auto_flags(1).split()] and devices == 1
+  flags, devices = _main_flags(tmp_path, "--config.cpu_devices=2")
+  expected = cpu_defaults.auto_flags(2)  # "" on a 2-core machine
+  assert flags.split() == [f"{COUNT}=2", *expected.split()] and devices == 2
 
 
 def test_main_keeps_the_users_xla_flags(tmp_path):
@@ -112,9 +112,10 @@ def test_main_keeps_the_users_xla_flags(tmp_path):
 
 
 def test_main_cpu_xla_flags_override(tmp_path):
-  flags, _ = _main_flags(tmp_path, "--config.cpu_devices=1", "--config.cpu_xla_flags=")
+  flags, _ = _main_flags(tmp_path, "--config.cpu_xla_flags=")
   assert flags == f"{COUNT}=1"
-  flags, _ = _main_flags(tmp_path, f"--config.cpu_xla_flags={EIGEN} --xla_cpu_enable_fast_math=false")
+  flags, _ = _main_flags(tmp_path, "--config.cpu_devices=2",
+                         f"--config.cpu_xla_flags={EIGEN} --xla_cpu_enable_fast_math=false")
   assert flags.split() == [f"{COUNT}=2", *EIGEN.split(), "--xla_cpu_enable_fast_math=false"]
 
 
