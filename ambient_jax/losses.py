@@ -10,6 +10,8 @@ losses [B] (mean over the non-batch axes) and a dict of per-example diagnostics.
 - `ambient_loss_vp`: the same in the variance-preserving form, x0- or ε-prediction (§4).
 - `ddpm_loss`: plain DDPM ε-prediction loss (ordinary fine-tuning: clean and naive baselines).
 - `consistency_loss`: makes D consistent with its own reverse process below σ_n (§5).
+- `posterior_sample_loss`: EDM loss below σ_n on clean images the model itself draws
+  from p(x0 | x_n) — one expectation-maximisation step, an alternative to consistency.
 """
 
 from typing import Callable, Optional, Union
@@ -303,3 +305,55 @@ def consistency_loss(denoise_fn: DenoiseFn, x_noisy: jax.Array, sigma_n: jax.Arr
   aux = {"sigma_start": sigma_s, "sigma_anchor": sigma_a, "sigma_target": sigma_b,
          "is_noisy": is_noisy.astype(jnp.float32)}
   return loss, aux
+
+
+# ----------------------------------------------------------------------------- EM below σ_n
+
+
+def posterior_sample_loss(denoise_fn: DenoiseFn, x_noisy: jax.Array, sigma_n: jax.Array,
+                          key: jax.Array, *, chain_steps: int = 16, step: str = "euler_maruyama",
+                          sigma_min: float = 0.002, target_min_ratio: float = 0.01,
+                          target_max_ratio: float = 1.0,
+                          chain_denoise_fn: Optional[DenoiseFn] = None,
+                          sigma_data: float = precond.SIGMA_DATA):
+  """EDM loss below σ_n on clean images drawn from the model's own posterior p(x0 | x_n).
+
+  Per example: x̂0 = D(x_K, σ_min) after `chain_steps` reverse steps of kind `step` from
+  x_n at σ_n down to σ_min (no gradient; by `chain_denoise_fn`, e.g. an EMA teacher,
+  else by `denoise_fn`); σ_b ~ σ_n · logU[target_min_ratio, target_max_ratio];
+  loss = λ(σ_b) · mean ‖D(x̂0 + σ_b z, σ_b) − x̂0‖².
+  This is the M-step of expectation-maximisation for Gaussian deconvolution (Rozet et al.
+  2024, Bai et al. 2024), taken one gradient step at a time: the exact denoiser is a fixed
+  point (then x̂0 are true posterior draws, whose marginal is p(x0)). Unlike the
+  consistency loss it regresses on direct targets; each EM round contracts the error of
+  the learned distribution by a factor that tends to 1 as σ_n outgrows the data's scale.
+  The draws must be right in spread, not only in mean: Euler–Maruyama steps (default) are;
+  posterior steps omit Var[x0 | x_σ] and draw too narrow (Gaussian data, σ_b = σ_n / 2:
+  the fitted shrinkage is 0.2 % off the exact one with 32 Euler–Maruyama steps, 1.6 %
+  with 8; 2 % and 8 % with posterior steps — tests/test_losses.py).
+  Clean examples (σ_n = 0) get loss 0. Returns (loss [B], {"sigma_target", "is_noisy"}: [B]).
+  """
+  batch = _check_noisy_batch(x_noisy, sigma_n)
+  checks.one_of("step", step, sampling.STEP_KINDS)
+  if chain_steps < 1:
+    raise ValueError(f"`chain_steps` must be >= 1; got {chain_steps}.")
+  if not 0.0 < target_min_ratio < target_max_ratio <= 1.0:
+    raise ValueError("need 0 < `target_min_ratio` < `target_max_ratio` <= 1; got "
+                     f"{target_min_ratio}, {target_max_ratio}.")
+  if sigma_min <= 0.0:
+    raise ValueError(f"`sigma_min` must be > 0; got {sigma_min}.")
+  sigma_n = jnp.asarray(sigma_n, jnp.float32)
+  is_noisy = sigma_n > 0
+  base = jnp.where(is_noisy, sigma_n, 1.0)  # clean examples run on a dummy level, then are masked out
+  k_chain, k_target, k_noise = jax.random.split(key, 3)
+  teacher = denoise_fn if chain_denoise_fn is None else chain_denoise_fn
+  teacher_sg = lambda x, s: jax.lax.stop_gradient(teacher(x, s))
+  floor = jnp.minimum(jnp.float32(sigma_min), base)
+  x_last = sampling.reverse_chain(teacher_sg, x_noisy, base, floor, chain_steps, k_chain, step)
+  x0_hat = teacher_sg(x_last, floor)
+  ratio = jnp.exp(jax.random.uniform(k_target, (batch,), minval=jnp.log(target_min_ratio),
+                                     maxval=jnp.log(target_max_ratio)))
+  sigma_b = base * ratio
+  x_b = x0_hat + expand(sigma_b, x0_hat) * jax.random.normal(k_noise, x0_hat.shape, x0_hat.dtype)
+  loss = _weighted_mse(precond.edm_weight(sigma_b, sigma_data), denoise_fn(x_b, sigma_b), x0_hat)
+  return jnp.where(is_noisy, loss, 0.0), {"sigma_target": sigma_b, "is_noisy": is_noisy.astype(jnp.float32)}

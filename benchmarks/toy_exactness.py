@@ -49,19 +49,34 @@ def denoiser(graphdef, rest, params):
   return lambda x, s: nnx.merge(graphdef, params, rest)(x, s)
 
 
+BELOW_LOSSES = {"consistency": losses.consistency_loss, "posterior_sample": losses.posterior_sample_loss}
 _COMPILED = {}  # training chunk runners: they close over the network and options only
 _EVALUATORS = {}  # per setting (they close over its mixture, keys and levels): emptied by run_setting
 
 
+def learning_rate(lr: float, decay: tuple | None = None):
+  """Adam's learning rate as a function of the global step: `lr`, or with decay =
+  (final_lr, first_step, num_steps) a cosine from `lr` to `final_lr` over those steps.
+  Always a schedule, so that optimizer states of every recipe share one structure (a
+  consistency phase forks the ambient run's state)."""
+  if decay is None:
+    return lambda count: jnp.full((), lr, jnp.float32)
+  final, first, num = decay
+  def schedule(count):
+    t = jnp.clip((count - first) / num, 0.0, 1.0)
+    return final + (lr - final) * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
+  return schedule
+
+
 def _chunk_runner(graphdef, rest, objective, batch, seed, lr, consistency_weight,
-                  consistency_options, ambient_options, chunk):
+                  consistency_options, ambient_options, chunk, lr_decay=None):
   """A jitted `chunk`-step scan for one training recipe and network, compiled once and reused
   (the cache key holds the GraphDef itself: hashable, equal for equal structures)."""
   cache_key = (graphdef, objective, batch, seed, lr, consistency_weight, json.dumps(consistency_options, sort_keys=True),
-               json.dumps(ambient_options, sort_keys=True), chunk)
+               json.dumps(ambient_options, sort_keys=True), chunk, lr_decay)
   if cache_key in _COMPILED:
     return _COMPILED[cache_key]
-  optimizer = optax.adam(lr)
+  optimizer = optax.adam(learning_rate(lr, lr_decay))
 
   def loss_fn(p, data, sigma_n, key, idx):
     fn = denoiser(graphdef, rest, p)
@@ -72,8 +87,10 @@ def _chunk_runner(graphdef, rest, objective, batch, seed, lr, consistency_weight
     else:
       loss, _ = losses.ambient_loss(fn, x, sn, k_loss, **ambient_options)
     total = jnp.mean(loss)
-    if consistency_weight:
-      cons, _ = losses.consistency_loss(fn, x, sn, k_cons, **consistency_options)
+    if consistency_weight:  # the term below σ_n: consistency, or kind="posterior_sample" (EM)
+      options = dict(consistency_options)
+      below_loss = BELOW_LOSSES[options.pop("kind", "consistency")]
+      cons, _ = below_loss(fn, x, sn, k_cons, **options)
       total = total + consistency_weight * jnp.mean(cons)
     return total
 
@@ -104,13 +121,15 @@ CHUNK = 250
 
 def train(graphdef, rest, params, data, sigma_n, *, objective, steps, batch, seed, lr,
           consistency_weight=0.0, consistency_options=None, ambient_options=None,
-          start_step=0, opt_state=None, ema=None):
+          start_step=0, opt_state=None, ema=None, lr_decay=None):
   """Runs `steps` Adam steps from `start_step`; randomness is a function of (seed, step).
+  lr_decay: see `learning_rate`.
 
   Returns (params, opt_state, ema_params).
   """
   optimizer, run_chunk = _chunk_runner(graphdef, rest, objective, batch, seed, lr, consistency_weight,
-                                       consistency_options or {}, ambient_options or {}, CHUNK)
+                                       consistency_options or {}, ambient_options or {}, CHUNK,
+                                       lr_decay)
   opt_state = optimizer.init(params) if opt_state is None else opt_state
   carry = (params, opt_state, params if ema is None else ema)
   data, sigma_n, values = jnp.asarray(data), jnp.asarray(sigma_n), []
@@ -202,9 +221,11 @@ def run_setting(name, mixture, sigma_n, args, plot_dir=None, variants=None):
     train_kw = dict(objective=spec["objective"], ambient_options=spec.get("ambient_options"), **common)
     if "fork" in spec:  # continue the ambient run's first half with the consistency term
       p, o, e = first_halves[spec["fork"]]
-      _, _, ema = train(graphdef, rest, p, spec["data"], spec["sigma_n"], steps=args.steps - half,
+      more = spec.get("consistency_steps", args.steps - half)
+      decay = (spec["lr_decay_to"], half, more) if "lr_decay_to" in spec else None
+      _, _, ema = train(graphdef, rest, p, spec["data"], spec["sigma_n"], steps=more,
                         start_step=half, opt_state=o, ema=e, consistency_weight=spec["consistency_weight"],
-                        consistency_options=spec.get("consistency_options"), **train_kw)
+                        consistency_options=spec.get("consistency_options"), lr_decay=decay, **train_kw)
     else:
       state = train(graphdef, rest, params0, spec["data"], spec["sigma_n"], steps=half, **train_kw)
       first_halves[method] = state
@@ -295,12 +316,79 @@ def ablation_variants(args, sigma_n):
   }
 
 
+def high_noise_variants(args, sigma_n):
+  """The σ_n = 0.2 research set (README "Below σ_n at high noise"): the consistency
+  default and what was tried against it; every below-σ_n variant continues the same
+  ambient run's first half."""
+  base = dict(objective="ambient", stop=None, fork="ambient")
+  em = {"kind": "posterior_sample"}
+  return {
+      "ambient": dict(objective="ambient", stop=sigma_n),
+      "consistency": dict(base, consistency_weight=10.0),
+      "consistency_6k_steps": dict(base, consistency_weight=10.0, consistency_steps=6000),
+      "consistency_lr_decay": dict(base, consistency_weight=10.0, lr_decay_to=1e-5),
+      "consistency_lam100_lr_decay": dict(base, consistency_weight=100.0, lr_decay_to=1e-5),
+      "consistency_edm_weighting": dict(base, consistency_weight=1.0,
+                                        consistency_options={"weighting": "edm"}),
+      "posterior_sample": dict(base, consistency_weight=1.0, consistency_options=em),
+      "posterior_sample_lam10": dict(base, consistency_weight=10.0, consistency_options=em),
+  }
+
+
+ABLATIONS = {"loss_options": (ablation_variants, 0.1), "high_noise": (high_noise_variants, 0.2)}
+DATASETS = {"2d": ("2d_four_clusters", gaussian_mixture.four_clusters_2d),
+            "16d": ("16d_eight_clusters", lambda: gaussian_mixture.random_clusters(16, 8))}
+METRICS = ("denoiser_rel_error_above_sigma_n", "denoiser_rel_error_below_sigma_n", "sliced_wasserstein")
+
+
+def run_ablation(args):
+  """Every variant of one ablation set on one (dataset, σ_n), once per seed; returns
+  {"seeds": [run per seed], "summary": {variant: {metric: [mean, std]}}}."""
+  make_variants, default_sigma_n = ABLATIONS[args.ablate]
+  sigma_n = default_sigma_n if args.sigma_n is None else args.sigma_n
+  name, make_mixture = DATASETS[args.data]
+  variants = make_variants(args, sigma_n)
+  if args.variants:
+    unknown = sorted(set(args.variants) - set(variants))
+    if unknown:
+      raise SystemExit(f"unknown --variants {unknown}; {args.ablate} has {sorted(variants)}")
+    variants = {k: v for k, v in variants.items() if k == "ambient" or k in args.variants}
+  runs = []
+  for seed in args.seeds or [args.seed]:
+    print(f"== {args.ablate}: {name}, σ_n = {sigma_n}, seed {seed}", flush=True)
+    runs.append(run_setting(name, make_mixture(), sigma_n, argparse.Namespace(**{**vars(args), "seed": seed}),
+                            variants=variants))
+  summary = {m: {k: [float(np.mean([r["methods"][m][k] for r in runs])),
+                     float(np.std([r["methods"][m][k] for r in runs]))] for k in METRICS}
+             for m in variants}
+  return {"ablation": args.ablate, "dataset": name, "sigma_n": sigma_n, "seeds": runs,
+          "summary": summary, "clean_floor": float(np.mean([r["sliced_wasserstein_clean_floor"] for r in runs]))}
+
+
+def print_ablation(result):
+  n = len(result["seeds"])
+  spread = " (mean ± std over %d seeds)" % n if n > 1 else ""
+  print(f"\n{result['dataset']}, σ_n = {result['sigma_n']}{spread}")
+  print("| variant | rel. error above | rel. error below | sliced W2 |")
+  print("|---|---|---|---|")
+  for m, r in result["summary"].items():
+    cells = [f"{r[k][0]:.3f} ± {r[k][1]:.3f}" if n > 1 else f"{r[k][0]:.3f}" for k in METRICS]
+    print(f"| {m} | " + " | ".join(cells) + " |")
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", required=True, help="output folder (created)")
   parser.add_argument("--quick", action="store_true",
                       help="one setting (2-D, σ_n = 0.1), 2,000 steps: ≈ 2 minutes")
-  parser.add_argument("--ablate", action="store_true", help="compare loss options on 2-D, σ_n = 0.1")
+  parser.add_argument("--ablate", nargs="?", const="loss_options", choices=sorted(ABLATIONS),
+                      help="compare loss options instead: loss_options (2-D, σ_n = 0.1) or "
+                           "high_noise (the σ_n = 0.2 research set)")
+  parser.add_argument("--data", choices=sorted(DATASETS), default="2d", help="--ablate: the mixture")
+  parser.add_argument("--sigma_n", type=float, default=None, help="--ablate: σ_n (default per set)")
+  parser.add_argument("--seeds", type=int, nargs="+", default=None, help="--ablate: one run per seed")
+  parser.add_argument("--variants", nargs="+", default=None,
+                      help="--ablate: only these variants (and the ambient run they fork from)")
   parser.add_argument("--steps", type=int, default=None)
   parser.add_argument("--batch", type=int, default=512)
   parser.add_argument("--lr", type=float, default=1e-3)
@@ -317,19 +405,16 @@ def main(argv=None):
     parser.error("--steps must be a multiple of 500 (two halves of 250-step chunks)")
   os.makedirs(args.out, exist_ok=True)
   t0 = time.time()
-  mixtures = {"2d_four_clusters": gaussian_mixture.four_clusters_2d(),
-              "16d_eight_clusters": gaussian_mixture.random_clusters(16, 8)}
   if args.ablate:
-    run = run_setting("2d_four_clusters", mixtures["2d_four_clusters"], 0.1, args,
-                      variants=ablation_variants(args, 0.1))
-    with open(os.path.join(args.out, "ablation.json"), "w") as f:
-      json.dump(run, f, indent=1)
-    print_table([run])
+    result = run_ablation(args)
+    tag = "" if args.ablate == "loss_options" else f"_{args.ablate}_{args.data}_sigma{result['sigma_n']}"
+    with open(os.path.join(args.out, f"ablation{tag}.json"), "w") as f:
+      json.dump({**result, "args": vars(args), "wall_seconds": time.time() - t0}, f, indent=1)
+    print_ablation(result)
     print(f"\nwall time {time.time() - t0:.0f} s")
     return
-  settings = ([("2d_four_clusters", 0.1)] if args.quick else
-              [(name, s) for name in mixtures for s in (0.1, 0.2)])
-  runs = [run_setting(name, mixtures[name], s, args, plot_dir=args.out) for name, s in settings]
+  settings = ([("2d", 0.1)] if args.quick else [(d, s) for d in DATASETS for s in (0.1, 0.2)])
+  runs = [run_setting(DATASETS[d][0], DATASETS[d][1](), s, args, plot_dir=args.out) for d, s in settings]
   with open(os.path.join(args.out, "results.json"), "w") as f:
     json.dump({"runs": runs, "args": vars(args), "wall_seconds": time.time() - t0}, f, indent=1)
   print_table(runs)

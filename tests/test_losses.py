@@ -237,3 +237,50 @@ def test_mixture_denoiser_matches_the_gaussian_closed_form_and_tweedie():
     score = jax.vmap(jax.grad(log_density), (0, None))(x2, s)
     np.testing.assert_allclose(np.asarray(mix.denoise(x2, jnp.full((3,), s))),
                                np.asarray(x2 + s**2 * score), rtol=1e-4, atol=1e-5)
+
+
+def _fit_below(chain_denoiser, ratio=0.5, **options):
+  """The shrinkage a that `posterior_sample_loss` fits at σ_b = ratio · σ_n when its
+  posterior chain runs on `chain_denoiser` (a Newton step: the loss is quadratic in a, c)."""
+  _, x_noisy = _noisy_gaussian_data(seed=3)
+  sigma_n = jnp.full((N,), SIGMA_N)
+
+  def total(theta):
+    denoise = lambda x, s: theta[0] * x + theta[1]
+    loss, _ = losses.posterior_sample_loss(
+        denoise, x_noisy, sigma_n, jax.random.key(4), target_min_ratio=ratio,
+        target_max_ratio=ratio * 1.0001, chain_denoise_fn=chain_denoiser, **options)
+    return jnp.mean(loss)
+
+  theta0 = jnp.zeros(2)
+  return float((theta0 - jnp.linalg.solve(jax.hessian(total)(theta0), jax.grad(total)(theta0)))[0])
+
+
+def test_posterior_samples_of_the_exact_denoiser_teach_the_clean_shrinkage_below_sigma_n():
+  """The exact denoiser is the loss's fixed point: its own posterior draws teach it back."""
+  sigma_b = 0.5 * SIGMA_N
+  clean = gaussian.clean_shrinkage(sigma_b)
+  assert abs(_fit_below(gaussian.exact_denoiser()) - clean) / clean < 0.015
+  # posterior steps omit Var[x0 | x_σ]: their draws are too narrow (why they are not the default)
+  assert _fit_below(gaussian.exact_denoiser(), step="posterior", chain_steps=8) < 0.95 * clean
+
+  def naive(x, sigma):  # what plain EDM on the noisy data learns: wider than the data
+    a = gaussian.naive_shrinkage(sigma, SIGMA_N)[:, None]
+    return gaussian.MU + a * (x - gaussian.MU)
+
+  # a chain on the naive model draws too-wide "clean" images, and the fit follows them
+  a_naive_chain = _fit_below(naive)
+  assert a_naive_chain > clean * 1.05, (a_naive_chain, clean)
+
+
+def test_posterior_sample_loss_ignores_clean_examples_and_checks_its_options():
+  _, x_noisy = _noisy_gaussian_data(n=64)
+  sigma_n = jnp.where(jnp.arange(64) % 2 == 0, 0.0, SIGMA_N)
+  loss, aux = losses.posterior_sample_loss(gaussian.exact_denoiser(), x_noisy, sigma_n,
+                                           jax.random.key(0), step="euler_maruyama")
+  assert bool(jnp.all(loss[::2] == 0)) and bool(jnp.all(loss[1::2] > 0))
+  assert bool(jnp.all(aux["sigma_target"][1::2] <= SIGMA_N * (1 + 1e-6)))
+  for bad in (dict(chain_steps=0), dict(target_min_ratio=0.5, target_max_ratio=0.4),
+              dict(sigma_min=0.0), dict(step="ode")):
+    with pytest.raises(ValueError):
+      losses.posterior_sample_loss(gaussian.exact_denoiser(), x_noisy, sigma_n, jax.random.key(0), **bad)
