@@ -1,5 +1,6 @@
 """The toy benchmark's metrics against their closed forms."""
 
+import json
 import os
 import sys
 
@@ -27,3 +28,29 @@ def test_sliced_wasserstein_is_zero_for_equal_sets_and_the_shift_for_a_translate
   assert toy_exactness.sliced_wasserstein(a, a, jax.random.key(1)) < 1e-6
   # in 1-D every projection is ±identity, so the distance is exactly the shift
   np.testing.assert_allclose(toy_exactness.sliced_wasserstein(a, a + 0.3, jax.random.key(1)), 0.3, rtol=1e-4)
+
+
+def test_learning_rate_is_constant_or_a_cosine_over_the_given_steps():
+  constant = toy_exactness.learning_rate(1e-3)
+  assert float(constant(0)) == float(constant(10_000)) == np.float32(1e-3)
+  decay = toy_exactness.learning_rate(1e-3, (1e-5, 2000, 4000))
+  np.testing.assert_allclose([float(decay(c)) for c in (0, 2000, 4000, 6000, 9000)],
+                             [1e-3, 1e-3, (1e-3 + 1e-5) / 2, 1e-5, 1e-5], rtol=1e-5)
+
+
+def test_ablation_runs_each_seed_and_summarizes_mean_and_spread(tmp_path):
+  """A tiny --ablate high_noise run: one forked below-σ_n variant, two seeds."""
+  toy_exactness.main(["--out", str(tmp_path), "--ablate", "high_noise", "--variants", "posterior_sample",
+                      "--seeds", "0", "1", "--steps", "500", "--batch", "64", "--train_size", "512",
+                      "--num_samples", "256", "--width", "16"])
+  result = json.loads((tmp_path / "ablation_high_noise_2d_sigma0.2.json").read_text())
+  assert [r["dataset"] for r in result["seeds"]] == ["2d_four_clusters"] * 2
+  assert set(result["summary"]) == {"ambient", "posterior_sample"}
+  for variant, metrics in result["summary"].items():
+    below = [r["methods"][variant]["denoiser_rel_error_below_sigma_n"] for r in result["seeds"]]
+    np.testing.assert_allclose(metrics["denoiser_rel_error_below_sigma_n"], [np.mean(below), np.std(below)],
+                               rtol=1e-6)
+  # the seeds differ, and the forked variant trained on from the ambient run
+  first = result["seeds"][0]["methods"]
+  assert result["summary"]["ambient"]["denoiser_rel_error_below_sigma_n"][1] > 0
+  assert first["posterior_sample"]["errors_by_sigma"] != first["ambient"]["errors_by_sigma"]
