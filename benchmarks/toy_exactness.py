@@ -331,7 +331,11 @@ def high_noise_variants(args, sigma_n):
       "consistency_edm_weighting": dict(base, consistency_weight=1.0,
                                         consistency_options={"weighting": "edm"}),
       "posterior_sample": dict(base, consistency_weight=1.0, consistency_options=em),
+      "posterior_sample_6k_steps": dict(base, consistency_weight=1.0, consistency_steps=6000,
+                                        consistency_options=em),
       "posterior_sample_lam10": dict(base, consistency_weight=10.0, consistency_options=em),
+      "posterior_sample_below_half": dict(base, consistency_weight=1.0,
+                                          consistency_options={**em, "target_max_ratio": 0.5}),
   }
 
 
