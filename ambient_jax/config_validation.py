@@ -222,11 +222,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
   weight = c.number("consistency.weight", 0.0)
   c.int_at_least("consistency.start_step", 0)
   fraction = c.number("consistency.batch_fraction", 0.0, 1.0)
-  allowed = _kwargs_of(losses.consistency_loss, 4)
-  for key in config.consistency.kwargs.keys():
-    if key not in allowed:
-      c.fail(f"consistency.kwargs.{key}", config.consistency.kwargs[key],
-             f"is not an option of losses.consistency_loss; allowed: {sorted(allowed)}")
+  below = c.one_of("consistency.loss", tuple(losses.BELOW_SIGMA_N_LOSSES))
+  if below is not None:
+    allowed = _kwargs_of(losses.BELOW_SIGMA_N_LOSSES[below], 4)
+    for key in config.consistency.kwargs.keys():
+      if key not in allowed:
+        c.fail(f"consistency.kwargs.{key}", config.consistency.kwargs[key],
+               f"is not an option of losses.{losses.BELOW_SIGMA_N_LOSSES[below].__name__}; "
+               f"allowed: {sorted(allowed)}")
   if weight and fraction is not None and batch is not None:
     k = batch * fraction
     if fraction == 0 or abs(k - round(k)) > 1e-6 or batch % round(k):

@@ -357,3 +357,7 @@ def posterior_sample_loss(denoise_fn: DenoiseFn, x_noisy: jax.Array, sigma_n: ja
   x_b = x0_hat + expand(sigma_b, x0_hat) * jax.random.normal(k_noise, x0_hat.shape, x0_hat.dtype)
   loss = _weighted_mse(precond.edm_weight(sigma_b, sigma_data), denoise_fn(x_b, sigma_b), x0_hat)
   return jnp.where(is_noisy, loss, 0.0), {"sigma_target": sigma_b, "is_noisy": is_noisy.astype(jnp.float32)}
+
+
+# The term that extends the denoiser below σ_n, by name (config.consistency.loss).
+BELOW_SIGMA_N_LOSSES = {"consistency": consistency_loss, "posterior_sample": posterior_sample_loss}

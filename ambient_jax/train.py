@@ -59,6 +59,7 @@ def make_train_step(config: Any, model_def: ts.ModelDef, tx: optax.GradientTrans
   ambient_kwargs = config.loss.ambient.to_dict()
   cons_weight = float(config.consistency.weight)
   cons_kwargs = config.consistency.kwargs.to_dict()
+  below_loss = losses.BELOW_SIGMA_N_LOSSES[config.consistency.get("loss", "consistency")]  # older runs: absent
   stride = (int(round(1.0 / config.consistency.batch_fraction))
             if cons_weight > 0 else 0)
   halflives = tuple(float(h) for h in config.ema.halflife_kimg)
@@ -93,8 +94,7 @@ def make_train_step(config: Any, model_def: ts.ModelDef, tx: optax.GradientTrans
         sub_labels = None if labels is None else labels[::stride]
         d = model_def.denoiser(params, train=True, key=jax.random.fold_in(k_dropout, 1 << 20),
                                labels=sub_labels)
-        loss_c, _ = losses.consistency_loss(d, x_n[::stride], sigma_loss[::stride], k_cons,
-                                            **cons_kwargs)
+        loss_c, _ = below_loss(d, x_n[::stride], sigma_loss[::stride], k_cons, **cons_kwargs)
         cons = jnp.mean(loss_c)
         total = total + cons_weight * cons
       else:

@@ -49,7 +49,6 @@ def denoiser(graphdef, rest, params):
   return lambda x, s: nnx.merge(graphdef, params, rest)(x, s)
 
 
-BELOW_LOSSES = {"consistency": losses.consistency_loss, "posterior_sample": losses.posterior_sample_loss}
 _COMPILED = {}  # training chunk runners: they close over the network and options only
 _EVALUATORS = {}  # per setting (they close over its mixture, keys and levels): emptied by run_setting
 
@@ -89,7 +88,7 @@ def _chunk_runner(graphdef, rest, objective, batch, seed, lr, consistency_weight
     total = jnp.mean(loss)
     if consistency_weight:  # the term below σ_n: consistency, or kind="posterior_sample" (EM)
       options = dict(consistency_options)
-      below_loss = BELOW_LOSSES[options.pop("kind", "consistency")]
+      below_loss = losses.BELOW_SIGMA_N_LOSSES[options.pop("kind", "consistency")]
       cons, _ = below_loss(fn, x, sn, k_cons, **options)
       total = total + consistency_weight * jnp.mean(cons)
     return total

@@ -55,9 +55,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.consistency = ml_collections.ConfigDict()
   c.consistency.weight = 0.0      # λ_c; 0 = off
+  c.consistency.loss = "consistency"  # the term below σ_n: "consistency" (METHOD §5) or
+                                  # "posterior_sample" (EM, README "Below σ_n at high noise")
   c.consistency.start_step = 0    # λ_c kicks in at this step
   c.consistency.batch_fraction = 0.25  # share of the batch (every k-th example) that gets it
-  c.consistency.kwargs = ml_collections.ConfigDict({"step": "posterior"})  # consistency_loss kwargs
+  c.consistency.kwargs = ml_collections.ConfigDict({"step": "posterior"})  # that loss's kwargs
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-3

@@ -126,6 +126,13 @@ def test_validation_catches_typos_and_bad_loss_options_all_at_once():
   with c.unlocked():
     c.consistency.weight = 0.1
   assert "loss.kind='naive'" in _error(c)
+  c = load("default.py", "--config.consistency.loss=tweedie")
+  assert "config.consistency.loss = 'tweedie'" in _error(c) and "'posterior_sample'" in _error(c)
+  c = load("default.py", "--config.consistency.loss=posterior_sample")  # chain_steps, step: shared
+  config_validation.validate(c, num_devices=1)
+  with c.unlocked():
+    c.consistency.kwargs.gap = 0.1  # an option of consistency_loss only
+  assert "config.consistency.kwargs.gap" in _error(c) and "posterior_sample_loss" in _error(c)
 
 
 def test_main_rejects_a_bad_config_before_compiling(tmp_path):

@@ -99,6 +99,19 @@ def test_step_is_traced_once_and_agrees_across_1_and_8_devices(tfds_dir, tmp_pat
     assert int(s8.step) == 3
 
 
+def test_posterior_sample_loss_can_replace_consistency_below_sigma_n(tfds_dir, tmp_path):
+  """config.consistency.loss = "posterior_sample": the EM term joins the loss from the
+  consistency start step, weighted by λ_c, with its own options."""
+  cfg = tiny_config(tfds_dir, **{"consistency.loss": "posterior_sample"})
+  cfg.consistency.kwargs = ml_collections.ConfigDict({"chain_steps": 2, "target_max_ratio": 0.5})
+  trainer = train.Trainer(cfg, str(tmp_path / "em"), devices=jax.devices()[:1])
+  _, metrics = _run_steps(trainer, 3)
+  trainer.close()
+  assert metrics[1]["consistency_loss"] == 0 and metrics[2]["consistency_loss"] > 0
+  np.testing.assert_allclose(metrics[2]["loss"],
+                             metrics[2]["ambient_loss"] + 0.1 * metrics[2]["consistency_loss"], rtol=1e-5)
+
+
 def test_a_run_leaves_config_metrics_tensorboard_checkpoints_and_stops_on_nan(tfds_dir, tmp_path):
   workdir = tmp_path / "run"
   config = tiny_config(tfds_dir, **{"sample.every_steps": 0})

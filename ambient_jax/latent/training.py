@@ -169,6 +169,7 @@ def make_latent_step(config: Any, graphdef: Any, schedule: NoiseSchedule, uncond
   naive = config.loss.kind == "naive"
   cons_weight = float(config.consistency.weight)
   cons_kwargs = config.consistency.kwargs.to_dict()
+  below_loss = losses.BELOW_SIGMA_N_LOSSES[config.consistency.get("loss", "consistency")]  # older runs: absent
   stride = int(round(1.0 / config.consistency.batch_fraction)) if cons_weight > 0 else 0
   halflives = tuple(float(h) for h in config.ema.halflife_kimg)
   schedule_lr = ts.learning_rate_schedule(config.optim)
@@ -221,8 +222,7 @@ def make_latent_step(config: Any, graphdef: Any, schedule: NoiseSchedule, uncond
         denoise = ve_denoiser(sub_fn, sched)
         x_sub, s_sub = x_n[::stride], sigma_n[::stride]
         x_ve = x_sub / precond.expand(precond.vp_scale(s_sub), x_sub)
-        loss_c, _ = losses.consistency_loss(denoise, x_ve, precond.vp_to_ve_sigma(s_sub), k_cons,
-                                            **cons_kwargs)
+        loss_c, _ = below_loss(denoise, x_ve, precond.vp_to_ve_sigma(s_sub), k_cons, **cons_kwargs)
         cons = jnp.mean(loss_c)
         total = total + cons_weight * cons
       metrics.update(consistency_loss=cons, loss=total,
