@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import os
 import pathlib
 import types
 from typing import Optional

@@ -105,8 +105,6 @@ def make_train_step(config: Any, model_def: ts.ModelDef, tx: optax.GradientTrans
       return total, metrics
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     return apply_gradients(state, grads, metrics, tx, batch_size, halflives, rampup, schedule)
 
   train_step.num_traces = 0

@@ -111,7 +111,7 @@ class LatentSampleGrid:
     vp = float(np.max(self.task.dataset.sigma_n, initial=0.0))
     panels = [(f"training latents as seen (σ_n VP = {vp:.3g}), decoded", tile(images["noisy"]))]
     if self.sigma_stop > 0:
-      panels.append((f"truncated at σ_n (Tweedie)", tile(images["truncated"])))
+      panels.append(("truncated at σ_n (Tweedie)", tile(images["truncated"])))
     panels.append((f"full ({self.config.latent.sample_steps} Euler steps, guidance "
                    f"{self.config.latent.guidance_scale:g})", tile(images["full"])))
     save_png(path, panels, " · ".join(filter(None, [f"step {step}", self.task.name, objective])))
