@@ -304,6 +304,15 @@ class Evaluator:
     self.heldout = heldout
     self.ref_features = self.features(heldout)
     self.copy_rmse = None
+    self._fine_tuning_set = {}  # dataset path -> (clean images, their NearestNeighbourIndex)
+
+  def fine_tuning_set(self, run):
+    """The run's clean fine-tuning images and their index, read and built once per dataset."""
+    path = run.config.latent.dataset
+    if path not in self._fine_tuning_set:
+      clean = evaluation.clean_images(run)
+      self._fine_tuning_set[path] = clean, memorization.NearestNeighbourIndex(clean, self.features)
+    return self._fine_tuning_set[path]
 
   def measure(self, run, mode: str):
     """(result row dict, decoded samples [n, 16, 16, 1], their nearest fine-tuning image
@@ -314,23 +323,23 @@ class Evaluator:
     samples = evaluation.sample_images(run, mode, a.num_samples, seed=a.seed + 1,
                                        num_steps=a.sample_steps, guidance_scale=a.guidance_scale,
                                        sigma_stop=stop, batch_size=a.num_samples)
-    clean = evaluation.clean_images(run)
+    clean, index = self.fine_tuning_set(run)
     report = evaluation.memorization_report(
         run, clean, samples, "digits", self.features, self.heldout,
         run.root / "eval" / str(run.step), attack_t=a.attack_t, key=jax.random.key(a.seed + 7),
         num_attacked=None, posterior_steps=a.posterior_steps,
-        batch_size=len(clean), guidance_scale=1.0)["memorization"]
+        batch_size=len(clean), guidance_scale=1.0, index=index)["memorization"]
     self.copy_rmse = report["heldout"]["copy_rmse"]
     fd = frechet.fd_from_features(self.features(samples), self.ref_features)
     attack = {m: report[m] for m in ("mmse", "posterior")}
     res = dict(fd=fd, samples_nn=report["samples"],
                attack=dict(attack, t=a.attack_t, sigma_ve=report["attack_sigma_ve"]))
-    nn_idx = memorization.NearestNeighbourIndex(clean).query(samples)["pixel_index"]
+    nn_idx = index.query(samples)["pixel_index"]
     return res, samples[..., :1], nn_idx
 
   def measure_real(self, run, real):
     """The reference row: held-out real nines [n, 16, 16, 3] as if they were samples."""
-    index = memorization.NearestNeighbourIndex(evaluation.clean_images(run), self.features)
+    _, index = self.fine_tuning_set(run)
     nn = index.query(real)
     calibration = memorization.heldout_baseline(index, self.heldout)
     self.copy_rmse = calibration["copy_rmse"]

@@ -357,14 +357,16 @@ def evaluate_latent(workdir: str, *, step: Optional[int] = None, sampling: str =
 
 def memorization_report(run, clean, samples, feature_name, feature_fn, heldout, out_dir, *,
                         attack_t, key, num_attacked, posterior_steps, batch_size,
-                        guidance_scale) -> dict:
+                        guidance_scale, index=None) -> dict:
   """The attack on the clean fine-tuning images [N, R, R, 3] + the nearest fine-tuning
   image of each sample, copies calibrated on `heldout` images when given (else None):
-  {"memorization": {..., "samples": {...}}, "memorization_png", "attack_png": paths}."""
+  {"memorization": {..., "samples": {...}}, "memorization_png", "attack_png": paths}.
+  `index`: a `NearestNeighbourIndex` over `clean` with `feature_fn` already built (runs
+  judged against one fine-tuning set can share it)."""
   from ambient_jax.metrics import memorization  # pylint: disable=g-import-not-at-top
   from ambient_jax.sample_grid import save_png, tile  # pylint: disable=g-import-not-at-top
   log, sched = evaluate.log_message, run.schedule
-  index = memorization.NearestNeighbourIndex(clean, feature_fn)
+  index = index or memorization.NearestNeighbourIndex(clean, feature_fn)
   calibration = copy_rmse = None
   if heldout is not None:
     calibration = memorization.heldout_baseline(index, heldout)
