@@ -56,7 +56,6 @@ itself (it never saw a nine). Writes benchmarks/results/latent_memorization{_qui
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import json
 import os
@@ -348,17 +347,6 @@ class Evaluator:
     return res, real[..., :1], nn["pixel_index"]
 
 
-def base_run(run):
-  """The run with its initial trainable tree (adapters with B = 0, or the pretrained
-  weights of a full fine-tune): the pretrained UNet, through the same path."""
-  base = copy.copy(run)
-  base.params = jax.tree.map(lambda a, like: jax.device_put(jnp.asarray(a, like.dtype),
-                                                            like.sharding),
-                             run.task.trainable_init, run.params)
-  base.step = 0
-  return base
-
-
 def pairs_png(path, rows, x_train):
   """Per model, a row of samples above the nearest (pixel) fine-tuning image of each: the
   pixel benchmark's picture (imported at the end: that module sets XLA_FLAGS on import,
@@ -509,7 +497,7 @@ def main(argv=None):
       record("held-out real nines", "–", "–",
              ev.measure_real(run, heldout_real[:args.num_samples]), 0)
       log(f"copy threshold: pixel RMSE < {ev.copy_rmse:.3f} (1 % of held-out nines are closer)")
-      record("pretrained (no fine-tune)", "–", "full", ev.measure(base_run(run), "full"), 0)
+      record("pretrained (no fine-tune)", "–", "full", ev.measure(run.initial(), "full"), 0)
     mode = "truncated" if method == "ambient" else "full"
     record(method, t_n, mode, ev.measure(run, mode), secs)
 

@@ -106,6 +106,17 @@ def test_exported_lora_reproduces_the_run_in_ours_and_in_diffusers(workdir, run,
   assert err <= 1e-4
 
 
+def test_initial_run_is_the_pretrained_unet_and_leaves_the_run_alone(run, unet_fn):
+  """LatentRun.initial(): step 0, zero-B adapters, so exactly the base UNet's output."""
+  first = run.initial()
+  inputs = _inputs(run)
+  base, _ = unet.load_unet(os.path.join(run.task.pretrained, "unet"))
+  expected = unet_fn(base, inputs)
+  assert first.step == 0 and run.step == 2
+  assert relative_error(unet_fn(first.model(), inputs), expected) <= 1e-6
+  assert relative_error(unet_fn(run.model(), inputs), expected) > 1e-3  # the run keeps its adapters
+
+
 def test_export_restore_reads_no_base_weights(workdir, run):
   light = evaluation.LatentRun(workdir, devices=jax.devices()[:DEVICES], base_weights=False)
   frozen = jax.tree.leaves(light.task.frozen)

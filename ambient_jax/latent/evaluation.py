@@ -30,6 +30,7 @@ here (`evaluate.evaluate` dispatches). What it does, with the paper's settings (
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import time
@@ -102,6 +103,17 @@ class LatentRun:
     if self._coder is None:
       self._coder = vae_coder(self)
     return self._coder
+
+  def initial(self) -> "LatentRun":
+    """This run at step 0 with its initial trainable tree (zero-B adapters, or the
+    pretrained UNet of a full fine-tune): the pretrained model, judged by the same path.
+    Shares the task, VAE and compiled coder; only the parameters differ."""
+    other = copy.copy(self)
+    other.params = jax.tree.map(
+        lambda a, like: jax.device_put(jnp.asarray(a, like.dtype), like.sharding),
+        self.task.trainable_init, self.params)
+    other.step = 0
+    return other
 
   def model(self):
     """The UNet with the restored trainable tree over the frozen base."""
