@@ -125,8 +125,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
                      "--config.FIELD=VALUE instead.")
   c = base_config()
   # Measured on 2 CPU cores (benchmarks/train_speed.py, README "Measured"): ~4.7 steps/s
-  # before the consistency term, ~2.9 steps/s with it, on 1 CPU device; ~10 min in all.
-  c.num_train_steps = 2200
+  # before the consistency term, ~2.9 steps/s with it, on 1 CPU device; ~12 min in all.
+  c.num_train_steps = 2500
   c.batch_size = 32
   c.cpu_devices = 1               # one device whose convolutions use both cores (cpu_xla_flags
                                   # "auto"): 1.0x / 1.3x the steps/s of 2 devices (README)
@@ -136,13 +136,13 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.model.channel_mult = (1, 2, 4)
   c.model.num_blocks = 1
   c.optim.warmup_steps = 100
-  c.ema.halflife_kimg = (5.0,)    # capped by the ramp-up at 5 % of the ~70k images seen
+  c.ema.halflife_kimg = (5.0,)    # capped by the ramp-up at 5 % of the ~80k images seen
   # Ambient loss alone first, then ambient + consistency as a fine-tune (the papers' order).
   c.consistency.weight = 1.0
-  c.consistency.start_step = 1700
+  c.consistency.start_step = 1950
   c.consistency.batch_fraction = 0.25
   c.consistency.kwargs = ml_collections.ConfigDict({"step": "posterior", "chain_steps": 1})
   c.log_every_steps = 100
   c.checkpoint.every_steps = 500
-  c.sample.every_steps = 1100
+  c.sample.every_steps = 1250
   return c
