@@ -8,7 +8,6 @@ checked against StableDiffusionXLPipeline.encode_prompt on the same tiny encoder
 tokenizer files. Nothing is downloaded.
 """
 
-import json
 import os
 
 import jax

@@ -457,7 +457,7 @@ def test_local_dry_run(tmp_path):
     assert (f"--coordinator=127.0.0.1:23456 --num-processes=2 --process-id={i} --platform=cpu "
             f"--cpu-devices=4 --module=ambient_jax.main -- --config=configs/default.py "
             f"--workdir={tmp_path}/run > {tmp_path}/run/local_logs/proc_{i}.log 2>&1 &") in out
-    assert f"#   which runs: env JAX_PLATFORMS=cpu " in out
+    assert "#   which runs: env JAX_PLATFORMS=cpu " in out
     assert (f"python -m ambient_jax.main --coordinator_address=127.0.0.1:23456 --num_processes=2 "
             f"--process_id={i} --config=configs/default.py --workdir={tmp_path}/run\n") in out
   trainer = shlex.split(out.split("#   which runs: ")[1].splitlines()[0])
