@@ -68,9 +68,8 @@ def _split_cpu(argv) -> None:
   for i, a in enumerate(argv):
     if a.startswith("--cpu_devices"):
       n = int(a.split("=", 1)[1] if "=" in a else argv[i + 1])
-  flags = os.environ.get("XLA_FLAGS", "")
-  if "xla_force_host_platform_device_count" not in flags:
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+  from ambient_jax import cpu_defaults  # pylint: disable=g-import-not-at-top  (no jax inside)
+  os.environ["XLA_FLAGS"], _ = cpu_defaults.merged_flags(os.environ.get("XLA_FLAGS", ""), n, "")
 
 
 _split_cpu(sys.argv)
@@ -156,17 +155,6 @@ def noisy_training_set(x0: np.ndarray, sigma_n: float, seed: int) -> np.ndarray:
   return np.asarray(jnp.asarray(x0) + sigma_n * z)
 
 
-def _nearest_ratio(queries, reference) -> np.ndarray:
-  """Per query [n, ...]: pixel distance to its nearest reference image over the distance
-  to the second nearest (≈ 0 for a copy of one reference image; ≈ 1 for an image that is
-  no closer to one reference image than to others, however smooth or noisy it is)."""
-  q = np.asarray(queries, np.float64).reshape(len(queries), -1)
-  r = np.asarray(reference, np.float64).reshape(len(reference), -1)
-  d2 = np.maximum((q**2).sum(1)[:, None] - 2 * q @ r.T + (r**2).sum(1)[None], 0.0)
-  two = np.sqrt(np.sort(d2, axis=1)[:, :2])
-  return two[:, 0] / np.maximum(two[:, 1], 1e-12)
-
-
 def seen_copies(samples, x_seen, heldout, sigma_n, quantile, seed) -> dict:
   """Copies of the images the model saw, noise included, by the nearest/second-nearest
   distance ratio to the *noisy* training images: a sample counts when its ratio is below
@@ -177,8 +165,9 @@ def seen_copies(samples, x_seen, heldout, sigma_n, quantile, seed) -> dict:
   Returns {frac_seen_copies, seen_copy_ratio}."""
   fresh = heldout + np.float32(sigma_n) * np.random.default_rng(seed + 3).standard_normal(
       heldout.shape).astype(np.float32)
-  threshold = float(np.quantile(_nearest_ratio(fresh, x_seen), quantile))
-  return dict(frac_seen_copies=float(np.mean(_nearest_ratio(samples, x_seen) < threshold)),
+  threshold = float(np.quantile(memorization.nearest_distance_ratio(fresh, x_seen), quantile))
+  ratios = memorization.nearest_distance_ratio(samples, x_seen)
+  return dict(frac_seen_copies=float(np.mean(ratios < threshold)),
               seen_copy_ratio=threshold)
 
 

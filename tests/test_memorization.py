@@ -103,3 +103,10 @@ def test_denoised_copies_catch_noisy_copies_that_pixels_miss(digits):
   assert copies["frac_copies"] == 0.0 and copies["frac_copies_denoised"] > 0.6, copies
   fresh, _ = memorization.nearest_neighbours(noise(heldout, 2), **kw)
   assert fresh["frac_copies"] == 0.0 and fresh["frac_copies_denoised"] <= 0.15, fresh
+
+
+def test_nearest_distance_ratio_is_zero_for_a_copy_and_one_for_an_equidistant_image():
+  reference = np.stack([np.zeros((4, 4, 1)), np.ones((4, 4, 1)), -np.ones((4, 4, 1))]).astype(np.float32)
+  ratios = memorization.nearest_distance_ratio(
+      np.stack([reference[1], np.zeros((4, 4, 1)) + 0.5, np.zeros((4, 4, 1)) + 0.25]), reference)
+  np.testing.assert_allclose(ratios, [0.0, 1.0, 1 / 3], atol=1e-6)

@@ -67,6 +67,21 @@ class _PixelNN:
     d2 = np.maximum(np.sum(px ** 2, 1, keepdims=True) - 2 * px @ self.pixels.T + self.sq[None], 0)
     return np.sqrt(d2.min(1) / px.shape[1]), d2.argmin(1)
 
+  def nearest_ratio(self, images) -> np.ndarray:
+    """Distance to the nearest reference image over the distance to the second nearest [n]:
+    ≈ 0 for a copy of one reference image, ≈ 1 for an image no closer to one of them than
+    to the next, however smooth or noisy it is."""
+    px = np.asarray(images, np.float64).reshape(len(images), -1)
+    d2 = np.maximum(np.sum(px ** 2, 1, keepdims=True) - 2 * px @ self.pixels.T + self.sq[None], 0)
+    two = np.sqrt(np.partition(d2, 1, axis=1)[:, :2])
+    return two[:, 0] / np.maximum(two[:, 1], 1e-12)
+
+
+def nearest_distance_ratio(images, reference_images) -> np.ndarray:
+  """Per image [n, ...]: pixel distance to its nearest reference image over the distance to
+  the second nearest (a copy test that does not depend on the images' noise power)."""
+  return _PixelNN(reference_images).nearest_ratio(images)
+
 
 class NearestNeighbourIndex:
   """Cosine nearest neighbours in a feature space, plus pixel L2 nearest neighbours.
