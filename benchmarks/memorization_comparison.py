@@ -35,8 +35,10 @@ pixels to a training image than all but 1 % of held-out real digits are
 (`memorization.heldout_baseline`): ~0.01 for fresh data, ~1 for a memorizer. "Denoised
 copies" applies the same rule after a fixed Gaussian blur (--copy_blur px) of sample and
 training image, calibrated on held-out digits noised as the outputs are (noisy_edm samples
-the noisy data: σ_n; the others: clean), so that copies of *noisy* training images, far
-from their clean originals in raw pixels, are not missed. For noisy_edm, which learns to
+the noisy data: σ_n; the others: clean) and stored as they are (clipped, 8-bit), so that
+copies of *noisy* training images, far from their clean originals in raw pixels, are not
+missed; it needs outputs exactly as noisy as its calibration (a model whose samples
+carry less noise than σ_n is called a copier). For noisy_edm, which learns to
 draw noisy digits, "copies of the noisy images seen" asks directly whether it reproduces
 its noisy training images, noise and all: the ratio of the pixel distances to the nearest
 and second-nearest *noisy* training image, below the copy quantile of held-out digits
@@ -155,6 +157,12 @@ def noisy_training_set(x0: np.ndarray, sigma_n: float, seed: int) -> np.ndarray:
   return np.asarray(jnp.asarray(x0) + sigma_n * z)
 
 
+def as_saved_images(x) -> np.ndarray:
+  """Images in [-1, 1] as a PNG stores them: clipped and quantized to 8 bits. Samples are
+  judged this way, and so is whatever calibrates a criterion for them."""
+  return np.clip(np.rint((np.asarray(x) + 1) * 127.5), 0, 255) / 127.5 - 1
+
+
 def seen_copies(samples, x_seen, heldout, sigma_n, quantile, seed) -> dict:
   """Copies of the images the model saw, noise included, by the nearest/second-nearest
   distance ratio to the *noisy* training images: a sample counts when its ratio is below
@@ -163,8 +171,8 @@ def seen_copies(samples, x_seen, heldout, sigma_n, quantile, seed) -> dict:
   noised one is; the ratio asks whether it is much closer to one of them. A model that
   memorized its noisy training images scores ~1, one that draws new digits ~`quantile`.
   Returns {frac_seen_copies, seen_copy_ratio}."""
-  fresh = heldout + np.float32(sigma_n) * np.random.default_rng(seed + 3).standard_normal(
-      heldout.shape).astype(np.float32)
+  fresh = as_saved_images(heldout + np.float32(sigma_n) * np.random.default_rng(seed + 3).standard_normal(
+      heldout.shape).astype(np.float32))
   threshold = float(np.quantile(memorization.nearest_distance_ratio(fresh, x_seen), quantile))
   ratios = memorization.nearest_distance_ratio(samples, x_seen)
   return dict(frac_seen_copies=float(np.mean(ratios < threshold)),
@@ -222,12 +230,12 @@ class Yardsticks:
 
   def copy_rmse_denoised(self, output_noise: float) -> float:
     """The denoised copy threshold for outputs that carry `output_noise` (σ): held-out
-    digits noised alike, blurred, their nearest-neighbour RMSE's copy quantile (computed
-    once per noise level)."""
+    digits noised alike and stored as the samples are, blurred, their nearest-neighbour
+    RMSE's copy quantile (computed once per noise level)."""
     if output_noise not in self._denoised_thresholds:
       self._denoised_thresholds[output_noise] = memorization.heldout_baseline(
-          self.index, self.heldout, self.copy_quantile,
-          noise_sigma=output_noise)["copy_rmse_denoised"]
+          self.index, self.heldout, self.copy_quantile, noise_sigma=output_noise,
+          as_output=as_saved_images)["copy_rmse_denoised"]
     return self._denoised_thresholds[output_noise]
 
 
@@ -248,7 +256,7 @@ def generate(kind, denoiser_of, params, stop_level, shape, args) -> np.ndarray:
   samples = np.concatenate([
       np.asarray(_SAMPLERS[kind](params, keys[i:i + 100], jnp.float32(stop_level)))
       for i in range(0, args.num_samples, 100)])
-  return np.clip(np.rint((samples + 1) * 127.5), 0, 255) / 127.5 - 1
+  return as_saved_images(samples)
 
 
 def measure(samples, y: Yardsticks, args, denoise=None, output_noise: float = 0.0):
@@ -270,9 +278,9 @@ def measure(samples, y: Yardsticks, args, denoise=None, output_noise: float = 0.
     attacks[f"{sigma:g}"] = attack.summary
     sims[f"attack σ={sigma:g}, posterior"] = attack.similarities["posterior"]
   sims["samples"] = nn["similarity"]
-  res = dict(fd=fd, kid=kid, kid_std=kid_std, attack=attacks,
-             samples_nn=memorization.summarize(
-                 nn, copy_rmse=y.copy_rmse, copy_rmse_denoised=y.copy_rmse_denoised(output_noise)),
+  samples_nn = memorization.summarize(
+      nn, copy_rmse=y.copy_rmse, copy_rmse_denoised=y.copy_rmse_denoised(output_noise))
+  res = dict(fd=fd, kid=kid, kid_std=kid_std, attack=attacks, samples_nn=samples_nn,
              eval_seconds=time.time() - t0)
   return res, sims, nn["pixel_index"]
 
@@ -409,7 +417,8 @@ def main():
       f"({args.posterior_steps} posterior steps); copies = pixel RMSE to the nearest training "
       f"image < {y.copy_rmse:.3f} (held-out digits' {args.copy_quantile:g} quantile); denoised "
       f"copies = the same after a {args.copy_blur:g}-px Gaussian blur of both, calibrated on "
-      f"held-out digits noised as the outputs (σ_n for noisy_edm, else clean); copies of the "
+      f"held-out digits noised as the outputs (σ_n for noisy_edm, else clean) and stored as "
+      f"they are (clipped, 8-bit); copies of the "
       f"noisy images seen (noisy_edm) = nearest / second-nearest pixel distance to the noisy "
       f"training images below the {args.copy_quantile:g} quantile of freshly noised held-out digits'; "
       f"digit-feature net test acc {net.test_accuracy:.3f}; total "

@@ -316,14 +316,15 @@ def ablation_variants(args, sigma_n):
 
 
 def high_noise_variants(args, sigma_n):
-  """The σ_n = 0.2 research set (README "Below σ_n at high noise"): the consistency
-  default and what was tried against it; every below-σ_n variant continues the same
-  ambient run's first half."""
+  """The below-σ_n research set (README "Below σ_n at high noise"; run at σ_n = 0.1, 0.2
+  and 0.3): the consistency default and what was tried against it; every below-σ_n
+  variant continues the same ambient run's first half."""
   base = dict(objective="ambient", stop=None, fork="ambient")
   em = {"kind": "posterior_sample"}
   return {
       "ambient": dict(objective="ambient", stop=sigma_n),
       "consistency": dict(base, consistency_weight=10.0),
+      "consistency_lam1": dict(base, consistency_weight=1.0),
       "consistency_6k_steps": dict(base, consistency_weight=10.0, consistency_steps=6000),
       "consistency_lr_decay": dict(base, consistency_weight=10.0, lr_decay_to=1e-5),
       "consistency_lam100_lr_decay": dict(base, consistency_weight=100.0, lr_decay_to=1e-5),

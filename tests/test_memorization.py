@@ -105,6 +105,27 @@ def test_denoised_copies_catch_noisy_copies_that_pixels_miss(digits):
   assert fresh["frac_copies"] == 0.0 and fresh["frac_copies_denoised"] <= 0.15, fresh
 
 
+def test_denoised_calibration_stores_noisy_heldout_as_the_outputs_were_stored(digits):
+  """Outputs carrying σ = 5.1 noise but saved clipped to [-1, 1]: clipping removes most
+  of the noise, so against a calibration on unclipped noisy held-out digits nearly every
+  fresh (not copied) output looks like a copy; calibrated on held-out digits clipped
+  alike (`as_output`), they stay near the quantile."""
+  import functools
+  train, heldout = digits[:48], digits[48:]
+  index = memorization.NearestNeighbourIndex(
+      train, denoise=functools.partial(memorization.gaussian_blur, sigma_px=1.0))
+  clip = lambda x: np.clip(x, -1.0, 1.0)
+  fresh = clip(heldout + 5.1 * np.random.default_rng(2).standard_normal(heldout.shape).astype(np.float32))
+  judged = {}
+  for name, as_output in (("unclipped", None), ("clipped", clip)):
+    base = memorization.heldout_baseline(index, heldout, quantile=0.05, noise_sigma=5.1,
+                                         as_output=as_output)
+    judged[name], _ = memorization.nearest_neighbours(
+        fresh, index=index, copy_rmse=base["copy_rmse"], copy_rmse_denoised=base["copy_rmse_denoised"])
+  assert judged["unclipped"]["frac_copies_denoised"] > 0.9, judged
+  assert judged["clipped"]["frac_copies_denoised"] <= 0.2, judged
+
+
 def test_nearest_distance_ratio_is_zero_for_a_copy_and_one_for_an_equidistant_image():
   reference = np.stack([np.zeros((4, 4, 1)), np.ones((4, 4, 1)), -np.ones((4, 4, 1))]).astype(np.float32)
   ratios = memorization.nearest_distance_ratio(

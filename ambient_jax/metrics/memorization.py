@@ -143,7 +143,8 @@ def summarize(result: dict[str, np.ndarray], attacked: Optional[np.ndarray] = No
 
 
 def heldout_baseline(index: "NearestNeighbourIndex", heldout_images,
-                     quantile: float = 0.01, noise_sigma: float = 0.0, seed: int = 0) -> dict:
+                     quantile: float = 0.01, noise_sigma: float = 0.0, seed: int = 0,
+                     as_output: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> dict:
   """How close *new* real images come to the training set: the yardstick for copies.
 
   Real images that are not in the training set have nearest training neighbours too, and
@@ -155,6 +156,9 @@ def heldout_baseline(index: "NearestNeighbourIndex", heldout_images,
   first noised with std `noise_sigma` (normal draws from `seed`) — as noisy as the
   outputs being judged, e.g. σ_n for a model trained on noisy data, so that fresh noisy
   images again count ~`quantile` and noisy copies of training images far more.
+  `as_output` stores the noised held-out images as the outputs were stored (e.g. clipped
+  to [-1, 1] and quantized to 8 bits): clipping removes much of heavy noise (most of it
+  at σ ≥ 1), and a calibration on unclipped noise would call every clipped output a copy.
   Returns the held-out summary too.
   """
   r = index.query(heldout_images)
@@ -164,6 +168,8 @@ def heldout_baseline(index: "NearestNeighbourIndex", heldout_images,
     heldout = np.asarray(heldout_images, np.float32)
     noisy = heldout + np.float32(noise_sigma) * np.random.default_rng(seed).standard_normal(
         heldout.shape).astype(np.float32)
+    if as_output is not None:
+      noisy = np.asarray(as_output(noisy), np.float32)
     denoised = index.query(noisy)["denoised_rmse"] if noise_sigma > 0 else r["denoised_rmse"]
     out.update(copy_rmse_denoised=float(np.quantile(denoised, quantile)),
                noise_sigma=float(noise_sigma))
