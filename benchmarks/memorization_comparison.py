@@ -34,11 +34,13 @@ digits; the nearest training image of each sample; the memorization attack
 pixels to a training image than all but 1 % of held-out real digits are
 (`memorization.heldout_baseline`): ~0.01 for fresh data, ~1 for a memorizer. "Denoised
 copies" applies the same rule after a fixed Gaussian blur (--copy_blur px) of sample and
-training image, calibrated on held-out digits noised as the outputs are (noisy_edm samples
-the noisy data: σ_n; the others: clean) and stored as they are (clipped, 8-bit), so that
-copies of *noisy* training images, far from their clean originals in raw pixels, are not
-missed; it needs outputs exactly as noisy as its calibration (a model whose samples
-carry less noise than σ_n is called a copier). For noisy_edm, which learns to
+training image, calibrated on held-out digits noised as the outputs are and stored as they
+are (clipped, 8-bit), so that copies of *noisy* training images, far from their clean
+originals in raw pixels, are not missed. The others target clean data: calibrated clean.
+noisy_edm samples the noisy data, but an undertrained one draws less noise than σ_n, and
+calibrating at σ_n would call such smoother outputs copies: it is calibrated at σ̂, the
+noise whose high-pass power its samples carry (`memorization.matching_noise_sigma`,
+reported). For noisy_edm, which learns to
 draw noisy digits, "copies of the noisy images seen" asks directly whether it reproduces
 its noisy training images, noise and all: the ratio of the pixel distances to the nearest
 and second-nearest *noisy* training image, below the copy quantile of held-out digits
@@ -393,10 +395,14 @@ def main():
     denoiser_of = lambda params, g=graphdef: (lambda x, s: nnx.merge(g, params)(x, s))
     stop = sigma_n if method == "ambient" else 0.0  # truncated at σ_n, else full sampling
     samples = generate("net", denoiser_of, ema, stop, x_train.shape[1:], args)
-    # noisy_edm samples the noisy data (σ_n noise in its outputs): its noisy copies are
-    # judged against equally noisy held-out digits; the others target clean data.
-    res, sims, nn_idx = measure(samples, y, args, denoiser_of(ema),
-                                output_noise=sigma_n if method == "noisy_edm" else 0.0)
+    # noisy_edm samples the noisy data (up to σ_n noise in its outputs): its noisy copies
+    # are judged against held-out digits as noisy as its samples; the others target clean data.
+    output_noise = 0.0
+    if method == "noisy_edm":
+      output_noise = memorization.matching_noise_sigma(samples, heldout, 2 * sigma_n,
+                                                       as_output=as_saved_images, seed=args.seed)
+    res, sims, nn_idx = measure(samples, y, args, denoiser_of(ema), output_noise=output_noise)
+    res["samples_nn"]["output_noise_sigma"] = output_noise
     if method == "noisy_edm":  # it samples the noisy data: did it reproduce the noisy images it saw?
       res["samples_nn"].update(seen_copies(samples, noisy_training_set(x_train, sigma_n, args.seed),
                                            heldout, sigma_n, args.copy_quantile, args.seed))
@@ -407,7 +413,8 @@ def main():
     return " / ".join(f"{d[k]:.2f}" for k in keys)
 
   head = ["model", "σ_n", "sampling", "FD ↓", "KID ↓",
-          "samples: copies / denoised copies / sim>0.9 / >0.95", "copies of the noisy images seen"] + [
+          "samples: copies / denoised copies / sim>0.9 / >0.95", "samples' noise σ̂",
+          "copies of the noisy images seen"] + [
       f"attack σ={k}, posterior: copies / sim>0.95 / self" for k in rows[-1]["attack"]] + [
       "train s"]
   lines = [
@@ -417,8 +424,8 @@ def main():
       f"({args.posterior_steps} posterior steps); copies = pixel RMSE to the nearest training "
       f"image < {y.copy_rmse:.3f} (held-out digits' {args.copy_quantile:g} quantile); denoised "
       f"copies = the same after a {args.copy_blur:g}-px Gaussian blur of both, calibrated on "
-      f"held-out digits noised as the outputs (σ_n for noisy_edm, else clean) and stored as "
-      f"they are (clipped, 8-bit); copies of the "
+      f"held-out digits noised as the outputs (noisy_edm: at σ̂, the noise whose high-pass "
+      f"power its samples carry; else clean) and stored as they are (clipped, 8-bit); copies of the "
       f"noisy images seen (noisy_edm) = nearest / second-nearest pixel distance to the noisy "
       f"training images below the {args.copy_quantile:g} quantile of freshly noised held-out digits'; "
       f"digit-feature net test acc {net.test_accuracy:.3f}; total "
@@ -428,6 +435,7 @@ def main():
     row = [r["method"], f"{r['sigma_n']:g}", r["sampling"], f"{r['fd']:.2f}", f"{r['kid']:.3f}",
            cells(r["samples_nn"], ("frac_copies", "frac_copies_denoised", "frac_sim_above_0.9",
                                    "frac_sim_above_0.95")),
+           f"{r['samples_nn']['output_noise_sigma']:.2f}" if "output_noise_sigma" in r["samples_nn"] else "—",
            f"{r['samples_nn']['frac_seen_copies']:.2f}" if "frac_seen_copies" in r["samples_nn"] else "—"]
     for k in rows[-1]["attack"]:
       a = r["attack"].get(k)

@@ -126,6 +126,20 @@ def test_denoised_calibration_stores_noisy_heldout_as_the_outputs_were_stored(di
   assert judged["clipped"]["frac_copies_denoised"] <= 0.2, judged
 
 
+def test_matching_noise_sigma_recovers_the_noise_of_clipped_noisy_digits(digits):
+  clip = lambda x: np.clip(x, -1.0, 1.0)
+  heldout, judged = digits[:48], digits[48:]
+  rng = np.random.default_rng(3)
+  for sigma in (0.3, 1.0, 2.5):
+    noisy = clip(judged + sigma * rng.standard_normal(judged.shape).astype(np.float32))
+    found = memorization.matching_noise_sigma(noisy, heldout, sigma_max=5.0, as_output=clip)
+    assert abs(found - sigma) < 0.15 * sigma, (sigma, found)
+  # clean digits: ≈ 0, up to the difference in edge content between two sets of 48 digits
+  assert memorization.matching_noise_sigma(judged, heldout, sigma_max=5.0, as_output=clip) < 0.3
+  assert memorization.matching_noise_sigma(clip(judged + 3.0 * rng.standard_normal(judged.shape)),
+                                           heldout, sigma_max=1.0, as_output=clip) == 1.0
+
+
 def test_nearest_distance_ratio_is_zero_for_a_copy_and_one_for_an_equidistant_image():
   reference = np.stack([np.zeros((4, 4, 1)), np.ones((4, 4, 1)), -np.ones((4, 4, 1))]).astype(np.float32)
   ratios = memorization.nearest_distance_ratio(

@@ -54,6 +54,35 @@ def gaussian_blur(images, sigma_px: float) -> np.ndarray:
   return images.astype(np.float32)
 
 
+def matching_noise_sigma(images, clean_images, sigma_max: float,
+                         as_output: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+                         seed: int = 0, iterations: int = 30) -> float:
+  """The Gaussian noise std σ in [0, sigma_max] at which `clean_images` noised (and stored
+  by `as_output`) have the same mean high-pass power (x − blur₁ₚₓ(x))² as `images`.
+
+  A model trained on data noised at σ_n may draw outputs with less noise than σ_n (an
+  undertrained one draws smoother images); a copy criterion calibrated at σ_n then calls
+  them copies. Calibrating at the noise they actually carry avoids that. Bisection on a
+  fixed noise draw (`seed`), monotone in σ.
+  """
+  clean = np.asarray(clean_images, np.float32)
+  z = np.random.default_rng(seed).standard_normal(clean.shape).astype(np.float32)
+  store = as_output or (lambda x: x)
+
+  def power(x):
+    x = np.asarray(x, np.float32)
+    return float(np.mean((x - gaussian_blur(x, 1.0)) ** 2))
+
+  target = power(images)
+  lo, hi = 0.0, float(sigma_max)
+  if power(store(clean + hi * z)) <= target:
+    return hi
+  for _ in range(iterations):
+    mid = 0.5 * (lo + hi)
+    lo, hi = (mid, hi) if power(store(clean + mid * z)) < target else (lo, mid)
+  return 0.5 * (lo + hi)
+
+
 class _PixelNN:
   """Pixel-L2 nearest neighbours among flattened reference images [M, D]."""
 
