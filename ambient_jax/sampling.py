@@ -5,7 +5,8 @@
   Tweedie step `D(x_{σ_stop}, σ_stop)` (METHOD.md §6).
 - `euler_sampler`: Euler steps over any given σ list (latent models' 25-step sampling).
 - `posterior_step`, `euler_maruyama_step`, `reverse_chain`: the one-step reverse
-  moves of METHOD.md §5, shared with the consistency loss.
+  moves of METHOD.md §5, shared with the consistency loss; step kind "posterior_cov" is
+  a posterior step that also draws Var[x0 | x] (`tweedie_moments`).
 
 Every random draw comes from one key per image (`keys`: [B]), folded with the step
 index, so an image never depends on batch size, batch order or device count.
@@ -159,31 +160,62 @@ def per_image_keys(keys: jax.Array, batch: int) -> jax.Array:
 
 
 def posterior_step(denoised: jax.Array, x: jax.Array, sigma_from: jax.Array, sigma_to: jax.Array,
-                   noise: jax.Array) -> jax.Array:
-  """One posterior (DDIM-like ancestral) step from σ_i to σ_j < σ_i; σ's are [B].
+                   noise: jax.Array, x0_variance: jax.Array | float = 0.0) -> jax.Array:
+  """One posterior (DDIM-like ancestral) step from σ_i to σ_j < σ_i (σ_j may be 0); σ's are [B].
 
-  x ← (σ_j²/σ_i²) x + (1 − σ_j²/σ_i²) D + σ_j √(1 − σ_j²/σ_i²) ξ. Its mean is exact
-  for any step size, so the exact denoiser is exactly consistent under it.
+  x ← r x + (1 − r) D + √(σ_j² (1 − r) + (1 − r)² v) ξ with r = σ_j²/σ_i², v =
+  `x0_variance` [B] (per coordinate). Its mean is exact for any step size, so the exact
+  denoiser is exactly consistent under it. With v = Var[x0 | x_i] the step's variance is
+  exact too (for Gaussian data, any step size); with v = 0 (default) it draws too narrow.
   """
   ratio = (sigma_to / sigma_from) ** 2
   keep = jnp.clip(1.0 - ratio, 0.0, 1.0)  # guards √ of tiny negatives when σ_j ≈ σ_i
+  variance = sigma_to ** 2 * keep + keep ** 2 * x0_variance
   return (expand(ratio, x) * x + expand(keep, x) * denoised
-          + expand(sigma_to * jnp.sqrt(keep), x) * noise)
+          + expand(jnp.sqrt(variance), x) * noise)
+
+
+def tweedie_moments(denoise_fn: DenoiseFn, x: jax.Array, sigma: jax.Array,
+                    probe: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(D(x, σ) [B, ...], Var[x0 | x] per coordinate [B]) from one forward-mode pass.
+
+  Tweedie's second-order identity: Cov[x0 | x_σ] = σ² ∂D/∂x; its trace is estimated with
+  one Rademacher probe u ([B, ...] of ±1: E[uᵀ J u] = tr J; exact when J is a multiple
+  of the identity) and spread evenly over the coordinates. Clipped at 0 (a rough network's Jacobian
+  estimate can go negative). Costs one JVP, about two network calls.
+  """
+  batch = checks.batch_size("x", x)
+  denoised, tangent = jax.jvp(lambda y: denoise_fn(y, sigma), (x,), (probe,))
+  per_coordinate = jnp.mean((probe * tangent).reshape(batch, -1), axis=1)
+  return denoised, jnp.maximum(jnp.asarray(sigma, x.dtype) ** 2 * per_coordinate, 0.0)
 
 
 def euler_maruyama_step(denoised: jax.Array, x: jax.Array, sigma_from: jax.Array,
-                        sigma_to: jax.Array, noise: jax.Array) -> jax.Array:
+                        sigma_to: jax.Array, noise: jax.Array,
+                        x0_variance: jax.Array | float = 0.0) -> jax.Array:
   """One Euler–Maruyama step of the VE reverse SDE from σ_i to σ_j < σ_i; σ's are [B].
 
-  x ← x − 2(σ_i − σ_j)(x − D)/σ_i + √(2 σ_i (σ_i − σ_j)) ξ.
+  x ← x − 2(σ_i − σ_j)(x − D)/σ_i + √(2 σ_i (σ_i − σ_j)) ξ. (`x0_variance` is unused:
+  the SDE's noise carries the spread, up to a discretization error.)
   """
+  del x0_variance
   delta = jnp.maximum(sigma_from - sigma_to, 0.0)
   return (x - expand(2.0 * delta / sigma_from, x) * (x - denoised)
           + expand(jnp.sqrt(2.0 * sigma_from * delta), x) * noise)
 
 
-STEP_FUNCTIONS = {"posterior": posterior_step, "euler_maruyama": euler_maruyama_step}
+STEP_FUNCTIONS = {"posterior": posterior_step, "euler_maruyama": euler_maruyama_step,
+                  "posterior_cov": posterior_step}
 STEP_KINDS = tuple(STEP_FUNCTIONS)
+
+
+def step_moments(step: str, denoise_fn: DenoiseFn, x: jax.Array, sigma: jax.Array,
+                 probe: Optional[jax.Array]) -> tuple[jax.Array, jax.Array | float]:
+  """(D(x, σ), the x0 variance step kind `step` uses): `tweedie_moments` with the ±1
+  `probe` [B, ...] for "posterior_cov", else (D, 0) from one network call (no probe)."""
+  if step == "posterior_cov":
+    return tweedie_moments(denoise_fn, x, sigma, probe)
+  return denoise_fn(x, sigma), 0.0
 
 
 def geometric_levels(sigma_from: jax.Array, sigma_to: jax.Array, num_steps: int) -> jax.Array:
@@ -203,7 +235,8 @@ def reverse_chain(denoise_fn: DenoiseFn, x: jax.Array, sigma_from: jax.Array,
   x: [B, ...] at level σ_from -> [B, ...] at level σ_to. `key` is one key for the whole
   batch (used by the consistency loss, whose keys are already per example-and-step);
   samplers that need batch invariance pass per-image keys through `ancestral_sampler`.
-  `first_denoised`: D(x, σ_from) when the caller already has it (saves one network call).
+  `first_denoised`: D(x, σ_from) when the caller already has it (saves one network call;
+  not for "posterior_cov", which needs the Jacobian there as well).
   """
   checks.one_of("step", step, STEP_KINDS)
   if num_steps < 1:
@@ -211,9 +244,15 @@ def reverse_chain(denoise_fn: DenoiseFn, x: jax.Array, sigma_from: jax.Array,
   move = STEP_FUNCTIONS[step]
   levels = geometric_levels(sigma_from, sigma_to, num_steps)
   for k in range(num_steps):
-    denoised = first_denoised if k == 0 and first_denoised is not None else denoise_fn(x, levels[k])
-    noise = jax.random.normal(jax.random.fold_in(key, k), x.shape, x.dtype)
-    x = move(denoised, x, levels[k], levels[k + 1], noise)
+    k_noise = jax.random.fold_in(key, k)
+    if k == 0 and first_denoised is not None and step != "posterior_cov":
+      denoised, x0_variance = first_denoised, 0.0
+    else:
+      probe = (jax.random.rademacher(jax.random.fold_in(k_noise, 1), x.shape, x.dtype)
+               if step == "posterior_cov" else None)
+      denoised, x0_variance = step_moments(step, denoise_fn, x, levels[k], probe)
+    noise = jax.random.normal(k_noise, x.shape, x.dtype)
+    x = move(denoised, x, levels[k], levels[k + 1], noise, x0_variance)
   return x
 
 
@@ -236,7 +275,9 @@ def ancestral_sampler(denoise_fn: DenoiseFn, x: jax.Array, sigma_from: jax.Array
 
   def body(x, inputs):
     i, s_i, s_j = inputs
-    return move(denoise_fn(x, s_i), x, s_i, s_j, _step_noise(keys, i, x)), None
+    probe = jnp.sign(_step_noise(keys, num_steps + i, x)) if step == "posterior_cov" else None
+    denoised, x0_variance = step_moments(step, denoise_fn, x, s_i, probe)
+    return move(denoised, x, s_i, s_j, _step_noise(keys, i, x), x0_variance), None
 
   x, _ = jax.lax.scan(body, x, (jnp.arange(num_steps), levels[:-1], levels[1:]))
   return denoise_fn(x, sigma_to)

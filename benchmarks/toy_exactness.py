@@ -321,6 +321,7 @@ def high_noise_variants(args, sigma_n):
   variant continues the same ambient run's first half."""
   base = dict(objective="ambient", stop=None, fork="ambient")
   em = {"kind": "posterior_sample"}
+  em_cov = {**em, "step": "posterior_cov", "chain_steps": 16}
   return {
       "ambient": dict(objective="ambient", stop=sigma_n),
       "consistency": dict(base, consistency_weight=10.0),
@@ -336,6 +337,17 @@ def high_noise_variants(args, sigma_n):
       "posterior_sample_lam10": dict(base, consistency_weight=10.0, consistency_options=em),
       "posterior_sample_below_half": dict(base, consistency_weight=1.0,
                                           consistency_options={**em, "target_max_ratio": 0.5}),
+      # draws with Tweedie's variance (exact spread for Gaussian clusters, any step count)
+      "posterior_sample_cov": dict(base, consistency_weight=1.0,
+                                   consistency_options={**em_cov, "chain_steps": 4}),
+      "posterior_sample_cov_16": dict(base, consistency_weight=1.0, consistency_options=em_cov),
+      "posterior_sample_cov_16_6k_steps": dict(base, consistency_weight=1.0, consistency_steps=6000,
+                                               consistency_options=em_cov),
+      "posterior_sample_cov_16_lr_decay": dict(base, consistency_weight=1.0, lr_decay_to=1e-5,
+                                               consistency_options=em_cov),
+      "posterior_sample_cov_16_below_half": dict(base, consistency_weight=1.0,
+                                                 consistency_options={**em_cov, "target_max_ratio": 0.5}),
+      "consistency_cov": dict(base, consistency_weight=10.0, consistency_options={"step": "posterior_cov"}),
   }
 
 

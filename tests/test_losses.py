@@ -273,6 +273,38 @@ def test_posterior_samples_of_the_exact_denoiser_teach_the_clean_shrinkage_below
   assert a_naive_chain > clean * 1.05, (a_naive_chain, clean)
 
 
+def _draw_variance(step, chain_steps, s=0.08, sigma_n=0.2, n=8192):
+  """Var of the x̂0 that `posterior_sample_loss` draws with the exact denoiser of
+  N(μ, s²) data noised at σ_n, read off the shrinkage it fits at σ_b = s (a = V/(V + s²))."""
+  k0, k1 = jax.random.split(jax.random.key(7))
+  x_noisy = gaussian.MU + jnp.sqrt(s**2 + sigma_n**2) * jax.random.normal(k0, (n, DIM))
+  sigma = jnp.full((n,), sigma_n)
+  ratio = s / sigma_n
+
+  def total(theta):
+    loss, _ = losses.posterior_sample_loss(
+        lambda x, _: theta[0] * x + theta[1], x_noisy, sigma, k1, step=step,
+        chain_steps=chain_steps, target_min_ratio=ratio, target_max_ratio=ratio * 1.0001,
+        chain_denoise_fn=gaussian.exact_denoiser(s=s))
+    return jnp.mean(loss)
+
+  theta0 = jnp.zeros(2)
+  a = float((theta0 - jnp.linalg.solve(jax.hessian(total)(theta0), jax.grad(total)(theta0)))[0])
+  return s**2 * a / (1 - a)
+
+
+def test_posterior_cov_draws_have_the_data_spread_where_euler_maruyama_overshoots():
+  """σ_n = 2.5× the data's std: at the true model, one round of draws should reproduce the
+  data's variance (the fixed point). 16 Euler–Maruyama steps draw it 12 % too wide (closed
+  form; amplified to a fixed point 3.2× too wide, as the toy benchmark's EM runs show);
+  posterior steps with Tweedie's variance are exact at any number of steps."""
+  s2 = 0.08**2
+  for steps in (1, 4):
+    assert abs(_draw_variance("posterior_cov", steps) / s2 - 1) < 0.03, steps
+  assert _draw_variance("euler_maruyama", 16) / s2 > 1.08
+  assert _draw_variance("posterior", 16) / s2 < 0.85  # no x0 variance: too narrow
+
+
 def test_posterior_sample_loss_ignores_clean_examples_and_checks_its_options():
   _, x_noisy = _noisy_gaussian_data(n=64)
   sigma_n = jnp.where(jnp.arange(64) % 2 == 0, 0.0, SIGMA_N)
