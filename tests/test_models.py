@@ -376,3 +376,25 @@ def test_jitted_forward_traces_once_per_shape(tiny28):
     _apply(graphdef, state, _images((3, 28, 28, 1)), jnp.full((3,), 0.5), jnp.array([0, 1, 2]),
            jax.random.key(i))
   assert len(TRACES) == start + 1
+
+
+def test_mlp_starts_off_the_saddle_its_hidden_layers_get_gradient():
+  """With a zero-initialised output layer (and near-zero residual branches) the hidden
+  layers of the toy MLP get no gradient at the start: the saddle on which one output
+  coordinate used to stay for a whole toy run. Its output layer starts small, not zero."""
+  import jax
+  import jax.numpy as jnp
+  from ambient_jax import losses
+  model = models.build_model(dict(name="mlp", data_dim=2, model_channels=32, num_blocks=2),
+                             rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  x = jax.random.normal(jax.random.key(1), (256, 2)) * 0.5
+
+  def loss(p):
+    fn = lambda y, s: nnx.merge(graphdef, p, rest)(y, s)
+    return jnp.mean(losses.edm_loss(fn, x, jax.random.key(2))[0])
+
+  grads = jax.grad(loss)(params)
+  hidden = float(jnp.linalg.norm(grads["backbone"]["proj_in"]["kernel"].get_value()))
+  out = float(jnp.linalg.norm(grads["backbone"]["proj_out"]["kernel"].get_value()))
+  assert hidden > 0.01 * out, (hidden, out)

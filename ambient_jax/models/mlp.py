@@ -55,7 +55,12 @@ class MLP(nnx.Module):
     self.proj_in = Linear(data_dim, width, init=init, **kw)
     self.blocks = nnx.List([MLPBlock(width, emb, dropout=dropout, **kw)
                             for _ in range(num_blocks)])
-    self.proj_out = Linear(width, data_dim, init=Init("xavier_uniform", weight=1e-5), **kw)
+    # Not zero-initialised (EDM's 1e-5, kept for the U-Nets): with the residual branches
+    # also near zero, the network starts at a saddle where the hidden layers get no
+    # gradient, and under the ambient loss's weak signal just above σ_n one output
+    # coordinate could stay on it for the whole run (toy benchmark: 1 in 3 seeds, every
+    # learning rate; README "The method on closed-form data").
+    self.proj_out = Linear(width, data_dim, init=Init("xavier_uniform", weight=0.1), **kw)
 
   def embed(self, noise_labels: jax.Array, class_labels: jax.Array | None,
             augment_labels: jax.Array | None) -> jax.Array:
