@@ -101,9 +101,11 @@ def test_step_is_traced_once_and_agrees_across_1_and_8_devices(tfds_dir, tmp_pat
 
 def test_posterior_sample_loss_can_replace_consistency_below_sigma_n(tfds_dir, tmp_path):
   """config.consistency.loss = "posterior_sample": the EM term joins the loss from the
-  consistency start step, weighted by λ_c, with its own options."""
+  consistency start step, weighted by λ_c, with its own options (here the "posterior_cov"
+  draws, which differentiate the network inside the chain)."""
   cfg = tiny_config(tfds_dir, **{"consistency.loss": "posterior_sample"})
-  cfg.consistency.kwargs = ml_collections.ConfigDict({"chain_steps": 2, "target_max_ratio": 0.5})
+  cfg.consistency.kwargs = ml_collections.ConfigDict(
+      {"chain_steps": 2, "target_max_ratio": 0.5, "step": "posterior_cov"})
   trainer = train.Trainer(cfg, str(tmp_path / "em"), devices=jax.devices()[:1])
   _, metrics = _run_steps(trainer, 3)
   trainer.close()
