@@ -333,7 +333,7 @@ def posterior_sample_loss(denoise_fn: DenoiseFn, x_noisy: jax.Array, sigma_n: ja
   against the data's scale: an error in the draws' spread is amplified by 1 / (1 − the
   contraction) at the fixed point. Euler–Maruyama steps (default) are right only as the
   steps shrink: for clusters of std 0.08 at σ_n = 0.2, 16 steps settle at std 0.144
-  (METHOD-style closed form in tests/test_losses.py). "posterior_cov" steps draw
+  (closed form, tests/test_losses.py). "posterior_cov" steps draw
   Var[x0 | x_σ] too (Tweedie's σ² ∂D/∂x, one JVP per step) and end with a draw of x0
   rather than its mean: exact for Gaussian data at any number of steps. Plain posterior
   steps omit that variance and draw too narrow.

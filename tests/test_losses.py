@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ambient_jax import losses, precond
+from ambient_jax import losses, precond, sampling
 from tests import gaussian
 
 DIM, N = 16, 16384
@@ -303,6 +303,46 @@ def test_posterior_cov_draws_have_the_data_spread_where_euler_maruyama_overshoot
     assert abs(_draw_variance("posterior_cov", steps) / s2 - 1) < 0.03, steps
   assert _draw_variance("euler_maruyama", 16) / s2 > 1.08
   assert _draw_variance("posterior", 16) / s2 < 0.85  # no x0 variance: too narrow
+
+
+def _em_fixed_point_std(step, chain_steps, s=0.08, sigma_n=0.2, sigma_min=0.002):
+  """Where expectation-maximisation with `posterior_sample_loss`'s draws settles for
+  N(0, s²) data noised at σ_n, in closed form: a model N(0, v) draws x̂0 by the library's
+  own (linear) step functions, whose variance is propagated exactly; one EM round maps v
+  to Var[x̂0]; the fixed point is found by bisection. Returns √v*."""
+  levels = np.geomspace(sigma_n, sigma_min, chain_steps + 1)
+  one = jnp.ones(1)
+
+  def draws_variance(v):
+    var = s**2 + sigma_n**2  # x_n
+    for s_i, s_j in zip(levels[:-1], levels[1:]):
+      d = v / (v + s_i**2)  # D(x, σ_i) = d x
+      x0_var = s_i**2 * d if step == "posterior_cov" else 0.0
+      move = lambda x, noise: sampling.STEP_FUNCTIONS[step](
+          d * x, x, s_i * one, s_j * one, noise, x0_var * one)
+      a, b = float(move(one, 0 * one)[0]), float(move(0 * one, one)[0])
+      var = a * a * var + b * b
+    d = v / (v + sigma_min**2)
+    if step == "posterior_cov":  # the loss ends on a draw of x0, not its mean
+      return d * d * var + sigma_min**2 * d
+    return d * d * var
+
+  lo, hi = 1e-4, 1.0  # draws_variance(v) - v changes sign once on this bracket
+  for _ in range(50):
+    mid = 0.5 * (lo + hi)
+    lo, hi = (mid, hi) if draws_variance(mid) > mid else (lo, mid)
+  return float(np.sqrt(lo))
+
+
+def test_em_fixed_point_is_far_too_wide_with_euler_maruyama_draws_and_exact_with_posterior_cov():
+  """σ_n = 2.5× the data's std (0.08): one EM round contracts the error by only ~0.98, so
+  a small per-round excess of variance settles far off — 16 Euler–Maruyama steps at std
+  ≈ 0.144 (the toy benchmark's EM runs stall there: below-σ_n error ≈ 0.6–0.7 = 1 − s²/v*);
+  "posterior_cov" draws settle on the data's std with 4 steps."""
+  em = _em_fixed_point_std("euler_maruyama", 16)
+  assert 0.13 < em < 0.16, em
+  assert _em_fixed_point_std("euler_maruyama", 64) < em  # shrinks with the step size, slowly
+  assert abs(_em_fixed_point_std("posterior_cov", 4) - 0.08) < 1e-3
 
 
 def test_posterior_sample_loss_ignores_clean_examples_and_checks_its_options():
