@@ -193,7 +193,7 @@ def _check_latent(c: "_Checker") -> None:
 
 def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = None) -> None:
   """Raises ConfigError naming every invalid field. `num_devices` defaults to jax.device_count()."""
-  from ambient_jax import losses  # pylint: disable=g-import-not-at-top
+  from ambient_jax import losses, sampling  # pylint: disable=g-import-not-at-top
 
   c = _Checker(config)
   schema = _schema()
@@ -230,6 +230,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
         c.fail(f"consistency.kwargs.{key}", config.consistency.kwargs[key],
                f"is not an option of losses.{losses.BELOW_SIGMA_N_LOSSES[below].__name__}; "
                f"allowed: {sorted(allowed)}")
+    step = config.consistency.kwargs.get("step")
+    if step is not None and step not in sampling.STEP_KINDS:
+      c.fail("consistency.kwargs.step", step, f"must be one of {sampling.STEP_KINDS} (or unset: "
+             f"the loss's own default)")
   if weight and fraction is not None and batch is not None:
     k = batch * fraction
     if fraction == 0 or abs(k - round(k)) > 1e-6 or batch % round(k):

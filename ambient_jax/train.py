@@ -45,6 +45,15 @@ from ambient_jax import data as data_lib
 _STEP_SALT = 0x57E9
 
 
+def below_sigma_n_term(config) -> tuple[Any, dict]:
+  """(the loss below σ_n that config.consistency.loss names, its kwargs): kwargs left
+  None mean that loss's own default (e.g. `step`: "posterior" for consistency,
+  "posterior_cov" for posterior_sample). Configs written before `loss` existed mean
+  consistency."""
+  kwargs = {k: v for k, v in config.consistency.kwargs.to_dict().items() if v is not None}
+  return losses.BELOW_SIGMA_N_LOSSES[config.consistency.get("loss", "consistency")], kwargs
+
+
 def make_train_step(config: Any, model_def: ts.ModelDef, tx: optax.GradientTransformation,
                     param_shardings: Any = None):
   """The pure step (state, batch) -> (state, metrics); jit it with `jit_train_step`.
@@ -58,8 +67,7 @@ def make_train_step(config: Any, model_def: ts.ModelDef, tx: optax.GradientTrans
   naive = config.loss.kind == "naive"
   ambient_kwargs = config.loss.ambient.to_dict()
   cons_weight = float(config.consistency.weight)
-  cons_kwargs = config.consistency.kwargs.to_dict()
-  below_loss = losses.BELOW_SIGMA_N_LOSSES[config.consistency.get("loss", "consistency")]  # older runs: absent
+  below_loss, cons_kwargs = below_sigma_n_term(config)
   stride = (int(round(1.0 / config.consistency.batch_fraction))
             if cons_weight > 0 else 0)
   halflives = tuple(float(h) for h in config.ema.halflife_kimg)

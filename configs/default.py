@@ -59,7 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
                                   # "posterior_sample" (EM, README "Below σ_n at high noise")
   c.consistency.start_step = 0    # λ_c kicks in at this step
   c.consistency.batch_fraction = 0.25  # share of the batch (every k-th example) that gets it
-  c.consistency.kwargs = ml_collections.ConfigDict({"step": "posterior"})  # that loss's kwargs
+  c.consistency.kwargs = ml_collections.ConfigDict(  # that loss's kwargs; None: its own default
+      {"step": ml_collections.config_dict.placeholder(str)})  # "posterior" | "posterior_cov" | ...
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-3
@@ -141,7 +142,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.consistency.weight = 1.0
   c.consistency.start_step = 1950
   c.consistency.batch_fraction = 0.25
-  c.consistency.kwargs = ml_collections.ConfigDict({"step": "posterior", "chain_steps": 1})
+  c.consistency.kwargs = ml_collections.ConfigDict(
+      {"step": ml_collections.config_dict.placeholder(str), "chain_steps": 1})
   c.log_every_steps = 100
   c.checkpoint.every_steps = 500
   c.sample.every_steps = 1250

@@ -66,7 +66,8 @@ def get_config(arg=None):
   c.consistency.weight = a["consistency"] if use_consistency else 0.0
   c.consistency.start_step = a["consistency_start"]
   c.consistency.batch_fraction = 0.25
-  c.consistency.kwargs = ml_collections.ConfigDict({"step": "posterior", "chain_steps": 1})
+  c.consistency.kwargs = ml_collections.ConfigDict(
+      {"step": ml_collections.config_dict.placeholder(str), "chain_steps": 1})
   c.optim.lr = 1e-5
   c.optim.warmup_steps = 0                # constant
   c.optim.weight_decay = 0.01

@@ -14,7 +14,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from ambient_jax import config_validation, sharding, train
+from ambient_jax import config_validation, losses, sharding, train
 from ambient_jax import train_state as ts
 from ambient_jax.data import corruption, registry
 
@@ -130,6 +130,13 @@ def test_validation_catches_typos_and_bad_loss_options_all_at_once():
   assert "config.consistency.loss = 'tweedie'" in _error(c) and "'posterior_sample'" in _error(c)
   c = load("default.py", "--config.consistency.loss=posterior_sample")  # chain_steps, step: shared
   config_validation.validate(c, num_devices=1)
+  below, kwargs = train.below_sigma_n_term(c)  # an unset step: the chosen loss's own default
+  assert below is losses.posterior_sample_loss and "step" not in kwargs
+  c = load("default.py", "--config.consistency.kwargs.step=euler_maruyama")
+  assert train.below_sigma_n_term(c) == (losses.consistency_loss, {"step": "euler_maruyama", "chain_steps": 1})
+  c = load("default.py", "--config.consistency.kwargs.step=ddim")
+  assert "config.consistency.kwargs.step = 'ddim'" in _error(c)
+  c = load("default.py", "--config.consistency.loss=posterior_sample")
   with c.unlocked():
     c.consistency.kwargs.gap = 0.1  # an option of consistency_loss only
   assert "config.consistency.kwargs.gap" in _error(c) and "posterior_sample_loss" in _error(c)

@@ -168,8 +168,7 @@ def make_latent_step(config: Any, graphdef: Any, schedule: NoiseSchedule, uncond
   lc = config.latent
   naive = config.loss.kind == "naive"
   cons_weight = float(config.consistency.weight)
-  cons_kwargs = config.consistency.kwargs.to_dict()
-  below_loss = losses.BELOW_SIGMA_N_LOSSES[config.consistency.get("loss", "consistency")]  # older runs: absent
+  below_loss, cons_kwargs = train_lib.below_sigma_n_term(config)
   stride = int(round(1.0 / config.consistency.batch_fraction)) if cons_weight > 0 else 0
   halflives = tuple(float(h) for h in config.ema.halflife_kimg)
   schedule_lr = ts.learning_rate_schedule(config.optim)
