@@ -320,7 +320,7 @@ def high_noise_variants(args, sigma_n):
   and 0.3): the consistency default and what was tried against it; every below-σ_n
   variant continues the same ambient run's first half."""
   base = dict(objective="ambient", stop=None, fork="ambient")
-  em = {"kind": "posterior_sample"}
+  em = {"kind": "posterior_sample", "step": "euler_maruyama"}  # the EM term as first measured
   em_cov = {**em, "step": "posterior_cov", "chain_steps": 16}
   return {
       "ambient": dict(objective="ambient", stop=sigma_n),
