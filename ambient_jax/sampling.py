@@ -181,8 +181,8 @@ def tweedie_moments(denoise_fn: DenoiseFn, x: jax.Array, sigma: jax.Array,
 
   Tweedie's second-order identity: Cov[x0 | x_σ] = σ² ∂D/∂x; its trace is estimated with
   one Rademacher probe u ([B, ...] of ±1: E[uᵀ J u] = tr J; exact when J is a multiple
-  of the identity) and spread evenly over the coordinates. Clipped at 0 (a rough network's Jacobian
-  estimate can go negative). Costs one JVP, about two network calls.
+  of the identity) and spread evenly over the coordinates. Clipped at 0 (a rough
+  network's estimate can go negative). Costs one JVP, about two network calls.
   """
   batch = checks.batch_size("x", x)
   denoised, tangent = jax.jvp(lambda y: denoise_fn(y, sigma), (x,), (probe,))

@@ -316,8 +316,8 @@ def ablation_variants(args, sigma_n):
 
 
 def high_noise_variants(args, sigma_n):
-  """The below-σ_n research set (README "Below σ_n at high noise"; run at σ_n = 0.1, 0.2
-  and 0.3): the consistency default and what was tried against it; every below-σ_n
+  """The below-σ_n research set (README "Below σ_n at high noise"; measured at σ_n = 0.1
+  and 0.2): the consistency default and what was tried against it; every below-σ_n
   variant continues the same ambient run's first half."""
   base = dict(objective="ambient", stop=None, fork="ambient")
   em = {"kind": "posterior_sample", "step": "euler_maruyama"}  # the EM term as first measured

@@ -58,8 +58,8 @@ class MLP(nnx.Module):
     # Not zero-initialised (EDM's 1e-5, kept for the U-Nets): with the residual branches
     # also near zero, the network starts at a saddle where the hidden layers get no
     # gradient, and under the ambient loss's weak signal just above σ_n one output
-    # coordinate could stay on it for the whole run (toy benchmark: 1 in 3 seeds, every
-    # learning rate; README "The method on closed-form data").
+    # coordinate could stay on it for the whole run (toy benchmark: 1 in 3 seeds, at both
+    # learning rates and every init seed tried; README "Below σ_n at high noise").
     self.proj_out = Linear(width, data_dim, init=Init("xavier_uniform", weight=0.1), **kw)
 
   def embed(self, noise_labels: jax.Array, class_labels: jax.Array | None,
