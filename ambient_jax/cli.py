@@ -6,13 +6,13 @@ the flag, field or path and what is allowed, and this exit status:
   1  something it names is missing or unusable: a dataset, a weights file, the workdir;
   143  stopped by SIGTERM (preemption, a time limit) after saving: 128 + SIGTERM, so that
      resume loops (SLURM requeue, launch/tpu_vm.sh --resume-loop) run it again.
-Library code raises `UserError` / `UsageError` (or `Stopped`) for such cases; this module
-turns them into that line. `--traceback` or AMBIENT_JAX_TRACEBACK=1 shows the Python
+Library code raises `errors.UserError` / `UsageError` (or `Stopped`) for such cases; this
+module turns them into that line. `--traceback` or AMBIENT_JAX_TRACEBACK=1 shows the Python
 traceback instead. Any other exception is a bug and keeps its traceback.
 
 Also the console's quiet: library INFO chatter (Orbax, tfds, CLU's duplicate metric
 lines, matplotlib) and TensorFlow's C++ notices stay out of it; warnings still show.
-This module imports only the standard library and absl, so any module may raise its errors.
+Only entry points import this module; the errors themselves live in `ambient_jax.errors`.
 """
 
 from __future__ import annotations
@@ -27,31 +27,10 @@ from typing import Callable, Optional, Sequence
 
 from absl import app, flags, logging
 
-EXIT_ERROR, EXIT_USAGE, EXIT_SIGTERM = 1, 2, 128 + signal.SIGTERM
+from ambient_jax.errors import (EXIT_ERROR, EXIT_SIGTERM, EXIT_USAGE, Exit, Stopped,  # pylint: disable=unused-import
+                                UsageError, UserError)
+
 TRACEBACK_ENV = "AMBIENT_JAX_TRACEBACK"
-
-
-class Exit(Exception):
-  """Ends the program with `str(self)` as one line and status `exit_code`, no traceback."""
-  exit_code = EXIT_ERROR
-  prefix = ""
-
-
-class UserError(Exit):
-  """Something the user named is missing or unusable (a dataset, a file, the workdir)."""
-  prefix = "error: "
-
-
-class UsageError(UserError, ValueError):
-  """The command line is wrong: a flag, a config file, field or value."""
-  exit_code = EXIT_USAGE
-
-
-class Stopped(BaseException):
-  """Stopped by SIGTERM; whatever could be saved was saved. Like KeyboardInterrupt a
-  BaseException, so that no `except Exception` on the way out swallows it."""
-  exit_code = EXIT_SIGTERM
-  prefix = ""
 
 
 class _QuietLibraries:
@@ -133,7 +112,7 @@ def _argument(argv: Sequence[str], name: str) -> Optional[str]:
 
 def _config_file_message(argv: Sequence[str], cause: str) -> str:
   """Why --config did not load: a missing file names the configs that exist."""
-  from ambient_jax import config_catalog  # pylint: disable=g-import-not-at-top
+  from ambient_jax.training import config_catalog  # pylint: disable=g-import-not-at-top
   spec = _argument(argv, "config") or ""
   path = spec.split(":", 1)[0]
   if not path:
@@ -173,7 +152,7 @@ def _unknown_field_message(error: Exception, argv: Sequence[str]) -> Optional[st
 def _fields_at(argv: Sequence[str], parent: str) -> str:
   """'Fields here: a, b, c.' for the section `parent` of the --config in argv, or ''."""
   import pathlib  # pylint: disable=g-import-not-at-top
-  from ambient_jax import config_catalog  # pylint: disable=g-import-not-at-top
+  from ambient_jax.training import config_catalog  # pylint: disable=g-import-not-at-top
   try:
     path, _, variant = (_argument(argv, "config") or "").partition(":")
     module = config_catalog.load_module(pathlib.Path(path))

@@ -27,9 +27,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 def export(workdir: str, out: str, *, step: int | None = None, ema: int = 0,
            dtype: str = "float32", devices=None, run=None) -> str:
   """Writes `out`; returns its path. ema < 0 takes the raw parameters. `run`: an already
-  restored `latent.evaluation.LatentRun` of the workdir (skips the restore)."""
+  restored `evaluation.latent.LatentRun` of the workdir (skips the restore)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ambient_jax.latent import evaluation  # pylint: disable=g-import-not-at-top
+  from ambient_jax.evaluation import latent as evaluation  # pylint: disable=g-import-not-at-top
   if dtype not in DTYPES:
     raise cli.UsageError(f"--dtype={dtype!r} is not allowed: expected one of {DTYPES}.")
   if not out.endswith(".safetensors"):

@@ -16,7 +16,8 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-from ambient_jax import cli, cpu_defaults
+from ambient_jax import cli
+from ambient_jax.runtime import cpu_defaults
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -41,7 +42,7 @@ def main(argv):
   if len(argv) > 1:
     raise cli.UsageError(f"unexpected arguments {argv[1:]}: flags are written --name=value.")
   if _LIST_CONFIGS.value:
-    from ambient_jax import config_catalog  # pylint: disable=g-import-not-at-top
+    from ambient_jax.training import config_catalog  # pylint: disable=g-import-not-at-top
     print(config_catalog.describe())
     return 0
   for name, how in _REQUIRED.items():
@@ -51,20 +52,20 @@ def main(argv):
                             "save; the same command starts again.")
   if _LOG_CONFIG.value:
     logging.info("Config:\n%s", _CONFIG.value)
-  try:  # CPU-only runs: XLA devices and flags, before jax starts (ambient_jax/cpu_defaults.py)
+  try:  # CPU-only runs: XLA devices and flags, before jax starts (ambient_jax/runtime/cpu_defaults.py)
     cpu_defaults.apply(_CONFIG.value.get("cpu_devices", 0), _CONFIG.value.get("cpu_xla_flags", ""))
   except ValueError as e:
     raise cli.UsageError(str(e)) from None
-  from ambient_jax import sharding  # pylint: disable=g-import-not-at-top
+  from ambient_jax.runtime import sharding  # pylint: disable=g-import-not-at-top
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                   auto=_DISTRIBUTED.value)
-  from ambient_jax import train  # pylint: disable=g-import-not-at-top
+  from ambient_jax.training import trainer as train  # pylint: disable=g-import-not-at-top
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   return 0
 
 
 if __name__ == "__main__":
   if cli.asks_for_help(sys.argv):
-    from ambient_jax import config_catalog  # pylint: disable=g-import-not-at-top
+    from ambient_jax.training import config_catalog  # pylint: disable=g-import-not-at-top
     __doc__ += "\n" + config_catalog.describe() + "\n"
   cli.run(main, PROG)

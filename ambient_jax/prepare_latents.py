@@ -8,7 +8,7 @@ the resolution) and center-cropped, encoded by the VAE (one posterior sample) an
 once at t_n with noise fixed per example; only these noisy latents are written, with each
 unique caption's text-encoder states (captions from the folder's Hugging Face imagefolder
 `metadata.jsonl`: lines {"file_name": ..., "text": ...}; an image without one gets "").
-The format and its reader: ambient_jax/latent/dataset.py.
+The format and its reader: ambient_jax/data/latent.py.
 
 The same command again resumes where it stopped (and says so in one line when it is
 finished); other arguments on the same --out are an error. With several processes
@@ -40,7 +40,7 @@ from jax.experimental import multihost_utils
 from ambient_jax import cli
 from ambient_jax.data.corruption import example_noise, uint8_to_float
 from ambient_jax.latent import pipeline, prompts, vae
-from ambient_jax.latent import dataset as ds
+from ambient_jax.data import latent as ds
 from ambient_jax.latent.schedule import NoiseSchedule
 from ambient_jax.precond import expand
 
@@ -526,7 +526,7 @@ def main(argv: Sequence[str]) -> int:
   if len(argv) > 1:
     raise cli.UsageError(f"unexpected arguments {argv[1:]}: flags are written --name=value.")
   f = flags.FLAGS
-  from ambient_jax import sharding  # pylint: disable=g-import-not-at-top
+  from ambient_jax.runtime import sharding  # pylint: disable=g-import-not-at-top
   sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id,
                                   auto=f.distributed)
   prepare(Args(images=f.images, pretrained=f.pretrained, out=f.out, resolution=f.resolution,

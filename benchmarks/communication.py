@@ -3,7 +3,7 @@
     python benchmarks/communication.py                       # configs/default.py, DP and FSDP on 8
     python benchmarks/communication.py --config=configs/cifar10.py --mesh=8x1 --mesh=1x8 --mesh=2x4
 
-The step is `train.make_train_step` jitted exactly as the trainer does (`train.jit_train_step`,
+The step is `training.pixel.make_train_step` jitted exactly as the trainer does (`training.step.jit_train_step`,
 state donated, batch on ("data", "fsdp")), lowered on abstract inputs and compiled for N fake
 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N; nothing runs, no data is
 read). Every collective in `compiled.as_text()` is listed with its tensor bytes:
@@ -178,9 +178,11 @@ def measure(config_spec, data: int, fsdp: int, batch_size: int | None = None,
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from ambient_jax import config_validation, train  # pylint: disable=g-import-not-at-top
-  from ambient_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from ambient_jax import train_state as ts  # pylint: disable=g-import-not-at-top
+  from ambient_jax.training import config_validation  # pylint: disable=g-import-not-at-top
+  from ambient_jax.training import pixel as pixel_task  # pylint: disable=g-import-not-at-top
+  from ambient_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
+  from ambient_jax.runtime import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from ambient_jax.training import state as ts  # pylint: disable=g-import-not-at-top
   from ambient_jax.data import registry  # pylint: disable=g-import-not-at-top
 
   config = (_load_config(config_spec) if isinstance(config_spec, str)
@@ -198,7 +200,7 @@ def measure(config_spec, data: int, fsdp: int, batch_size: int | None = None,
   model_def = ts.make_model_def(config, image_shape)
   tx = ts.make_optimizer(config.optim)
   abstract_state, state_shardings = ts.abstract_train_state(config, mesh, tx)
-  step = train.jit_train_step(train.make_train_step(config, model_def, tx, state_shardings.params), mesh,
+  step = step_lib.jit_train_step(pixel_task.make_train_step(config, model_def, tx, state_shardings.params), mesh,
                               state_shardings)
   b, bsh = int(config.batch_size), sharding_lib.batch_sharding(mesh)
   batch = {"image": jax.ShapeDtypeStruct((b, *image_shape), jnp.uint8, sharding=bsh),

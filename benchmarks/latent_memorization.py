@@ -49,8 +49,10 @@ loss share the step through a per-run XLA compilation cache). --quick (100 VAE /
    with the fine-tuning images (copies, sim > 0.95, self-match = the nearest fine-tuning
    image is the attacked one).
 Two reference rows need no fine-tuning: held-out real nines and the pretrained model
-itself (it never saw a nine). Writes benchmarks/results/latent_memorization{_quick}.txt
-(the log and table), .json, and _samples.png (samples above their nearest fine-tuning image).
+itself (it never saw a nine). Writes OUT/latent_memorization{_quick}.txt (the log and
+table), .json, and _samples.png (samples above their nearest fine-tuning image); OUT is
+--out (default ./benchmark_results/latent_memorization, --quick: a temporary folder;
+`--out benchmarks/results` updates the committed results), the stem --name.
 """
 
 from __future__ import annotations
@@ -75,12 +77,14 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from ambient_jax import precond, prepare_latents  # noqa: E402
-from ambient_jax.latent import clip, evaluation, unet, vae  # noqa: E402
+from ambient_jax.latent import clip, unet, vae  # noqa: E402
+from ambient_jax.evaluation import latent as evaluation  # noqa: E402
 from ambient_jax.latent import configs as latent_configs  # noqa: E402
 from ambient_jax.latent.schedule import NoiseSchedule  # noqa: E402
 from ambient_jax.metrics import digit_features, frechet, memorization  # noqa: E402
+import _output  # noqa: E402  (benchmarks/, beside this file)
+import _output  # noqa: E402  (benchmarks/, beside this file)
 
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 HELD_CLASS = 9
 METHODS = ("clean", "naive", "ambient", "ambient_consistency")
@@ -280,7 +284,7 @@ def finetune_config(method: str, t_n: int, pretrained: str, dataset: str, args):
 
 def finetune(method, t_n, pretrained, dataset, workdir, args) -> float:
   """Runs the ordinary Trainer (checkpoint at the end); returns its seconds."""
-  from ambient_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from ambient_jax.training import trainer as train_lib  # pylint: disable=g-import-not-at-top
   config = finetune_config(method, t_n, pretrained, dataset, args)
   t0 = time.time()
   train_lib.train_and_evaluate(config, workdir)
@@ -429,7 +433,7 @@ def main(argv=None):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--workdir", default=None, help="where the model, datasets and runs go "
                  "(default: a temporary folder, removed at the end)")
-  p.add_argument("--out", default=None)
+  _output.add_out_flags(p, "latent_memorization", stem=True)
   args = p.parse_args(argv)
   q = args.quick
   args.t_n = args.t_n or ([800] if q else [500, 800])
@@ -439,8 +443,8 @@ def main(argv=None):
   args.num_samples = args.num_samples or (64 if q else 200)
   if q:
     args.posterior_steps = min(args.posterior_steps, 4)
-  out = args.out or os.path.join(RESULTS, "latent_memorization" + ("_quick" if q else ""))
-  os.makedirs(os.path.dirname(out), exist_ok=True)
+  outputs = _output.OutputFolder(args.out, "latent_memorization", quick=q)
+  out = outputs.prefix(args.name)
   work = args.workdir or tempfile.mkdtemp(prefix="latent_mem_")
   os.makedirs(work, exist_ok=True)
   t_all = time.time()
@@ -516,6 +520,8 @@ def main(argv=None):
     f.write("\n".join(LINES) + "\n")
   if args.workdir is None:
     shutil.rmtree(work, ignore_errors=True)
+  outputs.report()
+  outputs.report()
 
 
 if __name__ == "__main__":

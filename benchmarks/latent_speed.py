@@ -20,7 +20,9 @@ is the median over all timed calls, and "torch/jax" > 1 means JAX is faster.
 
 Parameter counts of the public SDXL / SD-1.5 configs (`ambient_jax/latent/model_configs/`)
 come from `nnx.eval_shape` (nothing allocated) and are checked against the published
-figures. The printed output is also written to `--out`.
+figures. The printed output is also written to OUT/latent_speed.txt (OUT: --out, default
+./benchmark_results/latent_speed, --quick: a temporary folder; `--out benchmarks/results`
+updates the committed result).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from flax import nnx
 
 from ambient_jax.latent import clip, configs, unet, vae, weights
 from ambient_jax.models import count_params
+import _output  # benchmarks/, beside this file
 
 # The tiny SDXL-shaped UNet of the parity tests (tests/latent_reference.TINY_UNETS["sdxl"],
 # duplicated so that benchmarks do not import tests; tests/test_latent_speed_benchmark.py
@@ -243,8 +246,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       "OMP_WAIT_POLICY already in the environment wins")
   parser.add_argument("--skip_counts", action="store_true",
                       help="skip the eval_shape parameter counts of the real configs")
-  parser.add_argument("--out", default="benchmarks/results/latent_speed.txt",
-                      help="where the printed output is also written ('' = nowhere)")
+  _output.add_out_flags(parser, "latent_speed")
   args = parser.parse_args(argv)
   if args.quick:
     args.configs, args.batch, args.iters, args.rounds = "tiny", 1, 2, 2
@@ -262,7 +264,8 @@ def main(argv: list[str] | None = None):
   import diffusers  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(args.threads)
-  report = Report(args.out)
+  outputs = _output.OutputFolder(args.out, "latent_speed", quick=args.quick)
+  report = Report(outputs.path("latent_speed.txt"))
   start = time.perf_counter()
   report("$ python benchmarks/latent_speed.py " + " ".join(sys.argv[1:] if argv is None else argv))
   report(f"jax {jax.__version__} ({jax.default_backend()}, {jax.devices()[0].device_kind}), "
@@ -306,6 +309,7 @@ def main(argv: list[str] | None = None):
   report()
   report(f"load average at end: {load_average()}; wall time {time.perf_counter() - start:.0f} s")
   report.close()
+  outputs.report()
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ and two references that need no training: `memorizer`, the exact denoiser of the
 training set (a perfect memorizer: its samples are training images), and `held-out real`,
 real digits that are not in the training set standing in for samples (what generalizing
 looks like).
-This is a lean loop over `ambient_jax.losses` (not `train.train_and_evaluate`): the
+This is a lean loop over `ambient_jax.losses` (not `trainer.train_and_evaluate`): the
 trainer's checkpoints, tfds pipeline and sample grids would cost more than the training
-itself at this size. The step mirrors `train.make_train_step` (Adam, warm-up, clip, EMA).
+itself at this size. The step mirrors `training.pixel.make_train_step` (Adam, warm-up, clip, EMA).
 
 Measured (with EMA weights): offline FD / KID on the digit feature network
 (`ambient_jax.metrics.digit_features`, 16x16) between the samples and all 5,000 clean
@@ -46,8 +46,10 @@ its noisy training images, noise and all: the ratio of the pixel distances to th
 and second-nearest *noisy* training image, below the copy quantile of held-out digits
 noised afresh at σ_n (`seen_copies`). The paper's
 feature-similarity thresholds (> 0.9, > 0.95) are reported too, with the held-out row as
-their yardstick. Writes benchmarks/results/memorization_comparison{_quick}.{json,md},
-similarity histograms and a picture of samples beside their nearest training images.
+their yardstick. Writes OUT/memorization_comparison{_quick}.{json,md}, similarity
+histograms and a picture of samples beside their nearest training images; OUT is --out
+(default ./benchmark_results/memorization_comparison, --quick: a temporary folder;
+`--out benchmarks/results` updates the committed results), the stem --name.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def _split_cpu(argv) -> None:
   for i, a in enumerate(argv):
     if a.startswith("--cpu_devices"):
       n = int(a.split("=", 1)[1] if "=" in a else argv[i + 1])
-  from ambient_jax import cpu_defaults  # pylint: disable=g-import-not-at-top  (no jax inside)
+  from ambient_jax.runtime import cpu_defaults  # pylint: disable=g-import-not-at-top  (no jax inside)
   os.environ["XLA_FLAGS"], _ = cpu_defaults.merged_flags(os.environ.get("XLA_FLAGS", ""), n, "")
 
 
@@ -88,8 +90,9 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E4
 from ambient_jax import losses, sampling  # noqa: E402
 from ambient_jax.metrics import digit_features, frechet, memorization  # noqa: E402
 from ambient_jax.models import build_model, count_params  # noqa: E402
+import _output  # noqa: E402  (benchmarks/, beside this file)
+import _output  # noqa: E402  (benchmarks/, beside this file)
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 METHODS = ("clean", "noisy_edm", "ambient", "ambient_consistency")
 MODEL = dict(name="ddpmpp", img_resolution=16, in_channels=1, model_channels=16,
              channel_mult=(1, 2), num_blocks=1, attn_resolutions=(), dropout=0.0)
@@ -292,12 +295,13 @@ def pairs_png(path, rows, x_train, columns=12):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  from ambient_jax import sample_grid, storage  # pylint: disable=g-import-not-at-top
+  from ambient_jax.runtime import images as images_lib  # pylint: disable=g-import-not-at-top
+  from ambient_jax.runtime import storage  # pylint: disable=g-import-not-at-top
 
   fig, axes = plt.subplots(len(rows), 1, figsize=(columns * 0.55, len(rows) * 1.35))
   for ax, (title, samples, nn_idx) in zip(np.atleast_1d(axes), rows):
     pair = np.concatenate([samples[:columns], x_train[nn_idx[:columns]]])
-    ax.imshow(sample_grid.tile(pair, cols=columns)[..., 0], cmap="gray", vmin=0, vmax=255,
+    ax.imshow(images_lib.tile(pair, cols=columns)[..., 0], cmap="gray", vmin=0, vmax=255,
               interpolation="nearest")
     ax.set_title(title, fontsize=8, loc="left")
     ax.axis("off")
@@ -330,7 +334,7 @@ def main():
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--cpu_devices", type=int, default=2,
                  help="XLA CPU devices the training batch is split over (read before jax starts)")
-  p.add_argument("--out", default=None)
+  _output.add_out_flags(p, "memorization_comparison", stem=True)
   args = p.parse_args()
   q = args.quick
   args.steps = args.steps or (300 if q else 4000)
@@ -339,8 +343,8 @@ def main():
   args.num_samples = args.num_samples or (200 if q else 1000)
   if q:
     args.posterior_steps = min(args.posterior_steps, 8)
-  out = args.out or os.path.join(RESULTS, "memorization_comparison" + ("_quick" if q else ""))
-  os.makedirs(os.path.dirname(out), exist_ok=True)
+  outputs = _output.OutputFolder(args.out, "memorization_comparison", quick=q)
+  out = outputs.prefix(args.name)
   t_all = time.time()
   all_digits, x_train, heldout = training_set(args.train_size, 16, args.seed)
   heldout = heldout[:args.num_samples]
@@ -445,6 +449,8 @@ def main():
   with open(out + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
   log("\n".join(lines))
+  outputs.report()
+  outputs.report()
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ import ml_collections
 import optax
 from flax import nnx
 
-from ambient_jax import precond, sampling, sharding
+from ambient_jax import precond, sampling
+from ambient_jax.runtime import sharding
 from ambient_jax.models import build_model, count_params, make_denoise_fn
 
 REDUCED = dict(name="ddpmpp", model_channels=32, channel_mult=(1, 2, 2), num_blocks=2,

@@ -5,7 +5,7 @@
     python benchmarks/sdxl_memory.py --variant=full_finetune --phases=ambient
 
 The training step is the trainer's own (`latent.training.make_latent_step` jitted by
-`train.jit_train_step`: state donated, batch on ("data", "fsdp"), frozen base UNet as a
+`training.step.jit_train_step`: state donated, batch on ("data", "fsdp"), frozen base UNet as a
 fourth, non-donated argument). Its inputs are jax.ShapeDtypeStructs carrying their
 shardings, built as `LatentTask` builds the real ones: the SDXL UNet of the bundled public
 config (`latent/model_configs/sdxl/unet.json`) in config.latent.param_dtype (bf16) with
@@ -32,7 +32,9 @@ attention maps are float32 on every backend (latent/attention.py) — but the ar
 (what the sharding puts on each device) are exact, and the temporaries show the order of
 magnitude and how they scale with batch and resolution. XLA:CPU's peak_memory_in_bytes
 only counts the arguments; it is printed, not used. Compiling SDXL's step takes 2-15
-minutes on 2 cores (~3.6 GiB RAM); results: benchmarks/results/sdxl_memory.txt.
+minutes on 2 cores (~3.6 GiB RAM); the printed lines are appended to OUT/sdxl_memory.txt
+(OUT: --out, default ./benchmark_results/sdxl_memory; committed results:
+`--out benchmarks/results`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ import os
 import re
 import sys
 import time
+
+import _output  # benchmarks/, beside this file
 
 GIB = 2**30
 DEVICE_GIB = (("TPU v5e", 16), ("H100", 80))
@@ -97,10 +101,11 @@ def build(config, *, batch: int | None = None, resolution: int | None = None,
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from ambient_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from ambient_jax import train as train_lib  # pylint: disable=g-import-not-at-top
-  from ambient_jax import train_state as ts  # pylint: disable=g-import-not-at-top
-  from ambient_jax.latent import configs, lora, training  # pylint: disable=g-import-not-at-top
+  from ambient_jax.runtime import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from ambient_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
+  from ambient_jax.training import state as ts  # pylint: disable=g-import-not-at-top
+  from ambient_jax.latent import configs, lora  # pylint: disable=g-import-not-at-top
+  from ambient_jax.training import latent as training  # pylint: disable=g-import-not-at-top
   from ambient_jax.latent import unet, weights  # pylint: disable=g-import-not-at-top
   from ambient_jax.latent.schedule import NoiseSchedule  # pylint: disable=g-import-not-at-top
   from ambient_jax.latent import unet_config as ucfg  # pylint: disable=g-import-not-at-top
@@ -167,7 +172,7 @@ def build(config, *, batch: int | None = None, resolution: int | None = None,
   schedule = NoiseSchedule.from_config(scheduler_config)
   step_fn = training.make_latent_step(config, graphdef, schedule, uncond, tx, state_shardings,
                                       frozen_shardings)
-  step = train_lib.jit_train_step(step_fn, mesh, state_shardings, frozen_shardings)
+  step = step_lib.jit_train_step(step_fn, mesh, state_shardings, frozen_shardings)
   frozen_n, frozen_b = _nbytes(frozen)
   train_n, train_b = _nbytes(trainable)
   _, state_b = _nbytes(state)
@@ -268,7 +273,7 @@ def main(argv=None) -> int:
   p.add_argument("--devices", type=int, default=8, help="fake CPU devices (default 8)")
   p.add_argument("--phases", default="ambient,consistency",
                  help="comma-separated: ambient (plain step), consistency (λ_c on)")
-  p.add_argument("--out", help="also append the printed lines to this file")
+  _output.add_out_flags(p, "sdxl_memory")
   args = p.parse_args(argv)
   phases = [x.strip() for x in args.phases.split(",") if x.strip()]
   bad = [x for x in phases if x not in ("ambient", "consistency")]
@@ -296,9 +301,10 @@ def main(argv=None) -> int:
       for res in args.resolution or [None]:
         for b in args.batch or [None]:
           report(build(config, batch=b, resolution=res, fsdp=fsdp), variant, phases, say)
-  if args.out:
-    with open(args.out, "a") as fh:
-      fh.write("\n".join(lines) + "\n")
+  outputs = _output.OutputFolder(args.out, "sdxl_memory")
+  with open(outputs.path("sdxl_memory.txt"), "a") as fh:
+    fh.write("\n".join(lines) + "\n")
+  outputs.report()
   return 0
 
 

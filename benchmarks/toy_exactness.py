@@ -1,6 +1,6 @@
 """The proof of the method on Gaussian mixtures with a closed-form denoiser.
 
-    python benchmarks/toy_exactness.py --out DIR [--quick] [--ablate]
+    python benchmarks/toy_exactness.py [--out DIR] [--quick] [--ablate]
 
 Given only noisy samples x_n = x0 + σ_n z (drawn once per example), small MLP
 denoisers are trained four ways with the same number of steps:
@@ -12,7 +12,9 @@ and compared with the exact E[x0 | x_σ] over a grid of σ (relative error
 √(E‖D − D*‖² / E‖x_σ − D*‖²): the share of the ideal correction that is wrong),
 and by the sliced Wasserstein distance of their samples to clean data.
 Writes DIR/results.json, DIR/samples_*.png, DIR/errors_*.png and prints a table.
-`--ablate` instead compares loss options on one setting (DIR/ablation.json).
+`--ablate` instead compares loss options on one setting (DIR/ablation.json). DIR: --out,
+default ./benchmark_results/toy_exactness (--quick: a temporary folder); the committed
+runs are `--out benchmarks/results/toy_full` and `.../toy_high_noise`.
 """
 
 import argparse
@@ -31,6 +33,7 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ambient_jax import gaussian_mixture, losses, sampling  # noqa: E402
 from ambient_jax.models import build_model  # noqa: E402
+import _output  # noqa: E402  (benchmarks/, beside this file)
 
 METHODS = ("clean_edm", "noisy_edm", "ambient", "ambient_consistency")
 
@@ -394,7 +397,7 @@ def print_ablation(result):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--out", required=True, help="output folder (created)")
+  _output.add_out_flags(parser, "toy_exactness")
   parser.add_argument("--quick", action="store_true",
                       help="one setting (2-D, σ_n = 0.1), 2,000 steps: ≈ 2 minutes")
   parser.add_argument("--ablate", nargs="?", const="loss_options", choices=sorted(ABLATIONS),
@@ -419,7 +422,8 @@ def main(argv=None):
     args.steps = 2000 if args.quick else 4000
   if args.steps % 500:
     parser.error("--steps must be a multiple of 500 (two halves of 250-step chunks)")
-  os.makedirs(args.out, exist_ok=True)
+  outputs = _output.OutputFolder(args.out, "toy_exactness", quick=args.quick)
+  args.out = outputs.folder
   t0 = time.time()
   if args.ablate:
     result = run_ablation(args)
@@ -428,13 +432,15 @@ def main(argv=None):
       json.dump({**result, "args": vars(args), "wall_seconds": time.time() - t0}, f, indent=1)
     print_ablation(result)
     print(f"\nwall time {time.time() - t0:.0f} s")
+    outputs.report()
     return
   settings = ([("2d", 0.1)] if args.quick else [(d, s) for d in DATASETS for s in (0.1, 0.2)])
   runs = [run_setting(DATASETS[d][0], DATASETS[d][1](), s, args, plot_dir=args.out) for d, s in settings]
   with open(os.path.join(args.out, "results.json"), "w") as f:
     json.dump({"runs": runs, "args": vars(args), "wall_seconds": time.time() - t0}, f, indent=1)
   print_table(runs)
-  print(f"\nwall time {time.time() - t0:.0f} s; results in {args.out}/results.json")
+  print(f"\nwall time {time.time() - t0:.0f} s")
+  outputs.report()
 
 
 if __name__ == "__main__":

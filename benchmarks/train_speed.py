@@ -24,7 +24,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ambient_jax import cpu_defaults  # noqa: E402  (no jax)
+from ambient_jax.runtime import cpu_defaults  # noqa: E402  (no jax)
 
 
 def _load_config(path: str, overrides: list[str]):
@@ -49,7 +49,7 @@ def _load_config(path: str, overrides: list[str]):
 
 def child(args) -> None:
   import jax  # pylint: disable=g-import-not-at-top
-  from ambient_jax import train  # pylint: disable=g-import-not-at-top
+  from ambient_jax.training import trainer as train  # pylint: disable=g-import-not-at-top
   config = _load_config(args.config, args.override)
   with tempfile.TemporaryDirectory() as workdir:
     trainer = train.Trainer(config, workdir)

@@ -20,9 +20,11 @@ setting, for --rounds rounds. A figure is the median over rounds of each process
   jax_1dev     ours on 1 XLA device with XLA's own CPU defaults (no flags)
   jax_default  ours as `python -m ambient_jax.main --config=configs/default.py` runs on a
                CPU: config.cpu_devices XLA devices and config.cpu_xla_flags
-               (`ambient_jax.cpu_defaults`)
+               (`ambient_jax.runtime.cpu_defaults`)
 and any `--setting NAME=DEVICES[:XLA_FLAGS]` added. The ratio columns are PyTorch's time
-divided by ours: > 1 means ours is faster. Results go to --out (and stdout).
+divided by ours: > 1 means ours is faster. Results go to stdout and OUT/vs_pytorch.txt
+(OUT: --out, default ./benchmark_results/vs_pytorch, --quick: a temporary folder;
+`--out benchmarks/results` updates the committed result).
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import _output  # noqa: E402
 
-from ambient_jax import cpu_defaults  # noqa: E402  (no jax: settings are made before it starts)
+from ambient_jax.runtime import cpu_defaults  # noqa: E402  (no jax: settings are made before it starts)
 
 SAMPLE_BATCH = 16
 # (case id, network_speed.CASES label, kind, batch, quick)
@@ -63,7 +66,7 @@ def _network_config(label: str) -> dict:
 
 def default_setting() -> tuple[int, str]:
   """(cpu_devices, cpu_xla_flags) of configs/default.py: what the entry point applies."""
-  from ambient_jax import config_catalog  # pylint: disable=g-import-not-at-top
+  from ambient_jax.training import config_catalog  # pylint: disable=g-import-not-at-top
   config = config_catalog.load_module(ROOT / "configs" / "default.py",
                                       "vs_pytorch_default_config").get_config()
   return config.cpu_devices, config.cpu_xla_flags
@@ -217,7 +220,7 @@ def main() -> None:
                       help="NAME=DEVICES[:XLA_FLAGS], another jax column (repeatable); "
                            "XLA_FLAGS may be 'auto' (config.cpu_xla_flags' rule)")
   parser.add_argument("--skip", default="", help="comma-separated settings to leave out")
-  parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vs_pytorch.txt"))
+  _output.add_out_flags(parser, "vs_pytorch")
   parser.add_argument("--child", choices=("torch", "jax"), help=argparse.SUPPRESS)
   args = parser.parse_args()
   wanted = [s for s in args.cases.split("|") if s]
@@ -258,8 +261,9 @@ def main() -> None:
             f"{time.time() - t0:.0f} s in all\n")
   text = header + "\n" + _table(list(settings), case_ids, medians, params, flags_line) + "\n"
   print(text)
-  pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  pathlib.Path(args.out).write_text(text)
+  outputs = _output.OutputFolder(args.out, "vs_pytorch", quick=args.quick)
+  pathlib.Path(outputs.path("vs_pytorch.txt")).write_text(text)
+  outputs.report()
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
                                   # XLA_FLAGS before jax starts; an existing setting wins); 0 = 1
   c.cpu_xla_flags = "auto"        # CPU only: XLA flags main.py adds the same way; "" = none;
                                   # "auto": Eigen convolutions when devices < cores (README
-                                  # "CPU speed"; ambient_jax/cpu_defaults.py)
+                                  # "CPU speed"; ambient_jax/runtime/cpu_defaults.py)
 
   c.log_every_steps = 50
   c.checkpoint = ml_collections.ConfigDict()

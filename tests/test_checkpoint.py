@@ -13,8 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from ambient_jax import checkpoint, sharding, train
-from ambient_jax import train_state as ts
+from ambient_jax.runtime import checkpoint, sharding
+from ambient_jax.training import trainer as train
+from ambient_jax.training import state as ts
 from tests.test_train import ROOT, shared_tfds_dir, tiny_config
 
 

@@ -15,7 +15,10 @@ import jax
 import numpy as np
 import pytest
 
-from ambient_jax import cli, metrics_io, train
+from ambient_jax import cli
+from ambient_jax.runtime import metrics_io
+from ambient_jax.training import trainer as train
+from ambient_jax.training import step as step_lib
 from tests.test_train import tiny_config, shared_tfds_dir
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -228,8 +231,8 @@ def tfds_dir(tmp_path_factory):
 
 def test_grid_titles_name_the_objective():
   config = tiny_config("unused")  # consistency from step 2 (0-based) on
-  assert train.objective(config, 2, 0.2) == "ambient"
-  assert train.objective(config, 3, 0.2) == "ambient + consistency"
-  assert train.objective(config, 3, 0.0) == "clean"
+  assert step_lib.objective(config, 2, 0.2) == "ambient"
+  assert step_lib.objective(config, 3, 0.2) == "ambient + consistency"
+  assert step_lib.objective(config, 3, 0.0) == "clean"
   config.loss.kind, config.consistency.weight = "naive", 0.0
-  assert train.objective(config, 3, 0.2) == "naive"
+  assert step_lib.objective(config, 3, 0.2) == "naive"

@@ -14,8 +14,12 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from ambient_jax import config_validation, losses, sharding, train
-from ambient_jax import train_state as ts
+from ambient_jax.training import config_validation
+from ambient_jax.training import pixel as pixel_task
+from ambient_jax.training import step as step_lib
+from ambient_jax import losses
+from ambient_jax.runtime import sharding
+from ambient_jax.training import state as ts
 from ambient_jax.data import corruption, registry
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -130,10 +134,10 @@ def test_validation_catches_typos_and_bad_loss_options_all_at_once():
   assert "config.consistency.loss = 'tweedie'" in _error(c) and "'posterior_sample'" in _error(c)
   c = load("default.py", "--config.consistency.loss=posterior_sample")  # chain_steps, step: shared
   config_validation.validate(c, num_devices=1)
-  below, kwargs = train.below_sigma_n_term(c)  # an unset step: the chosen loss's own default
+  below, kwargs = step_lib.below_sigma_n_term(c)  # an unset step: the chosen loss's own default
   assert below is losses.posterior_sample_loss and "step" not in kwargs
   c = load("default.py", "--config.consistency.kwargs.step=euler_maruyama")
-  assert train.below_sigma_n_term(c) == (losses.consistency_loss, {"step": "euler_maruyama", "chain_steps": 1})
+  assert step_lib.below_sigma_n_term(c) == (losses.consistency_loss, {"step": "euler_maruyama", "chain_steps": 1})
   c = load("default.py", "--config.consistency.kwargs.step=ddim")
   assert "config.consistency.kwargs.step = 'ddim'" in _error(c)
   c = load("default.py", "--config.consistency.loss=posterior_sample")
@@ -165,7 +169,7 @@ def _tiny_step(config, devices, compile_and_run=True, consistency=True):
   shape = (config.data.resolution, config.data.resolution, spec.channels)
   model_def = ts.make_model_def(config, shape)
   tx = ts.make_optimizer(config.optim)
-  step_fn = train.make_train_step(config, model_def, tx)
+  step_fn = pixel_task.make_train_step(config, model_def, tx)
   b = config.batch_size
   rng = np.random.default_rng(0)
   table = corruption.sigma_n_table(100, config.data.sigma_n, config.data.clean_fraction)
@@ -180,7 +184,7 @@ def _tiny_step(config, devices, compile_and_run=True, consistency=True):
     assert metrics["loss"].shape == ()
     return metrics
   state, shardings = ts.create_train_state(config, mesh, tx)
-  step = train.jit_train_step(step_fn, mesh, shardings)
+  step = step_lib.jit_train_step(step_fn, mesh, shardings)
   batch = sharding.global_batch_from_host(sharding.batch_sharding(mesh), host, b)
   state, metrics = step(state, batch, consistency)
   metrics = jax.device_get(metrics)

@@ -1,4 +1,4 @@
-"""ambient_jax.cpu_defaults: the XLA devices and flags `python -m ambient_jax.main` sets on a
+"""ambient_jax.runtime.cpu_defaults: the XLA devices and flags `python -m ambient_jax.main` sets on a
 CPU-only machine before jax starts, a user's own XLA_FLAGS winning, nothing on GPU/TPU."""
 
 import os
@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from ambient_jax import config_catalog, cpu_defaults
+from ambient_jax.training import config_catalog
+from ambient_jax.runtime import cpu_defaults
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT = config_catalog.load_module(ROOT / "configs" / "default.py",
@@ -137,7 +138,7 @@ def test_eigen_flags_move_convolutions_off_ynnpack():
 
 @pytest.mark.parametrize("value", ["fast", "--xla_a=1 -xla_b=2"])
 def test_validation_names_a_bad_cpu_xla_flags(value):
-  from ambient_jax import config_validation  # pylint: disable=g-import-not-at-top
+  from ambient_jax.training import config_validation  # pylint: disable=g-import-not-at-top
   config = DEFAULT.copy_and_resolve_references()
   config.cpu_xla_flags = value
   with pytest.raises(config_validation.ConfigError, match=f"config.cpu_xla_flags = {value!r}"):

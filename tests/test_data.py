@@ -6,7 +6,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ambient_jax import data, sharding
+from ambient_jax import data
+from ambient_jax.runtime import sharding
 from ambient_jax.data import corruption, sources
 
 
@@ -126,10 +127,14 @@ class _FakeSource:
             .astype(np.uint8), (indices % 10).astype(np.int32))
 
 
+def _fake_dataset(sigma_n):
+  return data.NoisyImageDataset(_FakeSource(), sigma_n, corruption_seed=0, spec=None)
+
+
 def test_loader_order_is_a_pure_function_of_seed_and_epoch():
   table = np.linspace(0, 0.3, 100).astype(np.float32)
-  a = data.GlobalBatchLoader(_FakeSource(), table, 16, seed=3, rows=(0, 16))
-  b = data.GlobalBatchLoader(_FakeSource(), table, 16, seed=3, rows=(0, 16))
+  a = data.GlobalBatchLoader(_fake_dataset(table), 16, seed=3, rows=(0, 16))
+  b = data.GlobalBatchLoader(_fake_dataset(table), 16, seed=3, rows=(0, 16))
   assert a.steps_per_epoch == 6
   # Any step, in any order, from a fresh loader: the same batch (the step is the whole state).
   for step in (13, 0, 7, 6, 5):
@@ -138,7 +143,7 @@ def test_loader_order_is_a_pure_function_of_seed_and_epoch():
   epoch0 = np.concatenate([a.global_indices(s) for s in range(6)])
   assert len(set(epoch0.tolist())) == 96
   assert not np.array_equal(a.global_indices(0), a.global_indices(6))
-  c = data.GlobalBatchLoader(_FakeSource(), table, 16, seed=4, rows=(0, 16))
+  c = data.GlobalBatchLoader(_fake_dataset(table), 16, seed=4, rows=(0, 16))
   assert not np.array_equal(a.global_indices(0), c.global_indices(0))
   batch = a.host_batch(2)
   np.testing.assert_array_equal(batch["sigma_n"], table[a.global_indices(2)])
@@ -148,9 +153,9 @@ def test_loader_order_is_a_pure_function_of_seed_and_epoch():
 def test_each_host_reads_only_its_rows():
   """Two 'processes' owning rows [0, 8) and [8, 16) read disjoint halves of the same batch."""
   table = np.zeros(100, np.float32)
-  full = data.GlobalBatchLoader(_FakeSource(), table, 16, seed=0, rows=(0, 16))
-  h0 = data.GlobalBatchLoader(_FakeSource(), table, 16, seed=0, rows=(0, 8))
-  h1 = data.GlobalBatchLoader(_FakeSource(), table, 16, seed=0, rows=(8, 16))
+  full = data.GlobalBatchLoader(_fake_dataset(table), 16, seed=0, rows=(0, 16))
+  h0 = data.GlobalBatchLoader(_fake_dataset(table), 16, seed=0, rows=(0, 8))
+  h1 = data.GlobalBatchLoader(_fake_dataset(table), 16, seed=0, rows=(8, 16))
   np.testing.assert_array_equal(np.concatenate([h0.host_batch(4)["index"], h1.host_batch(4)["index"]]),
                                 full.host_batch(4)["index"])
   # With one process, the batch sharding's rows are all of them, and the global array
@@ -158,7 +163,7 @@ def test_each_host_reads_only_its_rows():
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
   bs = sharding.batch_sharding(mesh)
   assert sharding.host_rows(bs, 16) == (0, 16)
-  loader = data.GlobalBatchLoader(_FakeSource(), table, 16, seed=0, sharding=bs)
+  loader = data.GlobalBatchLoader(_fake_dataset(table), 16, seed=0, sharding=bs)
   batches = list(loader.iterate(3, 6))
   assert [s for s, _ in batches] == [3, 4, 5]
   np.testing.assert_array_equal(np.asarray(batches[1][1]["index"]), full.global_indices(4))

@@ -8,10 +8,14 @@ import pytest
 
 from ambient_jax import evaluate
 
+from ambient_jax.evaluation import common as eval_common
+
+from ambient_jax.evaluation import pixel as pixel_eval
+
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  from ambient_jax import train
+  from ambient_jax.training import trainer as train
   from configs import default
   c = default.get_config()
   c.num_train_steps, c.batch_size = 2, 8
@@ -28,7 +32,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(workdir):
-  return evaluate.Run(workdir)
+  return pixel_eval.Run(workdir)
 
 
 def test_evaluate_writes_metrics_and_pngs(workdir, run, tmp_path):
@@ -54,15 +58,15 @@ def test_evaluate_writes_metrics_and_pngs(workdir, run, tmp_path):
 
 def test_samples_do_not_depend_on_batch_size(run):
   assert run.step == 2 and run.weights.startswith("ema0")
-  fn = evaluate.make_sampler(run.model_def, run.dataset.image_shape, "stochastic", num_steps=3,
+  fn = pixel_eval.make_sampler(run.model_def, run.dataset.image_shape, "stochastic", num_steps=3,
                              s_churn=10.0)
   kw = dict(seed=5, batch_sharding=run.batch_sharding, param_sharding=run.param_shardings, log=None)
-  a = evaluate.generate(fn, run.params, 12, batch_size=8, **kw)   # 8 devices: 8 + 8 (padded)
-  b = evaluate.generate(fn, run.params, 12, batch_size=16, **kw)  # one padded batch of 16
+  a = eval_common.generate(fn, run.params, 12, batch_size=8, **kw)   # 8 devices: 8 + 8 (padded)
+  b = eval_common.generate(fn, run.params, 12, batch_size=16, **kw)  # one padded batch of 16
   assert a.shape == (12, 8, 8, 1)
   # Same keys -> same images; only float rounding differs between compiled batch shapes.
   np.testing.assert_allclose(a, b, atol=2e-3)
-  c = evaluate.generate(fn, run.params, 12, batch_size=8, **dict(kw, seed=6))
+  c = eval_common.generate(fn, run.params, 12, batch_size=8, **dict(kw, seed=6))
   assert np.abs(a - c).max() > 1e-2
 
 
@@ -73,4 +77,4 @@ def test_bad_options_fail_before_any_work(workdir, tmp_path):
   with pytest.raises(ValueError, match="not known"):
     evaluate.evaluate(workdir, metrics=("fdd",))
   with pytest.raises(FileNotFoundError, match="available"):
-    evaluate.Run(workdir, step=7)
+    pixel_eval.Run(workdir, step=7)

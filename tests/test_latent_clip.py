@@ -17,7 +17,7 @@ import pytest
 import torch
 from flax import nnx
 
-from ambient_jax import sharding
+from ambient_jax.runtime import sharding
 from ambient_jax.latent import safetensors_io, weights
 from ambient_jax.latent.clip import (CLIPTextModel, CLIPTextModelWithProjection, check_config,
                                      load_text_encoder, save_text_encoder, text_encoder)

@@ -21,8 +21,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ambient_jax import cli, evaluate, export_lora, train
-from ambient_jax.latent import evaluation, lora, unet
+from ambient_jax import cli, evaluate, export_lora
+from ambient_jax.training import trainer as train
+from ambient_jax.evaluation import latent as evaluation
+from ambient_jax.latent import lora, unet
 from tests.latent_reference import (prepare_tiny_sdxl_dataset, relative_error, sdxl_config,
                                     torch_unet_output)
 
@@ -36,7 +38,7 @@ def workdir(tmp_path_factory):
   parameters and the EMA. The state is the Trainer's own and saved by it; only the train
   step is skipped (its compile is most of a smoke run's time; tests/test_latent_training.py
   runs it)."""
-  from ambient_jax import metrics_io
+  from ambient_jax.runtime import metrics_io
   root = tmp_path_factory.mktemp("latent_eval")
   folder, dataset = prepare_tiny_sdxl_dataset(root)
   config = sdxl_config()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ambient_jax import sharding
+from ambient_jax.runtime import sharding
 from ambient_jax.latent import configs, lora, unet, weights
 from ambient_jax.latent.layers import Linear
 from ambient_jax.latent.lora import LoRAParam

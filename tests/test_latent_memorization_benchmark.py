@@ -1,15 +1,21 @@
 """benchmarks/latent_memorization.py's building blocks (its --quick run takes minutes): the
 tiny pretrained folder it writes is a diffusers SD folder that the project's loading path
-opens, prepares latents from and samples with the right shapes."""
+opens, prepares latents from and samples with the right shapes; and a --quick run at toy
+sizes from the repository root leaves the repository as it was and says where it wrote."""
 
 import importlib.util
 import json
 import pathlib
+import sys
+import tempfile
 
 import jax
 import numpy as np
 
+from tests import benchmark_outputs
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmark imports benchmarks/_output.py
 
 
 def _benchmark():
@@ -23,7 +29,8 @@ def _benchmark():
 def test_pretrained_folder_loads_prepares_and_generates(tmp_path):
   bench = _benchmark()
   from ambient_jax import prepare_latents
-  from ambient_jax.latent import dataset as dataset_lib, pipeline
+  from ambient_jax.data import latent as dataset_lib
+  from ambient_jax.latent import pipeline
   x_pre, y_pre, x_train, heldout = bench.split_digits(8, seed=0)
   assert x_pre.shape[1:] == (16, 16, 3) and not np.any(y_pre == bench.HELD_CLASS)
   assert len(x_train) == 8 and len(x_train) + len(heldout) == np.sum(
@@ -48,17 +55,28 @@ def test_pretrained_folder_loads_prepares_and_generates(tmp_path):
   np.testing.assert_allclose(data.sigma_n, float(pipe.schedule.vp_sigmas[800]), rtol=1e-3)
 
 
-def test_miniature_runs_end_to_end_through_the_project_path(tmp_path):
+def test_miniature_runs_end_to_end_through_the_project_path(tmp_path, monkeypatch, capsys):
   """The whole benchmark at toy sizes (2 steps everywhere): pretraining, preparation, a
   Trainer fine-tune, evaluation through latent.evaluation (samples, attack) and the
-  table/JSON/picture. The numbers mean nothing here; that they are produced does."""
+  table/JSON/picture. The numbers mean nothing here; that they are produced does. Run as
+  --quick from the repository root with no --out: it writes only into a temporary folder
+  (here under tmp_path) and prints each file it wrote."""
   bench = _benchmark()
-  out = tmp_path / "out"
-  bench.main(["--vae_steps", "2", "--unet_steps", "2", "--steps", "2", "--train_size", "8",
-              "--batch", "8", "--num_samples", "8", "--sample_steps", "10", "--posterior_steps", "1",
-              "--t_n", "800", "--methods", "ambient", "--workdir", str(tmp_path / "work"),
-              "--out", str(out)])
-  result = json.loads((tmp_path / "out.json").read_text())
+  monkeypatch.chdir(ROOT)
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where --quick's folder is made
+  before = benchmark_outputs.git_status(ROOT)
+  bench.main(["--quick", "--vae_steps", "2", "--unet_steps", "2", "--steps", "2",
+              "--train_size", "8", "--batch", "8", "--num_samples", "8", "--sample_steps", "10",
+              "--posterior_steps", "1", "--t_n", "800", "--methods", "ambient",
+              "--workdir", str(tmp_path / "work")])
+  written = benchmark_outputs.printed_paths(capsys.readouterr().out)
+  assert sorted(p.name for p in written) == [
+      "latent_memorization_quick.json", "latent_memorization_quick.txt",
+      "latent_memorization_quick_samples.png"]
+  assert all(p.is_file() and tmp_path in p.parents for p in written)
+  assert benchmark_outputs.git_status(ROOT) <= before  # nothing new in the repository
+  out = written[0].parent / "latent_memorization_quick"
+  result = json.loads(out.with_suffix(".json").read_text())
   names = [r["name"] for r in result["results"]]
   assert names == ["held-out real nines", "pretrained (no fine-tune)", "ambient"]
   ambient = result["results"][-1]
@@ -67,5 +85,4 @@ def test_miniature_runs_end_to_end_through_the_project_path(tmp_path):
   for method in ("mmse", "posterior"):
     assert ambient["attack"][method]["count"] == 8  # every fine-tuning image attacked
   assert result["copy_rmse"] > 0
-  assert (tmp_path / "out_samples.png").stat().st_size > 0
-  assert "| ambient | 800 | truncated |" in (tmp_path / "out.txt").read_text()
+  assert "| ambient | 800 | truncated |" in out.with_suffix(".txt").read_text()

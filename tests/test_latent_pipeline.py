@@ -154,7 +154,7 @@ def test_missing_component_is_named(sdxl_folder, tmp_path):
 
 
 def test_truncated_sigmas_cut_at_the_stop_level_and_refuse_an_empty_cut():
-  from ambient_jax.latent.sample_grid import truncated_sigmas
+  from ambient_jax.training.latent_grid import truncated_sigmas
   full = np.array([10.0, 5.0, 2.0, 0.0], np.float32)
   np.testing.assert_array_equal(truncated_sigmas(full, 3.0), [10.0, 5.0, 3.0])
   with pytest.raises(ValueError, match="more sampling steps"):

@@ -1,5 +1,5 @@
 """Noisy-latent dataset preparation (ambient_jax.prepare_latents) and its reader
-(ambient_jax.latent.dataset), on a tiny SDXL folder diffusers writes and a dozen small
+(ambient_jax.data.latent), on a tiny SDXL folder diffusers writes and a dozen small
 generated images of several sizes: the stored latents are the documented VAE sample noised
 at t_n with the documented noise, the prompt tables are the pipeline's encodings, a stopped
 run resumes to the same bytes, and every mistake is one clear line.
@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from ambient_jax import cli, prepare_latents
-from ambient_jax.latent import dataset as ds
+from ambient_jax.data import latent as ds
 from ambient_jax.latent import pipeline
 from tests.latent_reference import save_tiny_sdxl_pipeline
 

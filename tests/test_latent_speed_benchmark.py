@@ -36,7 +36,7 @@ def test_configs_build_and_match_their_inputs(name):
 
 
 def test_flags():
-  quick = latent_speed.parse_args(["--quick", "--out", ""])
+  quick = latent_speed.parse_args(["--quick"])
   assert (quick.configs, quick.batch, quick.iters, quick.rounds) == (["tiny"], 1, 2, 2)
   full = latent_speed.parse_args(["--configs", "mid,tiny", "--batch", "4", "--skip_counts"])
   assert full.configs == ["mid", "tiny"] and full.batch == 4 and full.skip_counts

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ambient_jax import train
+from ambient_jax.training import trainer as train
 from ambient_jax.latent import lora
 from tests.latent_reference import prepare_tiny_sdxl_dataset, sdxl_config
 
@@ -82,3 +82,13 @@ def test_missing_pretrained_folder_is_a_clear_error(prepared, tmp_path):
   config.latent.pretrained = str(tmp_path / "nowhere")
   with pytest.raises(ValueError, match="model_index.json"):
     train.Trainer(config, str(tmp_path / "w"), devices=jax.devices()[:2])
+
+
+def test_grid_shows_each_training_latent_at_its_own_noise_level():
+  """A mixed-σ_n dataset's grid rescales example i by its own √(1 − σ_n[i]²), not the
+  first example's (the old bug)."""
+  from ambient_jax.training.latent_grid import latents_as_seen
+  noisy = np.ones((3, 2, 2, 4), np.float32)
+  sigma_n = np.array([0.0, 0.6, 0.8], np.float32)  # VP: clean, and scales 0.8, 0.6
+  seen = np.asarray(latents_as_seen(noisy, sigma_n))
+  np.testing.assert_allclose(seen[:, 0, 0, 0], [1.0, 1.0 / 0.8, 1.0 / 0.6], rtol=1e-6)

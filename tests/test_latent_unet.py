@@ -71,7 +71,7 @@ def test_bfloat16_load_is_close(tmp_path):
 def test_sharded_load_places_each_tensor_in_its_shards(tiny):
   """FSDP over 8 devices straight from the file: every parameter equals the unsharded load,
   and large ones hold 1/8 of the tensor per device."""
-  from ambient_jax import sharding
+  from ambient_jax.runtime import sharding
   kind, folder, _ = tiny
   mesh = jax.make_mesh((1, 8), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   ours, _ = unet.load_unet(

@@ -16,7 +16,7 @@ import pytest
 import torch
 from flax import nnx
 
-from ambient_jax import sharding
+from ambient_jax.runtime import sharding
 from ambient_jax.latent import safetensors_io, weights
 from ambient_jax.latent.vae import AutoencoderKL, load_vae, save_vae, vae_config
 from tests.latent_reference import nchw_to_nhwc, nhwc_to_nchw, perturb_, relative_error

@@ -1,6 +1,6 @@
 """Two local CPU processes form one multi-host JAX job (jax.distributed + gloo), train a few
 steps together, and end with the same parameters as one process with the same 4 devices;
-then they sample from the checkpoint together (`evaluate.generate`) and get the same images
+then they sample from the checkpoint together (`eval_common.generate`) and get the same images
 as one process.
 
 Run as a script (`python tests/test_multihost.py worker ...`) this file is one of the workers.
@@ -23,10 +23,12 @@ NUM_SAMPLES = 12  # not a multiple of the 4 devices: the padded tail batch is ex
 
 def _sample_from_checkpoint(workdir, devices=None):
   """Images 0..NUM_SAMPLES-1 of the run's EMA, 4-step deterministic sampler."""
-  from ambient_jax import evaluate  # pylint: disable=g-import-not-at-top
-  run = evaluate.Run(workdir, devices=devices)
-  fn = evaluate.make_sampler(run.model_def, run.dataset.image_shape, "full", num_steps=4)
-  return evaluate.generate(fn, run.params, NUM_SAMPLES, seed=3, batch_size=8,
+
+  from ambient_jax.evaluation import common as eval_common  # pylint: disable=g-import-not-at-top
+  from ambient_jax.evaluation import pixel as pixel_eval  # pylint: disable=g-import-not-at-top
+  run = pixel_eval.Run(workdir, devices=devices)
+  fn = pixel_eval.make_sampler(run.model_def, run.dataset.image_shape, "full", num_steps=4)
+  return eval_common.generate(fn, run.params, NUM_SAMPLES, seed=3, batch_size=8,
                            batch_sharding=run.batch_sharding, param_sharding=run.param_shardings,
                            log=None)
 
@@ -39,10 +41,10 @@ def _free_port() -> int:
 
 def _worker(process_id: int, port: int, workdir: str, tfds_dir: str) -> None:
   sys.path.insert(0, str(ROOT))
-  from ambient_jax import sharding  # pylint: disable=g-import-not-at-top
+  from ambient_jax.runtime import sharding  # pylint: disable=g-import-not-at-top
   sharding.initialize_distributed(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
   import jax  # pylint: disable=g-import-not-at-top
-  from ambient_jax import train  # pylint: disable=g-import-not-at-top
+  from ambient_jax.training import trainer as train  # pylint: disable=g-import-not-at-top
   from tests.test_train import tiny_config  # pylint: disable=g-import-not-at-top
   state = train.train_and_evaluate(tiny_config(tfds_dir, num_train_steps=STEPS), workdir)
   leaves = [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(state.params)]
@@ -57,7 +59,7 @@ def _worker(process_id: int, port: int, workdir: str, tfds_dir: str) -> None:
 
 def test_two_processes_train_together_and_agree(tmp_path, tmp_path_factory):
   import jax  # pylint: disable=g-import-not-at-top
-  from ambient_jax import train  # pylint: disable=g-import-not-at-top
+  from ambient_jax.training import trainer as train  # pylint: disable=g-import-not-at-top
   from tests.test_train import shared_tfds_dir, tiny_config  # pylint: disable=g-import-not-at-top
   tfds_dir = shared_tfds_dir(tmp_path_factory)
   workdir = tmp_path / "multihost"

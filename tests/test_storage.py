@@ -14,7 +14,8 @@ import pytest
 from etils.epath import gpath
 from etils.epath import testing as epath_testing
 
-from ambient_jax import checkpoint, metrics_io, sample_grid, storage
+from ambient_jax.runtime import checkpoint, metrics_io, storage
+from ambient_jax.runtime import images as images_lib
 from ambient_jax.metrics import memorization
 
 BUCKET = "gs://test-bucket/runs/r1"
@@ -93,7 +94,7 @@ def test_config_json_and_metrics_jsonl_in_a_bucket(fake_gcs, monkeypatch):
 
 def test_pictures_in_a_bucket(fake_gcs):
   mosaic = np.zeros((8, 8, 1), np.uint8)
-  sample_grid.save_png(f"{BUCKET}/samples/step_0000010.png", [("a", mosaic)], "title")
+  images_lib.save_png(f"{BUCKET}/samples/step_0000010.png", [("a", mosaic)], "title")
   memorization.similarity_histogram_png(f"{BUCKET}/eval/10/hist.png",
                                         {"mmse": np.linspace(0, 1, 20)})
   for rel in ("samples/step_0000010.png", "eval/10/hist.png"):

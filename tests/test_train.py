@@ -12,7 +12,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ambient_jax import train
+from ambient_jax.training import trainer as train
+
+from ambient_jax.training import step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -68,7 +70,7 @@ def _run_steps(trainer, num_steps):
   metrics = []
   for step in range(num_steps):
     state, m = trainer.train_step(state, trainer.loader.batch(step),
-                                  train.consistency_active(trainer.config, step))
+                                  step_lib.consistency_active(trainer.config, step))
     metrics.append(jax.device_get(m))
   return state, metrics
 
@@ -114,12 +116,19 @@ def test_posterior_sample_loss_can_replace_consistency_below_sigma_n(tfds_dir, t
                              metrics[2]["ambient_loss"] + 0.1 * metrics[2]["consistency_loss"], rtol=1e-5)
 
 
-def test_a_run_leaves_config_metrics_tensorboard_checkpoints_and_stops_on_nan(tfds_dir, tmp_path):
+def test_a_run_leaves_config_metrics_tensorboard_checkpoints_and_stops_on_nan(tfds_dir, tmp_path,
+                                                                              caplog):
   workdir = tmp_path / "run"
   config = tiny_config(tfds_dir, **{"sample.every_steps": 0})
   trainer = train.Trainer(config, str(workdir))
-  state = trainer.run()
+  with caplog.at_level("INFO"):
+    state = trainer.run()
   assert int(state.step) == 6
+  # One closing line: steps, wall time, final loss, the last checkpoint and grid.
+  closing = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Finished")]
+  assert len(closing) == 1 and "step 6/6" in closing[0] and "final loss" in closing[0]
+  assert str(trainer.checkpointer.path(6)) in closing[0]
+  assert str(workdir / "samples" / "step_0000006.png") in closing[0]
   assert json.loads((workdir / "config.json").read_text())["model"]["name"] == "mlp"
   lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [l["step"] for l in lines] == [2, 4, 6]
@@ -146,7 +155,7 @@ def test_a_run_leaves_config_metrics_tensorboard_checkpoints_and_stops_on_nan(tf
 
 
 def test_ema_follows_edm_half_life():
-  from ambient_jax import ema
+  from ambient_jax.training import ema
   # Half-life h images: after h images at batch B the old average weighs 1/2.
   b = float(ema.beta(10_000, 100, 5.0, 0.0))
   assert abs(b ** (5000 / 100) - 0.5) < 1e-5
@@ -178,3 +187,33 @@ def test_default_config_end_to_end_through_main(tfds_dir, tmp_path):
   assert (workdir / "samples" / "step_0000004.png").exists()
   assert (workdir / "config.json").exists() and list(workdir.glob("events.out.tfevents.*"))
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+
+
+def test_eta_counts_the_slower_consistency_phase():
+  """Steps left in each phase at that phase's speed; a phase not run yet is guessed."""
+  # Ambient phase measured at 4 steps/s, consistency (steps 60..100) not yet: guessed 4/1.6.
+  seconds, guessed = train.eta_seconds(20, 100, 60, {False: 4.0})
+  assert guessed and seconds == pytest.approx(40 / 4.0 + 40 / (4.0 / 1.6))
+  # Both measured: no guess; inside the consistency phase only its steps remain.
+  seconds, guessed = train.eta_seconds(80, 100, 60, {False: 4.0, True: 2.0})
+  assert not guessed and seconds == pytest.approx(20 / 2.0)
+  # No consistency phase (switch = total): the ambient rate alone.
+  assert train.eta_seconds(50, 100, 100, {False: 5.0}) == (pytest.approx(10.0), False)
+
+
+def test_a_failed_start_removes_only_the_workdir_it_created(tmp_path):
+  """A dataset that is not prepared fails before the first step: a new workdir goes, an
+  existing one (a user's folder) stays as it was."""
+  from ambient_jax import data  # pylint: disable=g-import-not-at-top
+  config = tiny_config(tmp_path / "empty_tfds", **{"data.name": "cifar10", "data.resolution": 32,
+                                                    "model.data_dim": 32 * 32 * 3})
+  new = tmp_path / "new_run"
+  with pytest.raises(data.DatasetNotReadyError):
+    train.train_and_evaluate(config, str(new))
+  assert not new.exists()
+  existing = tmp_path / "existing"
+  existing.mkdir()
+  (existing / "notes.txt").write_text("mine")
+  with pytest.raises(data.DatasetNotReadyError):
+    train.train_and_evaluate(config, str(existing))
+  assert (existing / "notes.txt").read_text() == "mine"

@@ -1,7 +1,7 @@
 """Datasets (tfds builders), fixed per-example corruption and host-sharded batches.
 
     dataset = data.load_dataset(config.data)        # clean source + per-example σ_n table
-    loader = data.GlobalBatchLoader(dataset.source, dataset.sigma_n, B, seed, sharding)
+    loader = data.GlobalBatchLoader(dataset, B, seed, sharding)
     batch = loader.batch(step)                      # global jax.Arrays, this host's rows read
     x_n = corruption.corrupt(uint8_to_float(batch["image"]), batch["index"],
                              batch["sigma_n"], config.data.corruption_seed)  # inside jit
@@ -38,6 +38,13 @@ class NoisyImageDataset:
   @property
   def image_shape(self) -> tuple[int, int, int]:
     return (self.source.resolution, self.source.resolution, self.source.channels)
+
+  def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """{"image": uint8 [b, H, W, C] (clean: the noise is added inside the step), "index",
+    "label": int32 [b], "sigma_n": float32 [b]} of examples `indices` (the loader's protocol)."""
+    images, labels = self.source.get(indices)
+    return {"image": images, "index": np.asarray(indices, np.int32),
+            "sigma_n": self.sigma_n[indices], "label": np.asarray(labels, np.int32)}
 
 
 def sigma_n_levels(data_config: Any) -> tuple[float, ...]:

@@ -12,33 +12,40 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Protocol
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from ambient_jax import cli
-from ambient_jax import sharding as sharding_lib
-from ambient_jax.data import sources
+from ambient_jax import errors
+from ambient_jax.runtime import sharding as sharding_lib
 
 _ORDER_SALT = 0x0DE7  # data order stream, independent of every other use of the seed
 
 
-class GlobalBatchLoader:
-  """batch(step) -> {"image": uint8 [B,H,W,C], "index": int32 [B], "sigma_n": f32 [B],
-  "label": int32 [B]} as global jax.Arrays sharded by `sharding` (or host numpy rows).
-  A source with `get_batch(indices) -> dict` (a prepared latent dataset) gives its own
-  fields instead."""
+class ExampleSource(Protocol):
+  """What the loader reads: `num_examples`, and `get_batch(indices [b]) -> {name: [b, ...]}`
+  (numpy arrays, one row per index). Pixel datasets (`data.NoisyImageDataset`) and
+  prepared latent datasets (`data.latent.LatentDataset`) both are one."""
+  num_examples: int
 
-  def __init__(self, source: sources.ImageSource, sigma_n: np.ndarray, global_batch: int,
-               seed: int, sharding: Optional[NamedSharding] = None,
+  def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    ...
+
+
+class GlobalBatchLoader:
+  """batch(step) -> the source's `get_batch` fields for the global batch of that step, as
+  global jax.Arrays sharded by `sharding` (or, through `host_batch`, this host's numpy rows)."""
+
+  def __init__(self, source: ExampleSource, global_batch: int, seed: int,
+               sharding: Optional[NamedSharding] = None,
                rows: Optional[tuple[int, int]] = None):
     if global_batch > source.num_examples:
-      raise cli.UsageError(f"config.batch_size = {global_batch} is larger than the dataset "
-                           f"({source.num_examples} examples): lower it, or raise "
-                           "config.data.max_examples.")
-    self.source, self.sigma_n = source, np.asarray(sigma_n, np.float32)
+      raise errors.UsageError(f"config.batch_size = {global_batch} is larger than the dataset "
+                              f"({source.num_examples} examples): lower it, or raise "
+                              "config.data.max_examples.")
+    self.source = source
     self.global_batch, self.seed, self.sharding = global_batch, seed, sharding
     self.steps_per_epoch = source.num_examples // global_batch
     if rows is None:
@@ -65,12 +72,7 @@ class GlobalBatchLoader:
   def host_batch(self, step: int) -> dict[str, np.ndarray]:
     """This process's rows of batch `step`, as numpy arrays."""
     start, stop = self.rows
-    indices = self.global_indices(step)[start:stop]
-    if hasattr(self.source, "get_batch"):  # sources whose examples are several arrays (latents)
-      return self.source.get_batch(indices)
-    images, labels = self.source.get(indices)
-    return {"image": images, "index": indices.astype(np.int32),
-            "sigma_n": self.sigma_n[indices], "label": labels.astype(np.int32)}
+    return self.source.get_batch(self.global_indices(step)[start:stop])
 
   def batch(self, step: int) -> dict[str, jax.Array]:
     """Global batch `step` as sharded jax.Arrays."""

@@ -17,11 +17,11 @@ from typing import Any, Optional, Protocol
 
 import numpy as np
 
-from ambient_jax import cli
+from ambient_jax import errors
 from ambient_jax.data import registry
 
 
-class DatasetNotReadyError(cli.UserError, RuntimeError):
+class DatasetNotReadyError(errors.UserError, RuntimeError):
   """The dataset is not prepared in the data dir and cannot be prepared from here."""
 
 

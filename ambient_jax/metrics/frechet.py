@@ -17,7 +17,7 @@ import io
 
 import numpy as np
 
-from ambient_jax import storage
+from ambient_jax.runtime import storage
 
 
 def _sym_sqrt(m: np.ndarray) -> np.ndarray:

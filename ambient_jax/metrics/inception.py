@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ambient_jax import cli
+from ambient_jax import errors
 
 FID_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -42,7 +42,7 @@ INPUT_SIZE = 299
 BN_EPS = 1e-3
 
 
-class MissingInceptionWeightsError(cli.UserError, FileNotFoundError):
+class MissingInceptionWeightsError(errors.UserError, FileNotFoundError):
   """--inception_weights names no file (nothing is ever downloaded)."""
 
 
@@ -393,12 +393,12 @@ def _convert_main() -> None:
   parser.add_argument("--out", default="fid_inception_v3.npz")
   args = parser.parse_args()
   if not os.path.isfile(args.convert):
-    parser.exit(cli.EXIT_ERROR, f"{parser.prog}: error: --convert={args.convert}: no such file "
+    parser.exit(errors.EXIT_ERROR, f"{parser.prog}: error: --convert={args.convert}: no such file "
                 f"(bring {FID_WEIGHTS_FILENAME} from {FID_WEIGHTS_URL}).\n")
   try:
     convert_file(args.convert, args.out)
   except ImportError as e:  # torch is needed here, and only here
-    parser.exit(cli.EXIT_ERROR, f"{parser.prog}: error: {e}\n")
+    parser.exit(errors.EXIT_ERROR, f"{parser.prog}: error: {e}\n")
 
 
 if __name__ == "__main__":

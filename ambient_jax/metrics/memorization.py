@@ -19,6 +19,7 @@ depend on the batch size.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Callable, Optional
 
@@ -26,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ambient_jax import sampling, storage
+from ambient_jax import sampling
+from ambient_jax.runtime import storage
 
 THRESHOLDS = (0.9, 0.95)
 FeatureFn = Callable[[np.ndarray], np.ndarray]
@@ -112,6 +114,69 @@ def nearest_distance_ratio(images, reference_images) -> np.ndarray:
   return _PixelNN(reference_images).nearest_ratio(images)
 
 
+def max_inner_product(queries, references, *, mesh: Optional[jax.sharding.Mesh] = None,
+                      block_size: int = 4096, query_block: int = 1024
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """For each query [n, D], its largest inner product with the references [M, D] and the
+  index of that reference (the first on ties): ((max [n] float32, argmax [n] int)).
+
+  The cosine nearest neighbour of unit-norm features (the paper's DINOv2 similarity) for
+  datasets of 10k+ images without an [n, M] matrix: the references are split over all axes
+  of `mesh` (default: this process's devices on one axis) and scanned `block_size` (rounded to the
+  mesh size) at a time, the queries `query_block` at a time; each step keeps the running
+  best. Equal to numpy's dense `(q @ r.T).max(1)` / `.argmax(1)` up to float32 rounding.
+  """
+  q = np.asarray(queries, np.float32)
+  r = np.asarray(references, np.float32)
+  if q.ndim != 2 or r.ndim != 2 or q.shape[1] != r.shape[1] or not len(r):
+    raise ValueError(f"queries [n, D] and references [M >= 1, D] needed; got {q.shape} and "
+                     f"{r.shape}.")
+  if mesh is None:
+    mesh = jax.make_mesh((jax.local_device_count(),), ("data",), devices=jax.local_devices(),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+  block = -(-min(block_size, len(r)) // mesh.size) * mesh.size
+  blocks = -(-len(r) // block)
+  padded = np.zeros((blocks * block, r.shape[1]), np.float32)
+  padded[:len(r)] = r
+  spec = jax.sharding.PartitionSpec(None, mesh.axis_names, None)
+  refs = jax.device_put(padded.reshape(blocks, block, -1), jax.sharding.NamedSharding(mesh, spec))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  chunk = min(query_block, max(len(q), 1))
+  best, where = [], []
+  for start in range(0, len(q), chunk):
+    part = q[start:start + chunk]
+    part = np.concatenate([part, np.zeros((chunk - len(part), q.shape[1]), np.float32)])
+    b, i = _scan_blocks(jax.device_put(part, replicated), refs, len(r), replicated)
+    best.append(np.asarray(b)[:len(q) - start])
+    where.append(np.asarray(i)[:len(q) - start])
+  if not best:
+    return np.zeros((0,), np.float32), np.zeros((0,), np.int32)
+  return np.concatenate(best), np.concatenate(where)
+
+
+@functools.partial(jax.jit, static_argnames=("count", "out"))
+def _scan_blocks(q: jax.Array, refs: jax.Array, count: int,
+                 out: jax.sharding.Sharding) -> tuple[jax.Array, jax.Array]:
+  """Running (max, argmax) of q [n, D] · refs[b] [block, D]ᵀ over the blocks b; reference
+  rows at or past `count` (padding) never win. Results placed as `out` (replicated, so
+  every process can read them)."""
+  block = refs.shape[1]
+
+  def step(carry, xs):
+    best, where = carry
+    rows, offset = xs
+    scores = jnp.dot(q, rows.T, precision=jax.lax.Precision.HIGHEST)      # [n, block]
+    scores = jnp.where(offset + jnp.arange(block) < count, scores, -jnp.inf)
+    top, arg = jnp.max(scores, axis=1), jnp.argmax(scores, axis=1) + offset
+    better = top > best
+    return (jnp.where(better, top, best), jnp.where(better, arg, where)), None
+
+  init = (jnp.full((q.shape[0],), -jnp.inf, jnp.float32), jnp.zeros((q.shape[0],), jnp.int32))
+  offsets = jnp.arange(refs.shape[0], dtype=jnp.int32) * block
+  (best, where), _ = jax.lax.scan(step, init, (refs, offsets))
+  return jax.lax.with_sharding_constraint((best, where), out)
+
+
 class NearestNeighbourIndex:
   """Cosine nearest neighbours in a feature space, plus pixel L2 nearest neighbours.
 
@@ -120,10 +185,13 @@ class NearestNeighbourIndex:
   model trained on noisy images may reproduce a training image *with* its noise; its
   plain pixel distance to the clean image is then about the noise's size and the plain
   copy criterion misses it; after low-passing both, the noise mostly averages out.
+  `mesh`: the devices that the feature search (`max_inner_product`) spreads over.
   """
 
   def __init__(self, reference_images, feature_fn: Optional[FeatureFn] = None,
-               center: bool = True, denoise: Optional[Callable[[np.ndarray], np.ndarray]] = None):
+               center: bool = True, denoise: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+               mesh: Optional[jax.sharding.Mesh] = None):
+    self.mesh = mesh
     self.images = np.asarray(reference_images, np.float32)
     self.feature_fn = feature_fn or pixel_features
     feats = np.asarray(self.feature_fn(self.images), np.float64)
@@ -142,9 +210,9 @@ class NearestNeighbourIndex:
     with `denoise` {denoised_rmse, denoised_index}."""
     images = np.asarray(images, np.float32)
     q = self._normalise(self.feature_fn(images))
-    sims = q @ self.feats.T
+    sim, index = max_inner_product(q, self.feats, mesh=self.mesh, query_block=chunk)
     rmse, idx = self.pixel_nn.query(images)
-    out = dict(similarity=sims.max(1), index=sims.argmax(1), pixel_rmse=rmse, pixel_index=idx)
+    out = dict(similarity=sim, index=index, pixel_rmse=rmse, pixel_index=idx)
     if self.denoised_nn is not None:
       out["denoised_rmse"], out["denoised_index"] = self.denoised_nn.query(self.denoise(images))
     return out

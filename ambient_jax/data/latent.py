@@ -37,7 +37,7 @@ import os
 
 import numpy as np
 
-from ambient_jax import cli
+from ambient_jax import errors
 
 FORMAT = "ambient_jax.latent_dataset"
 VERSION = 1
@@ -53,11 +53,11 @@ ARRAYS = {
 SDXL_ONLY = ("text_embeds", "time_ids", "uncond_text_embeds")
 
 
-class DatasetNotFoundError(cli.UserError, FileNotFoundError):
+class DatasetNotFoundError(errors.UserError, FileNotFoundError):
   """No prepared dataset (or one of its files) where one was named."""
 
 
-class DatasetError(cli.UserError, ValueError):
+class DatasetError(errors.UserError, ValueError):
   """A prepared dataset that cannot be used: unfinished, another format, inconsistent."""
 
 

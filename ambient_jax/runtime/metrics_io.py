@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ambient_jax import storage
+from ambient_jax.runtime import storage
 
 
 def _flatten(d: Mapping, prefix: str = "") -> dict:

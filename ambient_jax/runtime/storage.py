@@ -19,12 +19,12 @@ from typing import Any, IO, Union
 
 from etils import epath
 
-from ambient_jax import cli
+from ambient_jax import errors
 
 PathLike = Union[str, epath.Path]
 
 
-class WorkdirError(cli.UserError):
+class WorkdirError(errors.UserError):
   """The workdir is a file, or cannot be created or written."""
 
 
@@ -52,6 +52,13 @@ def make_workdir(workdir: PathLike) -> epath.Path:
   if not is_remote(root) and not os.access(root, os.W_OK | os.X_OK):
     raise WorkdirError(f"workdir {workdir} is not writable by this user.")
   return root
+
+
+def remove_tree(p: PathLike) -> None:
+  """Deletes a directory and everything in it (local or gs://); nothing if it is absent."""
+  root = resolve(p)
+  if root.exists():
+    root.rmtree()
 
 
 def _has_gcs_client() -> bool:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ambient_jax import sharding as sharding_lib
+from ambient_jax.runtime import sharding as sharding_lib
 from ambient_jax.models import build_model
 
 _PARAMS_SALT, _DROPOUT_SALT = 0x9A7A, 0xD209

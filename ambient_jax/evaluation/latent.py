@@ -1,11 +1,11 @@
 """Evaluation of a latent fine-tuning run (`python -m ambient_jax.evaluate` on its workdir).
 
-`evaluate.py` restores pixel runs; a run whose config.json has latent.pretrained set comes
-here (`evaluate.evaluate` dispatches). What it does, with the paper's settings (METHOD.md
+A run whose task is "latent" comes here (`evaluation.evaluators.evaluate` dispatches;
+`evaluation.run` restores it). What it does, with the paper's settings (METHOD.md
 §6, §8, §10):
   - samples: guided Euler over diffusers' σ list (config.latent.sample_steps, guidance
     config.latent.guidance_scale unless given), `full` down to σ = 0 or `truncated` at the
-    dataset's σ_n with one Tweedie step (`sample_grid.guided_sample`); sample k starts from
+    dataset's σ_n with one Tweedie step (`training.latent_grid.guided_sample`); sample k starts from
     the latent of fold_in(key(seed), k) under the prompt of fine-tuning example k mod N
     (its precomputed embeddings); decoded by the VAE.
   - fid: FID of the decoded samples against the clean fine-tuning images (Inception weights
@@ -40,16 +40,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ambient_jax import cli, evaluate, storage
+from ambient_jax import errors
+from ambient_jax.evaluation import common, run as run_lib
+from ambient_jax.runtime import storage
 from ambient_jax.latent import guidance, lora
-from ambient_jax.latent import sample_grid as latent_grid
+from ambient_jax.training import latent_grid, tasks
 
 SAMPLING_MODES = ("full", "truncated")
 METRICS = ("fd", "kid", "fid", "memorization")
 FEATURES = ("auto", "pixels", "digits", "inception")
 
 
-class NotLatentRunError(cli.UserError, ValueError):
+class NotLatentRunError(errors.UserError, ValueError):
   """A latent-only command (LoRA export) was given a pixel run's workdir."""
 
 
@@ -65,25 +67,25 @@ class LatentRun:
   def __init__(self, workdir: str, step: Optional[int] = None, ema: int = 0,
                devices: Optional[Sequence[jax.Device]] = None, config: Any = None,
                base_weights: bool = True):
-    from ambient_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-    from ambient_jax import train_state as ts  # pylint: disable=g-import-not-at-top
-    from ambient_jax.latent import training  # pylint: disable=g-import-not-at-top
+    from ambient_jax.runtime import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+    from ambient_jax.training import state as ts  # pylint: disable=g-import-not-at-top
+    from ambient_jax.training import latent as training  # pylint: disable=g-import-not-at-top
     self.root = storage.resolve(workdir)
     self.workdir = str(self.root)
-    self.config = config if config is not None else evaluate.load_config(self.workdir)
-    if not evaluate.is_latent(self.config):
+    self.config = config if config is not None else run_lib.load_config(self.workdir)
+    if not tasks.is_latent(self.config):
       raise NotLatentRunError(f"--workdir={workdir} is a pixel-space run (its config.json has no "
                               "latent.pretrained); this needs a latent fine-tuning run "
                               "(configs/sdxl.py).")
-    self.mesh = evaluate.eval_mesh(self.config, devices)
+    self.mesh = run_lib.eval_mesh(self.config, devices)
     self.batch_sharding = sharding_lib.batch_sharding(self.mesh)
     self.task = training.LatentTask(self.config, self.mesh, base_weights=base_weights)
     tx = ts.make_optimizer(self.config.optim)
     init, init_args = self.task.init(tx)
     abstract, shardings = ts.abstract_train_state(self.config, self.mesh, tx, init, init_args)
-    state, self.meta = evaluate.restore_state(self.root, abstract, step)
+    state, self.meta = run_lib.restore_state(self.root, abstract, step)
     self.step = int(jax.device_get(state.step))
-    self.params, self.param_shardings, self.weights = evaluate.select_weights(
+    self.params, self.param_shardings, self.weights = run_lib.select_weights(
         state, shardings, self.config, ema)
     self.dataset, self.schedule = self.task.dataset, self.task.schedule
     self.sigma_n_max = self.task.sigma_n_max  # VP
@@ -120,15 +122,15 @@ class LatentRun:
     return self.task.unet(self.params, self.task.frozen)
 
   def objective(self) -> str:
-    from ambient_jax import train  # pylint: disable=g-import-not-at-top
-    return train.objective(self.config, self.step, self.sigma_n_max)
+    from ambient_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
+    return step_lib.objective(self.config, self.step, self.sigma_n_max)
 
 
 def export_lora(run: LatentRun, out: str, dtype: Any = None) -> str:
   """Writes the run's adapters (α / r folded into B) as a diffusers LoRA safetensors file
   that `pipe.load_lora_weights` loads; returns its path. A full fine-tune has none."""
   if int(run.config.latent.lora_rank) <= 0:
-    raise cli.UsageError(f"{run.workdir} is a full fine-tune (config.latent.lora_rank = 0): it "
+    raise errors.UsageError(f"{run.workdir} is a full fine-tune (config.latent.lora_rank = 0): it "
                          "has no LoRA adapters to export.")
   lora.save_lora(run.model(), out, dtype=dtype)
   return out
@@ -175,12 +177,12 @@ def clean_images(run: LatentRun, indices: Optional[Sequence[int]] = None) -> np.
 def read_image_folder(folder: str, resolution: int) -> np.ndarray:
   """Every image under `folder`, resized and cropped as the fine-tuning set was:
   [n, R, R, 3] in [-1, 1]. A missing or empty folder is one line."""
-  from ambient_jax.latent import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
+  from ambient_jax.data import latent as dataset_lib  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(folder):
-    raise cli.UserError(f"--heldout_images={folder}: no such folder.")
+    raise errors.UserError(f"--heldout_images={folder}: no such folder.")
   names = dataset_lib.list_images(folder)
   if not names:
-    raise cli.UserError(f"--heldout_images={folder}: no images in it "
+    raise errors.UserError(f"--heldout_images={folder}: no images in it "
                         f"({', '.join(dataset_lib.IMAGE_EXTENSIONS)}).")
   return np.stack([dataset_lib.load_image(os.path.join(folder, n), resolution)[0]
                    for n in names]).astype(np.float32) / 127.5 - 1.0
@@ -194,7 +196,7 @@ def is_grayscale(images: np.ndarray) -> bool:
 def make_sampler(run: LatentRun, mode: str, sigmas: np.ndarray, sigma_stop: float,
                  guidance_scale: float):
   """sample_fn((trainable, frozen), keys [B], batch) -> x0 latents [B, h, w, C] for
-  `evaluate.generate`: image b starts from latents_from_keys(keys[b]) under the prompt
+  `common.generate`: image b starts from latents_from_keys(keys[b]) under the prompt
   in `batch` (its context / text_embeds / time_ids rows)."""
   from ambient_jax import sampling  # pylint: disable=g-import-not-at-top
   shape, uncond, task = run.dataset.latent_shape, run.task.uncond, run.task
@@ -246,11 +248,11 @@ def sample_images(run: LatentRun, mode: str, num_samples: int, *, seed: int, num
   sample_fn = make_sampler(run, mode, run.schedule.inference_sigmas(num_steps), sigma_stop,
                            guidance_scale)
   frozen_sh = jax.tree.map(lambda a: a.sharding, run.task.frozen)
-  latents = evaluate.generate(
+  latents = common.generate(
       sample_fn, (run.params, run.task.frozen), num_samples, seed=seed, batch_size=batch_size,
       batch_sharding=run.batch_sharding, param_sharding=(run.param_shardings, frozen_sh),
       inputs=lambda idx: _cond_keys(ds.get_batch(idx % ds.num_examples)))
-  return evaluate.quantize(np.clip(run.coder[1](latents), -1.0, 1.0))
+  return common.quantize(np.clip(run.coder[1](latents), -1.0, 1.0))
 
 
 def _feature_fn(name: str, clean: np.ndarray, inception_weights: Optional[str],
@@ -262,17 +264,17 @@ def _feature_fn(name: str, clean: np.ndarray, inception_weights: Optional[str],
   if name == "auto":
     name = "inception" if inception_weights else ("digits" if gray else "pixels")
   if name == "inception":
-    features = evaluate.inception_features(inception_weights, log=None)
+    features = common.inception_features(inception_weights, log=None)
     return name, (lambda x: features(x)), None
   if name == "digits":
     if not gray:
-      raise cli.UsageError("the digit feature network (fd, kid, --attack_features=digits) is "
+      raise errors.UsageError("the digit feature network (fd, kid, --attack_features=digits) is "
                            "meaningful only for gray digits-like images; this run's fine-tuning "
                            "images are colour: use --metrics=fid --inception_weights=FILE, and "
                            "--attack_features=inception or pixels.")
     from ambient_jax.metrics import digit_features  # pylint: disable=g-import-not-at-top
     net = digit_features.get_digit_feature_net(clean.shape[1], cache_dir=cache_dir,
-                                               log=evaluate.log_message, steps=feature_steps)
+                                               log=run_lib.log_message, steps=feature_steps)
     return name, (lambda x: net.features(np.asarray(x)[..., :1])), net
   return "pixels", None, None
 
@@ -292,28 +294,28 @@ def evaluate_latent(workdir: str, *, step: Optional[int] = None, sampling: str =
   written to DIR/eval/STEP/metrics.json. `run`: an already restored LatentRun."""
   from ambient_jax import precond  # pylint: disable=g-import-not-at-top
   from ambient_jax.metrics import digit_features, frechet  # pylint: disable=g-import-not-at-top
-  log = evaluate.log_message
+  log = run_lib.log_message
   if sampling not in SAMPLING_MODES:
-    raise cli.UsageError(f"--sampling={sampling!r}: latent runs sample {SAMPLING_MODES} "
+    raise errors.UsageError(f"--sampling={sampling!r}: latent runs sample {SAMPLING_MODES} "
                          "(guided Euler, as diffusers).")
-  metrics = evaluate.check_metrics(metrics, inception_weights)
+  metrics = common.check_metrics(metrics, inception_weights)
   if attack_features not in FEATURES:
-    raise cli.UsageError(f"--attack_features={attack_features!r}: expected one of {FEATURES}.")
+    raise errors.UsageError(f"--attack_features={attack_features!r}: expected one of {FEATURES}.")
   if attack_features == "inception" and not inception_weights:
-    raise cli.UsageError("--attack_features=inception needs --inception_weights=FILE.")
+    raise errors.UsageError("--attack_features=inception needs --inception_weights=FILE.")
   if heldout_images is not None and not os.path.isdir(heldout_images):
-    raise cli.UserError(f"--heldout_images={heldout_images}: no such folder.")
+    raise errors.UserError(f"--heldout_images={heldout_images}: no such folder.")
   cache_dir = cache_dir or digit_features.default_cache_dir()
   t_start = time.time()
   run = run if run is not None else LatentRun(workdir, step, ema, devices=devices)
   sched, ds, lc = run.schedule, run.dataset, run.config.latent
   num_t = sched.num_train_timesteps
   if not 0 < attack_t < num_t:
-    raise cli.UsageError(f"--attack_t={attack_t}: a DDPM step in [1, {num_t - 1}] (paper: 800).")
+    raise errors.UsageError(f"--attack_t={attack_t}: a DDPM step in [1, {num_t - 1}] (paper: 800).")
   sigma_stop = (float(precond.vp_to_ve_sigma(run.sigma_n_max)) if truncate_sigma < 0
                 else float(truncate_sigma))
   if sampling == "truncated" and not sigma_stop > 0:
-    raise cli.UsageError("--sampling=truncated needs a noise level > 0 (the run was fine-tuned on "
+    raise errors.UsageError("--sampling=truncated needs a noise level > 0 (the run was fine-tuned on "
                          "clean latents; pass --truncate_sigma=S, VE, to truncate anyway).")
   num_steps = int(num_steps or lc.sample_steps)
   g = float(lc.guidance_scale if guidance_scale is None else guidance_scale)
@@ -339,7 +341,7 @@ def evaluate_latent(workdir: str, *, step: Optional[int] = None, sampling: str =
       num_samples=num_samples, seed=seed, num_steps=num_steps, guidance_scale=g,
       sigma_stop=sigma_stop if sampling == "truncated" else None,
       sample_seconds=time.time() - t0,
-      samples_png=evaluate.save_grid(str(out_dir / f"samples_{sampling}.png"), samples,
+      samples_png=common.save_grid(str(out_dir / f"samples_{sampling}.png"), samples,
                                      f"{os.path.basename(run.workdir)} step {run.step} "
                                      f"({run.objective()}), {sampling}, guidance {g:g}"))
   if {"fd", "kid"} & set(metrics):
@@ -354,7 +356,7 @@ def evaluate_latent(workdir: str, *, step: Optional[int] = None, sampling: str =
     r = clean.shape[1]
     where = hashlib.sha256(ds.path.encode()).hexdigest()[:8]  # same-named datasets differ
     name = f"latent_{os.path.basename(ds.path)}_{where}_{r}x{r}_n{ds.num_examples}"
-    result.update(evaluate.fid(samples, inception_weights, cache_dir, name, lambda: clean))
+    result.update(common.fid(samples, inception_weights, cache_dir, name, lambda: clean))
     log(f"FID = {result['fid']:.3f}")
   if "memorization" in metrics:
     result.update(memorization_report(
@@ -363,7 +365,7 @@ def evaluate_latent(workdir: str, *, step: Optional[int] = None, sampling: str =
         posterior_steps=posterior_steps, batch_size=min(batch_size, 64),
         guidance_scale=attack_guidance))
   result["seconds"] = time.time() - t_start
-  evaluate.write_metrics(out_dir, result)
+  common.write_metrics(out_dir, result)
   return result
 
 
@@ -376,8 +378,8 @@ def memorization_report(run, clean, samples, feature_name, feature_fn, heldout, 
   `index`: a `NearestNeighbourIndex` over `clean` with `feature_fn` already built (runs
   judged against one fine-tuning set can share it)."""
   from ambient_jax.metrics import memorization  # pylint: disable=g-import-not-at-top
-  from ambient_jax.sample_grid import save_png, tile  # pylint: disable=g-import-not-at-top
-  log, sched = evaluate.log_message, run.schedule
+  from ambient_jax.runtime.images import save_png, tile  # pylint: disable=g-import-not-at-top
+  log, sched = run_lib.log_message, run.schedule
   index = index or memorization.NearestNeighbourIndex(clean, feature_fn)
   calibration = copy_rmse = None
   if heldout is not None:
@@ -391,7 +393,7 @@ def memorization_report(run, clean, samples, feature_name, feature_fn, heldout, 
   sigma_vp, sigma_ve = float(sched.vp_sigmas[attack_t]), float(sched.ve_sigmas[attack_t])
   # The noisy input is decoded as the model sees it: VP x_t = √(1 − σ_t²) (z0 + σ^VE ε).
   recon["noisy_input"] = recon["noisy_input"] * np.float32(np.sqrt(1.0 - sigma_vp ** 2))
-  images = {m: evaluate.quantize(np.clip(decode(z), -1.0, 1.0)) for m, z in recon.items()}
+  images = {m: common.quantize(np.clip(decode(z), -1.0, 1.0)) for m, z in recon.items()}
   attack = memorization.compare(images, index, attacked, sigma_ve, copy_rmse)
   nn_summary, nn_sims = memorization.nearest_neighbours(samples, index=index, copy_rmse=copy_rmse)
   summary = dict(attack.summary, samples=nn_summary, attack_t=attack_t, attack_sigma_vp=sigma_vp,

@@ -18,10 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ambient_jax import precond, sampling, storage
+from ambient_jax import precond, sampling
+from ambient_jax.runtime import storage
 from ambient_jax.latent import guidance, vae as vae_lib
 from ambient_jax.latent.schedule import ve_denoiser
-from ambient_jax.sample_grid import save_png, tile
+from ambient_jax.runtime.images import save_png, tile
 
 
 def truncated_sigmas(full: np.ndarray, sigma_stop: float) -> np.ndarray:
@@ -66,6 +67,12 @@ def guided_sample(model: Any, schedule: Any, cond: guidance.Conditioning,
   return denoise(x_stop, jnp.full((x.shape[0],), sigma_stop, jnp.float32))
 
 
+def latents_as_seen(noisy: jax.Array, sigma_n: jax.Array) -> jax.Array:
+  """Training latents x_n (VP) [B, h, w, C] in the VE view x_n / √(1 − σ_n²), each at its
+  own σ_n [B] (mixed-noise datasets included), so that the VAE decodes them as if clean."""
+  return noisy / precond.vp_scale(jnp.asarray(sigma_n, jnp.float32))[:, None, None, None]
+
+
 class LatentSampleGrid:
   """Jitted guided sampler for a LatentTask's trainable tree + the VAE decoder."""
 
@@ -78,7 +85,10 @@ class LatentSampleGrid:
     batch = task.dataset.get_batch(idx)
     cond, uncond = batch_conditioning(batch, task.uncond)
     self.vae, _ = vae_lib.load_vae(os.path.join(task.pretrained, "vae"))
-    self.noisy_latents = jnp.asarray(batch["latent"])
+    self.noisy_latents = latents_as_seen(jnp.asarray(batch["latent"], jnp.float32),
+                                         batch["sigma_n"])
+    lo, hi = float(np.min(batch["sigma_n"])), float(np.max(batch["sigma_n"]))
+    self.sigma_n_text = f"= {hi:.3g}" if lo == hi else f"{lo:.3g} to {hi:.3g}"
     vp = float(np.max(task.dataset.sigma_n, initial=0.0))
     self.sigma_stop = float(precond.vp_to_ve_sigma(vp)) if vp > 0 else 0.0
     seed, shape = int(config.sample.seed), task.dataset.latent_shape
@@ -100,16 +110,13 @@ class LatentSampleGrid:
   def write(self, step: int, params: Any, writer: Any = None, objective: str = "") -> str:
     """Samples with `params`, writes DIR/samples/step_XXXXXXX.png; returns its path."""
     full, truncated = self._sample(params, self.task.frozen)
-    noisy = self.noisy_latents
-    # Training latents as seen: x_n (VP) rescaled to the VE view, decoded as if clean.
-    s = jnp.asarray(self.task.dataset.sigma_n[:1].max(initial=0.0))
     images = {name: np.asarray(self._decode(z)) for name, z in
-              (("noisy", noisy / precond.vp_scale(s)), ("full", full), ("truncated", truncated))}
+              (("noisy", self.noisy_latents), ("full", full), ("truncated", truncated))}
     path = str(self.dir / f"step_{step:07d}.png")
     if jax.process_index() != 0:
       return path
-    vp = float(np.max(self.task.dataset.sigma_n, initial=0.0))
-    panels = [(f"training latents as seen (σ_n VP = {vp:.3g}), decoded", tile(images["noisy"]))]
+    panels = [(f"training latents as seen (σ_n VP {self.sigma_n_text}), decoded",
+               tile(images["noisy"]))]
     if self.sigma_stop > 0:
       panels.append(("truncated at σ_n (Tweedie)", tile(images["truncated"])))
     panels.append((f"full ({self.config.latent.sample_steps} Euler steps, guidance "

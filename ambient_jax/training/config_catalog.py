@@ -14,7 +14,7 @@ import pathlib
 import types
 from typing import Optional
 
-CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
 
 def load_module(path: pathlib.Path, name: Optional[str] = None) -> types.ModuleType:

@@ -16,7 +16,9 @@ from typing import Any, Optional
 
 import ml_collections
 
-from ambient_jax import cli, config_catalog, cpu_defaults
+from ambient_jax import errors
+from ambient_jax.training import config_catalog
+from ambient_jax.runtime import cpu_defaults
 
 MODES = ("ambient", "naive")
 SOURCES = ("memory", "random_access")
@@ -24,7 +26,7 @@ FILE_FORMATS = ("tfrecord", "array_record")
 _FREE_FORM = ("model", "loss.ambient", "consistency.kwargs")  # checked elsewhere
 
 
-class ConfigError(cli.UsageError):
+class ConfigError(errors.UsageError):
   """One or more config fields are invalid; the message names each of them, one a line."""
 
   @classmethod

@@ -26,12 +26,12 @@ import optax
 from absl import logging
 from flax import nnx
 
-from ambient_jax import cli, losses, precond
-from ambient_jax import sharding as sharding_lib
-from ambient_jax import train as train_lib
-from ambient_jax import train_state as ts
+from ambient_jax import errors, losses, precond
+from ambient_jax.runtime import sharding as sharding_lib
+from ambient_jax.training import state as ts
+from ambient_jax.training.step import apply_gradients, below_sigma_n_term, step_key
 from ambient_jax.data.loader import GlobalBatchLoader
-from ambient_jax.latent import dataset as dataset_lib
+from ambient_jax.data import latent as dataset_lib
 from ambient_jax.latent import guidance, lora, unet, weights
 from ambient_jax.latent.schedule import NoiseSchedule, ve_denoiser
 
@@ -40,7 +40,7 @@ _LORA_SALT, _DROP_SALT = 0x10AA, 0xC0FD
 COND_KEYS = ("context", "text_embeds", "time_ids")
 
 
-class PretrainedError(cli.UserError, ValueError):
+class PretrainedError(errors.UserError, ValueError):
   """The pretrained folder is missing or not a model this config can fine-tune."""
 
 
@@ -72,6 +72,14 @@ def _expand_cond(cond: guidance.Conditioning, batch: int) -> guidance.Conditioni
   return jax.tree.map(lambda a: jnp.concatenate([a] * reps, axis=0), cond)
 
 
+def absolute_folders(latent_config: Any) -> None:
+  """latent.pretrained and latent.dataset made absolute in place, so that the run's
+  config.json (read by evaluate and export_lora) works from any directory."""
+  for field in ("pretrained", "dataset"):
+    if latent_config[field] and "://" not in latent_config[field]:
+      latent_config[field] = os.path.abspath(latent_config[field])
+
+
 class LatentTask:
   """Data, state, step and grids of a latent fine-tuning run (see the module docstring)."""
 
@@ -80,6 +88,7 @@ class LatentTask:
     read): enough to restore a checkpoint and export its adapters, not to run the UNet."""
     self.config, self.mesh, self.base_weights = config, mesh, base_weights
     lc = config.latent
+    absolute_folders(lc)
     self.pretrained = os.path.abspath(lc.pretrained)
     self.index = check_pretrained(self.pretrained)
     self.dataset = dataset_lib.open_latent_dataset(lc.dataset)
@@ -87,8 +96,8 @@ class LatentTask:
     self.sigma_n_max = float(np.max(self.dataset.sigma_n, initial=0.0))
     self.schedule = NoiseSchedule.from_config(weights.read_json(
         os.path.join(self.pretrained, "scheduler", "scheduler_config.json")))
-    self.loader = GlobalBatchLoader(self.dataset, self.dataset.sigma_n, config.batch_size,
-                                    config.seed, sharding_lib.batch_sharding(mesh))
+    self.loader = GlobalBatchLoader(self.dataset, config.batch_size, config.seed,
+                                    sharding_lib.batch_sharding(mesh))
     self.uncond = {k: jnp.asarray(v) for k, v in self.dataset.uncond().items()}
     self._build_model()
     self._grid = None
@@ -147,11 +156,12 @@ class LatentTask:
                             state_shardings, jax.tree.map(lambda a: a.sharding, self.frozen))
 
   def write_grid(self, done: int, params: Any, writer: Any, objective_name: str,
-                 params_sharding: Any, workdir: str) -> None:
-    from ambient_jax.latent import sample_grid  # pylint: disable=g-import-not-at-top
+                 params_sharding: Any, workdir: str) -> str:
+    """Writes the sample grid of step `done` with `params`; returns the PNG's path."""
+    from ambient_jax.training import latent_grid  # pylint: disable=g-import-not-at-top
     if self._grid is None:
-      self._grid = sample_grid.LatentSampleGrid(self, workdir)
-    self._grid.write(done, params, writer, objective_name)
+      self._grid = latent_grid.LatentSampleGrid(self, workdir)
+    return self._grid.write(done, params, writer, objective_name)
 
 
 def make_latent_step(config: Any, graphdef: Any, schedule: NoiseSchedule, uncond: dict,
@@ -168,7 +178,7 @@ def make_latent_step(config: Any, graphdef: Any, schedule: NoiseSchedule, uncond
   lc = config.latent
   naive = config.loss.kind == "naive"
   cons_weight = float(config.consistency.weight)
-  below_loss, cons_kwargs = train_lib.below_sigma_n_term(config)
+  below_loss, cons_kwargs = below_sigma_n_term(config)
   stride = int(round(1.0 / config.consistency.batch_fraction)) if cons_weight > 0 else 0
   halflives = tuple(float(h) for h in config.ema.halflife_kimg)
   schedule_lr = ts.learning_rate_schedule(config.optim)
@@ -194,8 +204,7 @@ def make_latent_step(config: Any, graphdef: Any, schedule: NoiseSchedule, uncond
 
   def train_step(state: ts.TrainState, batch: dict, consistency: bool = False, frozen: Any = None):
     train_step.num_traces += 1
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), train_lib._STEP_SALT),
-                             state.step)
+    key = step_key(seed, state.step)
     k_loss, k_cons, k_drop = jax.random.split(key, 3)
     x_n, sigma_n = batch["latent"], batch["sigma_n"]
     cond = conditioning(batch, jax.random.fold_in(k_drop, _DROP_SALT))
@@ -229,7 +238,7 @@ def make_latent_step(config: Any, graphdef: Any, schedule: NoiseSchedule, uncond
       return total, metrics
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    return train_lib.apply_gradients(state, grads, metrics, tx, batch_size, halflives,
+    return apply_gradients(state, grads, metrics, tx, batch_size, halflives,
                                      float(config.ema.rampup_ratio), schedule_lr)
 
   train_step.num_traces = 0

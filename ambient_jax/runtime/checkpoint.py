@@ -25,7 +25,7 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
-from ambient_jax import storage
+from ambient_jax.runtime import storage
 
 STATE, META = "state", "meta"
 

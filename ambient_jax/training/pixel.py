@@ -1,0 +1,130 @@
+"""Pixel-space training from scratch (the EDM networks): the pixel task and its step.
+
+Per step, with key = step_key(seed, step):
+  x_n  = x0 + σ_n z[index]                                   (fixed corruption, data/)
+  loss = mean_B ambient_loss(D, x_n, σ_n) + λ_c(step) · mean_k consistency_loss(D, x_n[::s], σ_n[::s])
+where λ_c(step) = consistency.weight once step >= consistency.start_step, and every s-th
+example (s = 1/batch_fraction) gets the consistency term. The kick-in is a static
+argument of the jitted step: it is traced once per phase (at most twice a run), and
+before it the consistency term costs nothing. (A lax.cond on the step would trace once,
+but XLA:CPU runs a conditional's branch ~6x slower than the same ops outside one.)
+loss.kind="naive" passes σ_n = 0 (plain EDM on the noisy images: the baseline). Then Adam
+(warm-up, clipping) and the EMAs (`step.apply_gradients`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from ambient_jax import data as data_lib
+from ambient_jax import losses
+from ambient_jax.data import corruption
+from ambient_jax.runtime import sharding as sharding_lib
+from ambient_jax.training import state as ts
+from ambient_jax.training.step import apply_gradients, below_sigma_n_term, step_key
+
+
+def make_train_step(config: Any, model_def: ts.ModelDef, tx: optax.GradientTransformation,
+                    param_shardings: Any = None):
+  """The pure step (state, batch) -> (state, metrics); jit it with `jit_train_step`.
+
+  `param_shardings` (the state's `.params` shardings): when they are FSDP-sharded, every
+  parameter is all-gathered right before the network uses it and its gradient
+  reduce-scattered back (`sharding.gather_for_use`), so the step moves parameters and
+  gradients instead of resharding activations inside every layer.
+  """
+  batch_size = int(config.batch_size)
+  naive = config.loss.kind == "naive"
+  ambient_kwargs = config.loss.ambient.to_dict()
+  cons_weight = float(config.consistency.weight)
+  below_loss, cons_kwargs = below_sigma_n_term(config)
+  stride = (int(round(1.0 / config.consistency.batch_fraction))
+            if cons_weight > 0 else 0)
+  halflives = tuple(float(h) for h in config.ema.halflife_kimg)
+  rampup = float(config.ema.rampup_ratio)
+  schedule = ts.learning_rate_schedule(config.optim)
+  seed, corruption_seed = int(config.seed), int(config.data.corruption_seed)
+  use_labels = model_def.label_dim > 0
+  gather_params = sharding_lib.gather_for_use(param_shardings)
+
+  def train_step(state: ts.TrainState, batch: dict, consistency: bool = False, frozen: Any = None
+                 ) -> tuple[ts.TrainState, dict]:
+    """consistency (static): whether λ_c is on, i.e. step >= consistency.start_step.
+    frozen: unused here (latent tasks pass their frozen base weights)."""
+    del frozen
+    train_step.num_traces += 1  # runs only while jax traces: counts (re)compilations
+    key = step_key(seed, state.step)
+    k_ambient, k_cons, k_dropout = jax.random.split(key, 3)
+    x0 = corruption.uint8_to_float(batch["image"])
+    sigma_n = batch["sigma_n"]
+    x_n = corruption.corrupt(x0, batch["index"], sigma_n, corruption_seed)
+    sigma_loss = jnp.zeros_like(sigma_n) if naive else sigma_n
+    labels = batch["label"] if use_labels else None
+
+    def loss_fn(params):
+      params = gather_params(params)
+      denoise = model_def.denoiser(params, train=True, key=k_dropout, labels=labels)
+      per_example, aux = losses.ambient_loss(denoise, x_n, sigma_loss, k_ambient, **ambient_kwargs)
+      ambient_loss = jnp.mean(per_example)
+      metrics = {"ambient_loss": ambient_loss, "sigma_mean": jnp.mean(aux["sigma"])}
+      total = ambient_loss
+      if cons_weight > 0 and consistency:
+        sub_labels = None if labels is None else labels[::stride]
+        d = model_def.denoiser(params, train=True, key=jax.random.fold_in(k_dropout, 1 << 20),
+                               labels=sub_labels)
+        loss_c, _ = below_loss(d, x_n[::stride], sigma_loss[::stride], k_cons, **cons_kwargs)
+        cons = jnp.mean(loss_c)
+        total = total + cons_weight * cons
+      else:
+        cons = jnp.zeros((), jnp.float32)
+      metrics["consistency_loss"] = cons
+      metrics["consistency_weight"] = jnp.asarray(cons_weight if consistency else 0.0)
+      metrics["loss"] = total
+      return total, metrics
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return apply_gradients(state, grads, metrics, tx, batch_size, halflives, rampup, schedule)
+
+  train_step.num_traces = 0
+  return train_step
+
+
+class PixelTask:
+  """Pixel-space training from scratch on a tfds dataset corrupted in the step (the EDM
+  networks); registered in `training.tasks` as "pixel"."""
+
+  frozen = None  # no frozen weights: everything in the state trains
+
+  def __init__(self, config: Any, mesh: jax.sharding.Mesh):
+    barrier = None
+    if jax.process_count() > 1:
+      barrier = lambda: multihost_utils.sync_global_devices("ambient_jax:dataset_prepared")
+    self.config, self.mesh = config, mesh
+    self.dataset = data_lib.load_dataset(config.data, barrier=barrier)
+    self.loader = data_lib.GlobalBatchLoader(self.dataset, config.batch_size, config.seed,
+                                             sharding_lib.batch_sharding(mesh))
+    self.model_def = ts.make_model_def(config, self.dataset.image_shape)
+    self.sigma_n_max = float(np.max(self.dataset.sigma_n, initial=0.0))
+    self._grid = None
+
+  def init(self, tx: optax.GradientTransformation):
+    """(init function, its arguments): jit(init)(*args) is the step-0 state."""
+    return ts.init_fn(self.config, tx), ()
+
+  def make_step(self, tx: optax.GradientTransformation, state_shardings: Any):
+    return make_train_step(self.config, self.model_def, tx, state_shardings.params)
+
+  def write_grid(self, done: int, params: Any, writer: Any, objective_name: str,
+                 params_sharding: Any, workdir: str) -> str:
+    """Writes the sample grid of step `done` with `params`; returns the PNG's path."""
+    from ambient_jax.training import pixel_grid  # pylint: disable=g-import-not-at-top
+    if self._grid is None:
+      self._grid = pixel_grid.SampleGrid(self.config, self.mesh, self.model_def, self.dataset,
+                                          params_sharding, workdir)
+    return self._grid.write(done, params, writer, objective_name)
