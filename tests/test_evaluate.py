@@ -54,6 +54,26 @@ def test_evaluate_writes_metrics_and_pngs(workdir, run, tmp_path):
   for key in ("samples_png", "memorization_png"):
     with open(result[key], "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  # The numbers also reach the run's TensorBoard, at the evaluated step.
+  scalars = _tensorboard_scalars(workdir)
+  assert scalars[("eval/fd_digits", 2)] == pytest.approx(saved["fd_digits"], rel=1e-6)
+  assert ("eval/memorization/mmse/frac_sim_above_0.95", 2) in scalars
+  assert ("train_loss", 2) not in scalars and ("loss", 2) in scalars  # beside training's
+
+
+def _tensorboard_scalars(workdir) -> dict:
+  """{(tag, step): value} of every scalar in the workdir's TensorBoard event files."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  out = {}
+  for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.HasField("tensor") and not value.tensor.tensor_shape.dim:
+          out[(value.tag, event.step)] = float(tf.make_ndarray(value.tensor))
+        elif value.HasField("simple_value"):
+          out[(value.tag, event.step)] = value.simple_value
+  return out
 
 
 def test_samples_do_not_depend_on_batch_size(run):

@@ -133,8 +133,11 @@ def check_metrics(metrics: Sequence[str], inception_weights: Optional[str]) -> t
 
 
 def write_metrics(out_dir, result: dict) -> None:
-  """DIR/eval/STEP/metrics.json (process 0)."""
+  """DIR/eval/STEP/metrics.json, and the numbers as "eval/..." TensorBoard scalars of the
+  run (result["workdir"]) at the evaluated step (result["step"]); process 0."""
+  from ambient_jax.runtime import metrics_io  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
     path = storage.write_atomic(out_dir / "metrics.json",
                                 json.dumps(result, indent=1, default=float))
-    log_message(f"wrote {path}")
+    metrics_io.write_eval_scalars(result["workdir"], result["step"], result)
+    log_message(f"wrote {path} and the run's TensorBoard scalars eval/* at step {result['step']}")

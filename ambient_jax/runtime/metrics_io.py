@@ -5,7 +5,8 @@
 - `DIR/metrics.jsonl`: one JSON object per logged step, at least {"step", "loss"}. On
   resume, lines past the restored step (logged by a run that died before its next
   checkpoint) are dropped, so the file always describes one consistent run.
-- TensorBoard scalars and images through CLU `metric_writers` (process 0 only).
+- TensorBoard scalars and images through CLU `metric_writers` (process 0 only); an
+  evaluation's numbers join them as "eval/..." scalars at the evaluated step.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import numpy as np
 from ambient_jax.runtime import storage
 
 
-def _flatten(d: Mapping, prefix: str = "") -> dict:
+def _flatten(d: Mapping, prefix: str = "", sep: str = ".") -> dict:
   out = {}
   for k, v in d.items():
     if isinstance(v, Mapping):
-      out.update(_flatten(v, f"{prefix}{k}."))
+      out.update(_flatten(v, f"{prefix}{k}{sep}", sep))
     else:
       out[f"{prefix}{k}"] = v
   return out
@@ -113,3 +114,23 @@ class MetricsWriter:
     if self._file is not None:
       self._file.close()
       self._file = None
+
+
+def eval_scalars(result: Mapping[str, Any]) -> dict[str, float]:
+  """The finite numbers of an evaluation's result dict, flattened as "eval/a/b" names
+  (booleans, strings, paths and non-finite values left out)."""
+  flat = _flatten(result, "eval/", sep="/")
+  return {k: float(v) for k, v in flat.items()
+          if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
+          and math.isfinite(float(v))}
+
+
+def write_eval_scalars(workdir: str, step: int, result: Mapping[str, Any]) -> None:
+  """`eval_scalars(result)` into the run's TensorBoard at `step` (beside its training
+  curves: TensorBoard reads every events file of the workdir). Process 0 only."""
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  writer = metric_writers.SummaryWriter(str(storage.resolve(workdir)))
+  try:
+    writer.write_scalars(int(step), eval_scalars(result))
+  finally:
+    writer.close()
