@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ambient_jax.latent.attention import Attention
+from ambient_jax.latent.attention import Attention, check_implementation
 from ambient_jax.latent import weights
 from ambient_jax.latent.configs import freeze, thaw
 from ambient_jax.latent.layers import Conv2d, GroupNorm, LayerNorm, Linear, Placeholder
@@ -90,9 +90,10 @@ class BasicTransformerBlock(nnx.Module):
   """Pre-LayerNorm self-attention, cross-attention and GEGLU feed-forward, each residual."""
 
   def __init__(self, dim: int, heads: int, dim_head: int, cross_attention_dim: int, *,
-               upcast_attention: bool, **kw):
+               upcast_attention: bool, attention: str = "auto", **kw):
     nkw = dict(dtype=kw["dtype"], param_dtype=kw["param_dtype"])
-    akw = dict(heads=heads, dim_head=dim_head, upcast_attention=upcast_attention, **kw)
+    akw = dict(heads=heads, dim_head=dim_head, upcast_attention=upcast_attention,
+               attention=attention, **kw)
     self.norm1 = LayerNorm(dim, **nkw)
     self.attn1 = Attention(dim, **akw)
     self.norm2 = LayerNorm(dim, **nkw)
@@ -114,7 +115,8 @@ class Transformer2DModel(nnx.Module):
   """
 
   def __init__(self, channels: int, heads: int, num_layers: int, cross_attention_dim: int, *,
-               norm_num_groups: int, use_linear_projection: bool, upcast_attention: bool, **kw):
+               norm_num_groups: int, use_linear_projection: bool, upcast_attention: bool,
+               attention: str = "auto", **kw):
     nkw = dict(dtype=kw["dtype"], param_dtype=kw["param_dtype"])
     self.norm = GroupNorm(norm_num_groups, channels, eps=1e-6, **nkw)
     project = (lambda i, o: Linear(i, o, **kw)) if use_linear_projection else (
@@ -122,7 +124,7 @@ class Transformer2DModel(nnx.Module):
     self.proj_in = project(channels, channels)
     self.transformer_blocks = nnx.List([
         BasicTransformerBlock(channels, heads, channels // heads, cross_attention_dim,
-                              upcast_attention=upcast_attention, **kw)
+                              upcast_attention=upcast_attention, attention=attention, **kw)
         for _ in range(num_layers)])
     self.proj_out = project(channels, channels)
 
@@ -135,12 +137,14 @@ class Transformer2DModel(nnx.Module):
 
 
 def transformers(count: int, channels: int, heads: int, depth: int, cross_attention_dim: int,
-                 cfg: dict, **kw) -> nnx.List:
-  """`count` Transformer2DModels of `depth` blocks each, as a block's `attentions` list."""
+                 cfg: dict, attention: str, **kw) -> nnx.List:
+  """`count` Transformer2DModels of `depth` blocks each, as a block's `attentions` list
+  (`attention`: their dot_product_attention implementation)."""
   return nnx.List([Transformer2DModel(channels, heads, depth, cross_attention_dim,
                                       norm_num_groups=cfg["norm_num_groups"],
                                       use_linear_projection=cfg["use_linear_projection"],
-                                      upcast_attention=cfg["upcast_attention"], **kw)
+                                      upcast_attention=cfg["upcast_attention"],
+                                      attention=attention, **kw)
                    for _ in range(count)])
 
 
@@ -151,14 +155,15 @@ class DownBlock(nnx.Module):
   the downsampler).
   """
 
-  def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, attention: bool,
+  def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, has_attention: bool,
                add_downsample: bool, temb_channels: int, cfg: dict, heads: int,
-               transformer_layers: int, cross_attention_dim: int, **kw):
+               transformer_layers: int, cross_attention_dim: int, attention: str, **kw):
     rkw = dict(temb_channels=temb_channels, groups=cfg["norm_num_groups"], eps=cfg["norm_eps"], **kw)
     self.resnets = nnx.List([ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels,
                                            **rkw) for i in range(num_layers)])
     self.attentions = nnx.data(transformers(num_layers, out_channels, heads, transformer_layers,
-                                            cross_attention_dim, cfg, **kw) if attention else None)
+                                            cross_attention_dim, cfg, attention, **kw)
+                               if has_attention else None)
     self.downsamplers = nnx.data(nnx.List([Downsample2D(
         out_channels, padding=cfg["downsample_padding"], **kw)]) if add_downsample else None)
 
@@ -180,8 +185,9 @@ class UpBlock(nnx.Module):
   resnet (+ transformer); then an optional nearest ×2 upsample + conv."""
 
   def __init__(self, in_channels: int, prev_output_channels: int, out_channels: int, *,
-               num_layers: int, attention: bool, add_upsample: bool, temb_channels: int,
-               cfg: dict, heads: int, transformer_layers: int, cross_attention_dim: int, **kw):
+               num_layers: int, has_attention: bool, add_upsample: bool, temb_channels: int,
+               cfg: dict, heads: int, transformer_layers: int, cross_attention_dim: int,
+               attention: str, **kw):
     rkw = dict(temb_channels=temb_channels, groups=cfg["norm_num_groups"], eps=cfg["norm_eps"], **kw)
     resnets = []
     for i in range(num_layers):
@@ -190,7 +196,8 @@ class UpBlock(nnx.Module):
       resnets.append(ResnetBlock2D(resnet_in + skip_channels, out_channels, **rkw))
     self.resnets = nnx.List(resnets)
     self.attentions = nnx.data(transformers(num_layers, out_channels, heads, transformer_layers,
-                                            cross_attention_dim, cfg, **kw) if attention else None)
+                                            cross_attention_dim, cfg, attention, **kw)
+                               if has_attention else None)
     self.upsamplers = nnx.data(nnx.List([Upsample2D(out_channels, **kw)]) if add_upsample else None)
 
   def __call__(self, x, skips, temb, context, remat: bool = False):
@@ -207,11 +214,11 @@ class MidBlock(nnx.Module):
   """UNetMidBlock2DCrossAttn: resnet, then (transformer, resnet) pairs."""
 
   def __init__(self, channels: int, *, temb_channels: int, cfg: dict, heads: int,
-               transformer_layers: int, cross_attention_dim: int, **kw):
+               transformer_layers: int, cross_attention_dim: int, attention: str, **kw):
     rkw = dict(temb_channels=temb_channels, groups=cfg["norm_num_groups"], eps=cfg["norm_eps"],
                output_scale_factor=float(cfg["mid_block_scale_factor"]), **kw)
     self.attentions = transformers(1, channels, heads, transformer_layers, cross_attention_dim,
-                                   cfg, **kw)
+                                   cfg, attention, **kw)
     self.resnets = nnx.List([ResnetBlock2D(channels, channels, **rkw) for _ in range(2)])
 
   def __call__(self, x, temb, context, remat: bool = False):
@@ -225,10 +232,13 @@ class UNet2DConditionModel(nnx.Module):
   `config`: the unet/config.json dict (validated by `resolve_unet_config`). `dtype` is the
   compute dtype (e.g. bfloat16), `param_dtype` the storage dtype. `remat`: recompute every
   resnet and transformer block in the backward pass (same numbers, far less memory).
+  `attention`: the self- and cross-attention implementation (latent.attention's
+  ATTENTION_IMPLEMENTATIONS; "auto" is the best one the backend has).
   """
 
   def __init__(self, config: Mapping[str, Any], *, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, remat: bool = False, rngs: nnx.Rngs):
+               param_dtype: Dtype = jnp.float32, remat: bool = False, attention: str = "auto",
+               rngs: nnx.Rngs):
     cfg = resolve_unet_config(config)
     self.remat = bool(remat)  # recompute each resnet / transformer block in the backward pass
     self.config = freeze(dict(config))  # the folder's config.json, saved back unchanged
@@ -243,13 +253,13 @@ class UNet2DConditionModel(nnx.Module):
         TimestepEmbedding(cfg["projection_class_embeddings_input_dim"], temb, **kw)
         if cfg["addition_embed_type"] == "text_time" else None)
 
-    common = dict(temb_channels=temb, cfg=cfg, **kw)
+    common = dict(temb_channels=temb, cfg=cfg, attention=check_implementation(attention), **kw)
     n = len(channels)
     down = []
     for i, kind in enumerate(cfg["down_block_types"]):
       down.append(DownBlock(
           channels[max(i - 1, 0)], channels[i], num_layers=cfg["layers_per_block"][i],
-          attention=kind.startswith("CrossAttn"), add_downsample=i < n - 1,
+          has_attention=kind.startswith("CrossAttn"), add_downsample=i < n - 1,
           heads=cfg["heads"][i], transformer_layers=cfg["transformer_layers_per_block"][i],
           cross_attention_dim=cfg["cross_attention_dim"][i], **common))
     self.down_blocks = nnx.List(down)
@@ -262,7 +272,7 @@ class UNet2DConditionModel(nnx.Module):
     for i, kind in enumerate(cfg["up_block_types"]):
       up.append(UpBlock(
           rev_channels[min(i + 1, n - 1)], rev_channels[max(i - 1, 0)], rev_channels[i],
-          num_layers=rev("layers_per_block")[i] + 1, attention=kind.startswith("CrossAttn"),
+          num_layers=rev("layers_per_block")[i] + 1, has_attention=kind.startswith("CrossAttn"),
           add_upsample=i < n - 1, heads=rev("heads")[i],
           transformer_layers=rev("transformer_layers_per_block")[i],
           cross_attention_dim=rev("cross_attention_dim")[i], **common))
@@ -326,20 +336,21 @@ class UNet2DConditionModel(nnx.Module):
 
 def load_unet(folder: str, *, dtype: Dtype = None, param_dtype: Dtype = None,
               shardings: Any = None, variant: str | None = None, remat: bool = False,
-              with_weights: bool = True) -> tuple[UNet2DConditionModel, dict[str, Any]]:
+              attention: str = "auto", with_weights: bool = True) -> tuple[UNet2DConditionModel, dict[str, Any]]:
   """A diffusers `unet/` folder -> (UNet2DConditionModel with its weights, config.json dict).
 
   `param_dtype`: storage dtype (default: float32); `dtype`: compute dtype (default:
   `param_dtype`). `shardings`: see `weights.load_params` (e.g. FSDP over a mesh); each
   tensor goes straight from the memory-mapped file into its device shards.
   with_weights=False: the module with ShapeDtypeStruct parameters, nothing read (enough
-  to restore and export adapters, which never run the base).
+  to restore and export adapters, which never run the base). `remat`, `attention`: as
+  UNet2DConditionModel's.
   """
   param_dtype = param_dtype or jnp.float32
   config = weights.read_config(folder)
   abstract = weights.build_abstract(lambda: UNet2DConditionModel(
       config, dtype=dtype or param_dtype, param_dtype=param_dtype, remat=remat,
-      rngs=nnx.Rngs(0)))
+      attention=attention, rngs=nnx.Rngs(0)))
   if not with_weights:
     return abstract, config
   module = weights.load_params(abstract, weights.open_checkpoint(folder, variant),

@@ -91,16 +91,19 @@ class UNetMidBlock2D(nnx.Module):
 
   The attention is one head over all h·w positions with GroupNorm and a residual, as
   diffusers builds it (`attention_head_dim` = channels); `add_attention=False` drops it.
+  `attention`: its dot_product_attention implementation (h·w tokens: 16,384 for a 1024²
+  image, a 1 GiB float32 score map per example with "xla").
   """
 
   def __init__(self, channels: int, *, groups: int, add_attention: bool, act: str, dtype: Dtype,
-               param_dtype: Dtype, rngs: nnx.Rngs):
+               param_dtype: Dtype, attention: str = "auto", rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.resnets = nnx.List([ResnetBlock2D(channels, channels, groups=groups, eps=EPS, act=act, **kw)
                              for _ in range(2)])
     self.attentions = nnx.List(
         [Attention(channels, heads=1, dim_head=channels, bias=True, norm_num_groups=groups,
-                   eps=EPS, residual_connection=True, **kw)] if add_attention else [])
+                   eps=EPS, residual_connection=True, attention=attention, **kw)]
+        if add_attention else [])
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = self.resnets[0](x)
@@ -162,7 +165,8 @@ class Encoder(nnx.Module):
   """conv_in → down_blocks → mid_block → GroupNorm → SiLU → conv_out:
   [B, H, W, in] -> [B, H/f, W/f, 2·latent] (mean and log-variance, not yet quant_conv'd)."""
 
-  def __init__(self, c: Mapping[str, Any], *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+  def __init__(self, c: Mapping[str, Any], *, dtype: Dtype, param_dtype: Dtype,
+               attention: str = "auto", rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     channels, groups, act = c["block_out_channels"], c["norm_num_groups"], c["act_fn"]
     self.conv_in = Conv2d(c["in_channels"], channels[0], 3, padding=1, **kw)
@@ -170,7 +174,7 @@ class Encoder(nnx.Module):
         DownEncoderBlock2D(channels[max(i - 1, 0)], n, num_layers=c["layers_per_block"],
                            groups=groups, add_downsample=i < len(channels) - 1, act=act, **kw)
         for i, n in enumerate(channels)])
-    self.mid_block = UNetMidBlock2D(channels[-1], groups=groups, act=act,
+    self.mid_block = UNetMidBlock2D(channels[-1], groups=groups, act=act, attention=attention,
                                     add_attention=c["mid_block_add_attention"], **kw)
     self.conv_norm_out = GroupNorm(groups, channels[-1], eps=EPS, dtype=dtype, param_dtype=param_dtype)
     self.conv_out = Conv2d(channels[-1], 2 * c["latent_channels"], 3, padding=1, **kw)
@@ -186,11 +190,12 @@ class Decoder(nnx.Module):
   """conv_in → mid_block → up_blocks (layers_per_block + 1 resnets each) → GroupNorm → SiLU →
   conv_out: [B, h, w, latent] -> [B, h·f, w·f, out]."""
 
-  def __init__(self, c: Mapping[str, Any], *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+  def __init__(self, c: Mapping[str, Any], *, dtype: Dtype, param_dtype: Dtype,
+               attention: str = "auto", rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     channels, groups, act = c["block_out_channels"][::-1], c["norm_num_groups"], c["act_fn"]
     self.conv_in = Conv2d(c["latent_channels"], channels[0], 3, padding=1, **kw)
-    self.mid_block = UNetMidBlock2D(channels[0], groups=groups, act=act,
+    self.mid_block = UNetMidBlock2D(channels[0], groups=groups, act=act, attention=attention,
                                     add_attention=c["mid_block_add_attention"], **kw)
     self.up_blocks = nnx.List([
         UpDecoderBlock2D(channels[max(i - 1, 0)], n, num_layers=c["layers_per_block"] + 1,
@@ -211,11 +216,12 @@ class AutoencoderKL(nnx.Module):
 
   `config`: the vae/config.json dict (validated by `vae_config`). `dtype`: the requested
   compute dtype; a 16-bit one becomes float32 when the config says force_upcast (see the
-  module docstring). `param_dtype`: the dtype parameters are stored in.
+  module docstring). `param_dtype`: the dtype parameters are stored in. `attention`: the
+  mid-blocks' attention implementation (latent.attention's ATTENTION_IMPLEMENTATIONS).
   """
 
   def __init__(self, config: Mapping[str, Any], *, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               param_dtype: Dtype = jnp.float32, attention: str = "auto", rngs: nnx.Rngs):
     c = vae_config(config)
     if c["force_upcast"] and jnp.dtype(dtype) in [jnp.dtype(d) for d in HALF]:
       dtype = jnp.float32
@@ -224,8 +230,8 @@ class AutoencoderKL(nnx.Module):
     self.latent_channels = c["latent_channels"]
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     latent = c["latent_channels"]
-    self.encoder = Encoder(c, **kw)
-    self.decoder = Decoder(c, **kw)
+    self.encoder = Encoder(c, attention=attention, **kw)
+    self.decoder = Decoder(c, attention=attention, **kw)
     self.quant_conv = nnx.data(Conv2d(2 * latent, 2 * latent, 1, **kw) if c["use_quant_conv"] else None)
     self.post_quant_conv = nnx.data(Conv2d(latent, latent, 1, **kw) if c["use_post_quant_conv"] else None)
 
@@ -265,19 +271,21 @@ class AutoencoderKL(nnx.Module):
     return self.decode(z.astype(self.dtype) / self.scaling_factor + self.shift_factor)
 
 
-def load_vae(folder: str | os.PathLike, *, dtype: Dtype = None,
-             shardings: Any = None) -> tuple[AutoencoderKL, dict[str, Any]]:
+def load_vae(folder: str | os.PathLike, *, dtype: Dtype = None, shardings: Any = None,
+             attention: str = "auto") -> tuple[AutoencoderKL, dict[str, Any]]:
   """A diffusers `vae/` folder -> (AutoencoderKL, its config.json dict).
 
   `dtype`: parameters are loaded straight into it and the model computes in it (float32
   when None, or when it is 16-bit and the config says force_upcast). `shardings`: as
   `weights.load_params` (a pytree or a callable on the abstract parameter state).
   Nothing is allocated before the weights are read (the module is built abstractly).
+  `attention`: as AutoencoderKL's.
   """
   config = weights.read_config(folder)
   dtype = dtype or jnp.float32
   abstract = weights.build_abstract(
-      lambda: AutoencoderKL(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
+      lambda: AutoencoderKL(config, dtype=dtype, param_dtype=dtype, attention=attention,
+                            rngs=nnx.Rngs(0)))
   module = weights.load_params(abstract, weights.open_checkpoint(folder), component=f"vae ({folder})",
                                dtype=dtype, shardings=shardings)
   return module, config
