@@ -4,6 +4,12 @@ Each loss takes `denoise_fn(x: [B, ...], sigma: [B]) -> [B, ...]` (an estimate o
 E[x0 | x_σ = x]), arrays, a PRNG key and keyword options, and returns per-example
 losses [B] (mean over the non-batch axes) and a dict of per-example diagnostics.
 
+`key` is one key or [B] keys (`random_draws`). One key draws for the whole batch at once
+(example i's draws then depend on the batch it is in); [B] keys, one per example, draw
+each example from its own key, so its σ and noise are the same whatever batch or
+micro-batch it is in (the training steps pass one key per position in the global batch,
+so gradient accumulation does not change the draws).
+
 - `edm_loss`: Karras et al. 2022 on clean data (METHOD.md §2).
 - `ambient_loss`: double-Tweedie loss on data noised at σ_n, VE form (§3). Its
   minimiser is exactly E[x0 | x_σ] for every σ > σ_n; with σ_n = 0 it is `edm_loss`.
@@ -19,7 +25,7 @@ from typing import Callable, Optional, Union
 import jax
 import jax.numpy as jnp
 
-from ambient_jax import checks, precond, sampling
+from ambient_jax import checks, precond, random_draws, sampling
 from ambient_jax.precond import expand
 
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -55,12 +61,14 @@ def edm_loss(denoise_fn: DenoiseFn, x0: jax.Array, key: jax.Array, *,
              p_std: float = precond.P_STD):
   """EDM loss λ(σ) ‖D(x0 + σ ε, σ) − x0‖² with σ ~ lognormal(p_mean, p_std).
 
-  x0: [B, ...] clean data. Returns (loss [B], {"sigma": [B], "weight": [B]}).
+  x0: [B, ...] clean data; key: one key, or [B] keys (one per example: then an
+  example's draws do not depend on the batch it is in).
+  Returns (loss [B], {"sigma": [B], "weight": [B]}).
   """
   batch = checks.batch_size("x0", x0)
-  key_sigma, key_noise = jax.random.split(key)
+  key_sigma, key_noise = random_draws.split(key)
   sigma = precond.sample_sigma(key_sigma, jnp.zeros((batch,), jnp.float32), p_mean, p_std)
-  x = x0 + expand(sigma, x0) * jax.random.normal(key_noise, x0.shape, x0.dtype)
+  x = x0 + expand(sigma, x0) * random_draws.normal(key_noise, x0.shape, x0.dtype)
   weight = precond.edm_weight(sigma, sigma_data)
   return _weighted_mse(weight, denoise_fn(x, sigma), x0), {"sigma": sigma, "weight": weight}
 
@@ -83,16 +91,18 @@ def ambient_loss(denoise_fn: DenoiseFn, x_noisy: jax.Array, sigma_n: jax.Array, 
     see README "Results"); "x0" uses λ(σ) σ⁴/(σ² − σ_n²)² (Ambient Omni), which maps
     the x_n-space error back to x0 space, capped at `x0_weight_cap`·λ(σ) because it
     diverges as σ → σ_n.
+  key: one key, or [B] keys (one per example: then an example's draws do not depend on the
+  batch it is in).
   Returns (loss [B], {"sigma", "weight", "x0_factor"}: [B] each).
   """
   batch = _check_noisy_batch(x_noisy, sigma_n)
   checks.one_of("weighting", weighting, AMBIENT_WEIGHTINGS)
   sigma_n = jnp.asarray(sigma_n, jnp.float32)
-  key_sigma, key_noise = jax.random.split(key)
+  key_sigma, key_noise = random_draws.split(key)
   sigma = precond.sample_sigma(key_sigma, sigma_n, p_mean, p_std)
   ratio = jnp.square(sigma_n / sigma)  # σ_n²/σ² ∈ [0, 1)
   extra_std = sigma * jnp.sqrt(jnp.maximum(1.0 - ratio, 0.0))  # √(σ² − σ_n²); exactly σ when σ_n = 0
-  x = x_noisy + expand(extra_std, x_noisy) * jax.random.normal(key_noise, x_noisy.shape, x_noisy.dtype)
+  x = x_noisy + expand(extra_std, x_noisy) * random_draws.normal(key_noise, x_noisy.shape, x_noisy.dtype)
   x_noisy_hat = expand(ratio, x) * x + expand(1.0 - ratio, x) * denoise_fn(x, sigma)
   x0_factor = jnp.minimum(1.0 / jnp.square(1.0 - ratio), x0_weight_cap)
   weight = precond.edm_weight(sigma, sigma_data)
@@ -121,6 +131,8 @@ def ambient_loss_vp(denoise_fn: DenoiseFn, x_noisy: jax.Array, sigma_n: jax.Arra
   x̂0 = (x_t − σ_t ε̂)/√(1 − σ_t²)). σ_t is drawn uniformly from the entries of
   `sigma_schedule` ([T], e.g. `precond.ddpm_sigmas()`; DDPM steps t > t_n) when given,
   else from the EDM lognormal (in VE units) truncated above σ_n and mapped to VP.
+  key: one key, or [B] keys (one per example: then an example's draws do not depend on the
+  batch it is in).
   Returns (loss [B], {"sigma_t": [B], "timestep": [B] (−1 without a schedule)}).
   """
   batch = _check_noisy_batch(x_noisy, sigma_n)
@@ -131,7 +143,7 @@ def ambient_loss_vp(denoise_fn: DenoiseFn, x_noisy: jax.Array, sigma_n: jax.Arra
       raise ValueError(f"`sigma_n` must be < 1 in the VP form; got max {float(jnp.max(sigma_n))}.")
   except jax.errors.ConcretizationTypeError:
     pass
-  key_sigma, key_noise = jax.random.split(key)
+  key_sigma, key_noise = random_draws.split(key)
   if sigma_schedule is None:
     sigma_t = precond.ve_to_vp_sigma(
         precond.sample_sigma(key_sigma, precond.vp_to_ve_sigma(sigma_n), p_mean, p_std))
@@ -140,14 +152,14 @@ def ambient_loss_vp(denoise_fn: DenoiseFn, x_noisy: jax.Array, sigma_n: jax.Arra
     sigma_schedule = jnp.asarray(sigma_schedule, jnp.float32)
     num_t = sigma_schedule.shape[0]
     count_above = jnp.sum(sigma_schedule[None, :] > sigma_n[:, None], axis=1)  # schedule is increasing
-    u = jax.random.uniform(key_sigma, (batch,))
+    u = random_draws.uniform(key_sigma, (batch,))
     timestep = num_t - 1 - jnp.minimum(jnp.floor(u * count_above).astype(jnp.int32),
                                        jnp.maximum(count_above - 1, 0))
     sigma_t = sigma_schedule[timestep]
   one_minus_n = 1.0 - jnp.square(sigma_n)
   alpha = jnp.sqrt((1.0 - jnp.square(sigma_t)) / one_minus_n)
   beta_sq = jnp.maximum(jnp.square(sigma_t) - jnp.square(sigma_n), 0.0) / one_minus_n
-  x_t = expand(alpha, x_noisy) * x_noisy + expand(jnp.sqrt(beta_sq), x_noisy) * jax.random.normal(
+  x_t = expand(alpha, x_noisy) * x_noisy + expand(jnp.sqrt(beta_sq), x_noisy) * random_draws.normal(
       key_noise, x_noisy.shape, x_noisy.dtype)
   out = denoise_fn(x_t, sigma_t)
   if prediction == "eps":
@@ -165,14 +177,16 @@ def ddpm_loss(eps_fn: DenoiseFn, x: jax.Array, key: jax.Array, sigma_schedule: j
   x: [B, ...] data as given (clean, or noisy for the naive baseline); sigma_schedule: VP
   levels [T] (e.g. `precond.ddpm_sigmas()`); x_t = √(1 − σ_t²) x + σ_t ε. This is what
   ordinary (Stable Diffusion) fine-tuning minimises: the clean and naive baselines.
+  key: one key, or [B] keys (one per example: then an example's draws do not depend on the
+  batch it is in).
   Returns (loss [B], {"sigma_t": [B], "timestep": [B]}).
   """
   batch = checks.batch_size("x", x)
   sigma_schedule = jnp.asarray(sigma_schedule, jnp.float32)
-  k_t, k_noise = jax.random.split(key)
-  timestep = jax.random.randint(k_t, (batch,), 0, sigma_schedule.shape[0])
+  k_t, k_noise = random_draws.split(key)
+  timestep = random_draws.randint(k_t, (batch,), 0, sigma_schedule.shape[0])
   sigma_t = sigma_schedule[timestep]
-  noise = jax.random.normal(k_noise, x.shape, x.dtype)
+  noise = random_draws.normal(k_noise, x.shape, x.dtype)
   x_t = expand(jnp.sqrt(1.0 - jnp.square(sigma_t)), x) * x + expand(sigma_t, x) * noise
   loss = _weighted_mse(jnp.ones((batch,), jnp.float32), eps_fn(x_t, sigma_t), noise)
   return loss, {"sigma_t": sigma_t, "timestep": timestep}
@@ -215,6 +229,8 @@ def consistency_loss(denoise_fn: DenoiseFn, x_noisy: jax.Array, sigma_n: jax.Arr
   loss already pins it, and a free anchor lets the fit above σ_n drift).
   weighting: "none", "edm" (λ(σ_b)) or a callable (σ_b [B], σ_n [B]) -> [B].
   Clean examples (σ_n = 0) need no consistency and get loss 0.
+  key: one key, or [B] keys (one per example: then an example's draws do not depend on the
+  batch it is in).
   Returns (loss [B], {"sigma_start", "sigma_anchor", "sigma_target", "is_noisy"}: [B]).
 
   Defaults (global form from above σ_n, K = 4 posterior steps, M = 2, unbiased, no
@@ -248,10 +264,10 @@ def consistency_loss(denoise_fn: DenoiseFn, x_noisy: jax.Array, sigma_n: jax.Arr
   sigma_n = jnp.asarray(sigma_n, jnp.float32)
   is_noisy = sigma_n > 0
   base = jnp.where(is_noisy, sigma_n, 1.0)  # clean examples run on a dummy level, then are masked out
-  k_start, k_start_noise, k_target, k_anchor, k_chains = jax.random.split(key, 5)
+  k_start, k_start_noise, k_target, k_anchor, k_chains = random_draws.split(key, 5)
 
   def log_uniform(k, low, high):
-    return jnp.exp(jax.random.uniform(k, (batch,), minval=jnp.log(low), maxval=jnp.log(high)))
+    return jnp.exp(random_draws.uniform(k, (batch,), minval=jnp.log(low), maxval=jnp.log(high)))
 
   no_grad = (lambda v: v) if grad_through_sampler else jax.lax.stop_gradient
   # "posterior_cov" differentiates the network inside the chain (for Var[x0 | x]): it must
@@ -264,7 +280,7 @@ def consistency_loss(denoise_fn: DenoiseFn, x_noisy: jax.Array, sigma_n: jax.Arr
     start_ratio = log_uniform(k_start, 1.0 + margin, start_max_ratio)
     sigma_s = base * start_ratio
     extra = base * jnp.sqrt(jnp.maximum(jnp.square(start_ratio) - 1.0, 0.0))
-    x_s = x_noisy + expand(extra, x_noisy) * jax.random.normal(k_start_noise, x_noisy.shape, x_noisy.dtype)
+    x_s = x_noisy + expand(extra, x_noisy) * random_draws.normal(k_start_noise, x_noisy.shape, x_noisy.dtype)
   else:
     sigma_s, x_s = base, x_noisy
 
@@ -286,7 +302,8 @@ def consistency_loss(denoise_fn: DenoiseFn, x_noisy: jax.Array, sigma_n: jax.Arr
   sigma_a_m, sigma_b_m = tile(sigma_a), tile(sigma_b)
   first = tile(denoised_a if grad_through_sampler else jax.lax.stop_gradient(denoised_a))
   x_chain = no_grad(sampling.reverse_chain(denoise_in_chain, tile(x_a), sigma_a_m, sigma_b_m,
-                                           chain_steps, k_chains, step, first_denoised=first))
+                                           chain_steps, random_draws.repeat(k_chains, num_samples),
+                                           step, first_denoised=first))
   denoised_b = denoise_fn(x_chain, sigma_b_m).reshape((num_samples,) + x_noisy.shape)
 
   # 5. estimator of the squared distance between the chains' mean and the anchor.
@@ -337,7 +354,9 @@ def posterior_sample_loss(denoise_fn: DenoiseFn, x_noisy: jax.Array, sigma_n: ja
   (Tweedie's σ² ∂D/∂x, one JVP per step) and end on a draw of x0 rather than its mean:
   exact for Gaussian data at any number of steps; the toy step costs ~2.5× a consistency
   step. Plain posterior steps omit that variance and draw too narrow.
-  Clean examples (σ_n = 0) get loss 0. Returns (loss [B], {"sigma_target", "is_noisy"}: [B]).
+  Clean examples (σ_n = 0) get loss 0. key: one key, or [B] keys (one per example: then an example's draws do not depend on the
+  batch it is in).
+  Returns (loss [B], {"sigma_target", "is_noisy"}: [B]).
   """
   batch = _check_noisy_batch(x_noisy, sigma_n)
   checks.one_of("step", step, sampling.STEP_KINDS)
@@ -351,24 +370,24 @@ def posterior_sample_loss(denoise_fn: DenoiseFn, x_noisy: jax.Array, sigma_n: ja
   sigma_n = jnp.asarray(sigma_n, jnp.float32)
   is_noisy = sigma_n > 0
   base = jnp.where(is_noisy, sigma_n, 1.0)  # clean examples run on a dummy level, then are masked out
-  k_chain, k_target, k_noise = jax.random.split(key, 3)
+  k_chain, k_target, k_noise = random_draws.split(key, 3)
   teacher = denoise_fn if chain_denoise_fn is None else chain_denoise_fn
   floor = jnp.minimum(jnp.float32(sigma_min), base)
   x_last = sampling.reverse_chain(teacher, x_noisy, base, floor, chain_steps, k_chain, step)
   if step == "posterior_cov":  # a draw of x0, not its mean: one more step, from σ_min to 0
-    k_last = jax.random.fold_in(k_chain, chain_steps)
+    k_last = random_draws.fold_in(k_chain, chain_steps)
     denoised, x0_variance = sampling.tweedie_moments(
-        teacher, x_last, floor, jax.random.rademacher(k_last, x_last.shape, x_last.dtype))
+        teacher, x_last, floor, random_draws.rademacher(k_last, x_last.shape, x_last.dtype))
     x0_hat = sampling.posterior_step(denoised, x_last, floor, jnp.zeros_like(floor),
-                                     jax.random.normal(jax.random.fold_in(k_last, 1), x_last.shape),
+                                     random_draws.normal(random_draws.fold_in(k_last, 1), x_last.shape),
                                      x0_variance)
   else:
     x0_hat = teacher(x_last, floor)
   x0_hat = jax.lax.stop_gradient(x0_hat)  # the targets: no gradient through the chain
-  ratio = jnp.exp(jax.random.uniform(k_target, (batch,), minval=jnp.log(target_min_ratio),
+  ratio = jnp.exp(random_draws.uniform(k_target, (batch,), minval=jnp.log(target_min_ratio),
                                      maxval=jnp.log(target_max_ratio)))
   sigma_b = base * ratio
-  x_b = x0_hat + expand(sigma_b, x0_hat) * jax.random.normal(k_noise, x0_hat.shape, x0_hat.dtype)
+  x_b = x0_hat + expand(sigma_b, x0_hat) * random_draws.normal(k_noise, x0_hat.shape, x0_hat.dtype)
   loss = _weighted_mse(precond.edm_weight(sigma_b, sigma_data), denoise_fn(x_b, sigma_b), x0_hat)
   return jnp.where(is_noisy, loss, 0.0), {"sigma_target": sigma_b, "is_noisy": is_noisy.astype(jnp.float32)}
 

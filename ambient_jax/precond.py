@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy import special
 
+from ambient_jax import random_draws
+
 SIGMA_DATA = 0.5
 P_MEAN = -1.2
 P_STD = 1.2
@@ -46,14 +48,15 @@ def sample_sigma(key: jax.Array, sigma_n: jax.Array, p_mean: float = P_MEAN,
 
   Inverse-CDF sampling of the upper tail, so no draw is wasted (the follow-up's
   clamp `max(σ, σ_n)` spends the clamped mass on a zero loss). With σ_n = 0 this is
-  the plain EDM lognormal, drawn from the same key the same way.
+  the plain EDM lognormal, drawn from the same key the same way. `key`: one key, or [B]
+  keys (one per example: then an example's σ does not depend on the batch it is in).
   """
   sigma_n = jnp.asarray(sigma_n, jnp.float32)
   # Standardised lower bound a = (ln σ_n − P_mean) / P_std; −inf for clean examples.
   safe_log = jnp.log(jnp.where(sigma_n > 0, sigma_n, 1.0))
   a = jnp.where(sigma_n > 0, (safe_log - p_mean) / p_std, -jnp.inf)
   tail_mass = special.ndtr(-a)  # P(Z > a)
-  u = jax.random.uniform(key, sigma_n.shape, minval=jnp.finfo(jnp.float32).tiny, maxval=1.0)
+  u = random_draws.uniform(key, sigma_n.shape, minval=jnp.finfo(jnp.float32).tiny, maxval=1.0)
   z = -special.ndtri(u * tail_mass)  # Z > a; the upper tail is sampled directly for accuracy.
   sigma = jnp.exp(p_mean + p_std * z)
   return jnp.maximum(sigma, jnp.nextafter(sigma_n, jnp.inf))  # rounding can never reach σ_n.

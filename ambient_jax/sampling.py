@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from ambient_jax import checks
+from ambient_jax import checks, random_draws
 from ambient_jax.precond import expand
 
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -232,9 +232,9 @@ def reverse_chain(denoise_fn: DenoiseFn, x: jax.Array, sigma_from: jax.Array,
                   step: str = "posterior", first_denoised: jax.Array | None = None) -> jax.Array:
   """Runs `num_steps` reverse steps from σ_from to σ_to ([B] each), geometrically spaced.
 
-  x: [B, ...] at level σ_from -> [B, ...] at level σ_to. `key` is one key for the whole
-  batch (used by the consistency loss, whose keys are already per example-and-step);
-  samplers that need batch invariance pass per-image keys through `ancestral_sampler`.
+  x: [B, ...] at level σ_from -> [B, ...] at level σ_to. `key`: one key for the whole
+  batch, or [B] keys, one per example (`random_draws`: then example i's chain depends on
+  keys[i] alone, not on the batch it runs in; the training steps' losses pass these).
   `first_denoised`: D(x, σ_from) when the caller already has it (saves one network call;
   not for "posterior_cov", which needs the Jacobian there as well).
   """
@@ -244,14 +244,14 @@ def reverse_chain(denoise_fn: DenoiseFn, x: jax.Array, sigma_from: jax.Array,
   move = STEP_FUNCTIONS[step]
   levels = geometric_levels(sigma_from, sigma_to, num_steps)
   for k in range(num_steps):
-    k_noise = jax.random.fold_in(key, k)
+    k_noise = random_draws.fold_in(key, k)
     if k == 0 and first_denoised is not None and step != "posterior_cov":
       denoised, x0_variance = first_denoised, 0.0
     else:
-      probe = (jax.random.rademacher(jax.random.fold_in(k_noise, 1), x.shape, x.dtype)
+      probe = (random_draws.rademacher(random_draws.fold_in(k_noise, 1), x.shape, x.dtype)
                if step == "posterior_cov" else None)
       denoised, x0_variance = step_moments(step, denoise_fn, x, levels[k], probe)
-    noise = jax.random.normal(k_noise, x.shape, x.dtype)
+    noise = random_draws.normal(k_noise, x.shape, x.dtype)
     x = move(denoised, x, levels[k], levels[k + 1], noise, x0_variance)
   return x
 

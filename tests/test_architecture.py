@@ -15,13 +15,14 @@ ENTRY_POINTS = {"ambient_jax.main", "ambient_jax.evaluate", "ambient_jax.prepare
                 "ambient_jax.export_lora", "ambient_jax.cli"}
 # Layer of each top-level module or subpackage; a module may import its own layer or below.
 LAYERS = {
-    "errors": 0, "checks": 0, "precond": 0, "sampling": 0, "losses": 0, "gaussian_mixture": 0,
+    "errors": 0, "checks": 0, "random_draws": 0, "precond": 0, "sampling": 0, "losses": 0,
+    "gaussian_mixture": 0,
     "runtime": 1, "models": 1, "latent": 1, "data": 1, "metrics": 1,
     "training": 2,
     "evaluation": 3,
     "main": 4, "evaluate": 4, "prepare_latents": 4, "export_lora": 4, "cli": 4,
 }
-MATH = {"errors", "checks", "precond", "sampling", "losses", "gaussian_mixture"}
+MATH = {"errors", "checks", "random_draws", "precond", "sampling", "losses", "gaussian_mixture"}
 
 
 def module_names(package: pathlib.Path = PACKAGE) -> dict[str, pathlib.Path]:
