@@ -91,7 +91,6 @@ from ambient_jax import losses, sampling  # noqa: E402
 from ambient_jax.metrics import digit_features, frechet, memorization  # noqa: E402
 from ambient_jax.models import build_model, count_params  # noqa: E402
 import _output  # noqa: E402  (benchmarks/, beside this file)
-import _output  # noqa: E402  (benchmarks/, beside this file)
 
 METHODS = ("clean", "noisy_edm", "ambient", "ambient_consistency")
 MODEL = dict(name="ddpmpp", img_resolution=16, in_channels=1, model_channels=16,
@@ -449,7 +448,6 @@ def main():
   with open(out + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
   log("\n".join(lines))
-  outputs.report()
   outputs.report()
 
 
