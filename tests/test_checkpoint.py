@@ -7,6 +7,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -67,7 +68,11 @@ def test_keep_last_n_plus_every_k_and_half_written_checkpoints_are_never_picked_
   state = trainer.run()
   trainer.close()
   ckpt_dir = tmp_path / "w" / "checkpoints"
-  assert checkpoint.Checkpointer(str(ckpt_dir)).all_steps() == [2, 4, 5]  # every 2nd + last
+  # Listed read-only and closed: a writable manager left open would clean temporary
+  # directories in the background, racing with the half-written one made below.
+  listed = checkpoint.Checkpointer(str(ckpt_dir), read_only=True)
+  assert listed.all_steps() == [2, 4, 5]  # every 2nd + last
+  listed.close()
   # What a crash mid-save leaves behind: Orbax's temporary directory, never renamed.
   tmp = ckpt_dir / "6.orbax-checkpoint-tmp"
   (tmp / "state").mkdir(parents=True)
@@ -89,6 +94,30 @@ def test_keep_last_n_plus_every_k_and_half_written_checkpoints_are_never_picked_
   _assert_bit_identical(state, restarted.initial_state())
   restarted.close()
   manager.close()
+
+
+def test_close_finishes_an_async_save_and_leaves_no_thread_behind(tmp_path):
+  """After close() the checkpoint is complete and Orbax's background threads (and their
+  event loops) end, so nothing of it runs on, or fails, during later tests. (A closed
+  loop's executor thread exits a moment after close() returns: joined, not counted.)"""
+  before = set(threading.enumerate())
+
+  def threads_left():
+    for t in set(threading.enumerate()) - before:
+      t.join(timeout=10)
+    return [t.name for t in set(threading.enumerate()) - before]
+
+  writer = checkpoint.Checkpointer(str(tmp_path / "c"))
+  state = {"w": jax.numpy.arange(4.0)}
+  writer.save(3, state)
+  writer.close()
+  assert threads_left() == []
+  reader = checkpoint.Checkpointer(str(tmp_path / "c"), read_only=True)
+  abstract = checkpoint.abstract_like(state, {"w": state["w"].sharding})
+  restored, meta = reader.restore(abstract)
+  reader.close()
+  np.testing.assert_array_equal(restored["w"], state["w"])
+  assert meta["step"] == 3 and threads_left() == []
 
 
 def _write_config_file(path: pathlib.Path, tfds_dir) -> pathlib.Path:

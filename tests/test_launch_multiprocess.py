@@ -145,6 +145,7 @@ def test_train_two_processes(tmp_path):
   structure = getattr(getattr(structure, "item_metadata", structure), "tree", structure)
   as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), structure)
   state = checkpointer.restore(ckpt / "4" / "state", args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+  checkpointer.close()
   assert sorted(state) == ["ema", "opt_state", "params", "step"]
   assert int(state["step"]) == 4
   leaves = jax.tree.leaves(state["params"])
