@@ -77,9 +77,10 @@ class LatentPipeline:
     return side, side
 
   def initial_latents(self, keys: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """N(0, I) latents [B, H/f, W/f, C], one key per image (batch-size invariant)."""
+    """N(0, I) latents [B, H/f, W/f, C], one key per image (batch-size invariant); C is the
+    VAE's latent_channels (an inpainting UNet takes more input channels than that)."""
     f = self.latent_scale_factor
-    shape = (size[0] // f, size[1] // f, self.configs["unet"].get("in_channels", 4))
+    shape = (size[0] // f, size[1] // f, self.configs["vae"].get("latent_channels", 4))
     return jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
 
   def generate(self, texts: Sequence[str], keys: jax.Array, *, num_steps: int = 25,

@@ -11,6 +11,9 @@ normalisation of [0, 1] pixels that METHOD.md §8 and DINOv2's own transforms us
 images are repeated to RGB. Pooling: the CLS token after the final LayerNorm ("cls", the
 paper's default) or the sum of the normalised patch tokens ("patch_sum", the script's
 `--use_cls=False`). Features are L2-normalised float32, so an inner product is a cosine.
+`dinov2_tokens` gives the unpooled pre-norm tokens (the last layer's output before the final
+LayerNorm, the official code's `x_prenorm`) that the inpainting attack pools over its mask
+(`metrics.masked_tokens`).
 """
 
 from __future__ import annotations
@@ -55,12 +58,19 @@ def pool(last_hidden_state: jax.Array, pooling: str) -> jax.Array:
   return f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
 
 
+PRENORM_TOKENS = "prenorm_tokens"  # `_features` option: the unpooled tokens before the LayerNorm
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "pooling", "size"))
 def _features(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, pooling: str,
               size: int) -> jax.Array:
-  """One batch: preprocess, network, pool. Compiled once per (model, batch shape, options)."""
+  """One batch: preprocess, network, pool (or the pre-norm tokens [B, 1 + N, D]). Compiled
+  once per (model, batch shape, options)."""
   model = nnx.merge(graphdef, state)
-  return pool(model(preprocess(images, size)).last_hidden_state, pooling)
+  out = model(preprocess(images, size))
+  if pooling == PRENORM_TOKENS:
+    return out.hidden_states[-1].astype(jnp.float32)
+  return pool(out.last_hidden_state, pooling)
 
 
 def _onto_mesh(leaf: jax.Array, mesh: Mesh) -> jax.Array:
@@ -79,6 +89,21 @@ def dinov2_features(model: Dinov2Model, images, *, pooling: str = "cls", batch_s
   the mesh size), parameters already on its devices kept as placed, others replicated onto it."""
   if pooling not in POOLINGS:
     raise ValueError(f"pooling {pooling!r} is not one of {list(POOLINGS)}.")
+  return _batched(model, images, pooling, batch_size, size, mesh, np.float32)
+
+
+def dinov2_tokens(model: Dinov2Model, images, *, batch_size: int = 64, size: int = INPUT_SIZE,
+                  mesh: Optional[Mesh] = None, dtype=np.float32) -> np.ndarray:
+  """Pre-norm tokens [B, 1 + N, D] (CLS first, then the (size/14)² patches row by row) of
+  images [B, H, W, 1 or 3] in [-1, 1], preprocessed as `dinov2_features`; stored as `dtype`
+  (a dataset of 10k images under ViT-g/14 at 224² is 15.8 GB in float32, half in float16).
+  Batching and `mesh` as `dinov2_features`."""
+  return _batched(model, images, PRENORM_TOKENS, batch_size, size, mesh, dtype)
+
+
+def _batched(model: Dinov2Model, images, pooling: str, batch_size: int, size: int,
+             mesh: Optional[Mesh], dtype) -> np.ndarray:
+  """`_features` over images `batch_size` at a time (see `dinov2_features`), as `dtype`."""
   if mesh is not None and batch_size % mesh.size:
     raise ValueError(f"batch_size {batch_size} is not a multiple of the mesh's {mesh.size} "
                      "devices.")
@@ -90,11 +115,15 @@ def dinov2_features(model: Dinov2Model, images, *, pooling: str = "cls", batch_s
     state = jax.tree.map(functools.partial(_onto_mesh, mesh=mesh), state)
   multiple = mesh.size if mesh is not None else 1
   shape = batch_size if len(images) > batch_size else -(-len(images) // multiple) * multiple
-  out = [np.zeros((0, model.layernorm.weight.shape[0]), np.float32)]
+  out = []
   for start in range(0, len(images), batch_size):
     batch = images[start:start + batch_size]
     count = len(batch)
     batch = np.concatenate([batch, np.repeat(batch[-1:], shape - count, axis=0)])
     batch = jax.device_put(batch, placement) if placement is not None else batch
-    out.append(np.asarray(_features(graphdef, state, batch, pooling, size))[:count])
+    out.append(np.asarray(_features(graphdef, state, batch, pooling, size), dtype)[:count])
+  if not out:
+    width = model.layernorm.weight.shape[0]
+    tokens = (size // model.embeddings.patch_size) ** 2 + 1
+    return np.zeros((0, width) if pooling != PRENORM_TOKENS else (0, tokens, width), dtype)
   return np.concatenate(out)
