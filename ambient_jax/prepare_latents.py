@@ -45,7 +45,7 @@ from ambient_jax.latent.schedule import NoiseSchedule
 from ambient_jax.precond import expand
 
 PROG = "ambient_jax.prepare_latents"
-CAPTIONS_FILE = "metadata.jsonl"
+CAPTIONS_FILE = ds.CAPTIONS_FILE
 TEXT_LENGTH = 77
 # The arguments that define a dataset: the same --out again must have the same ones.
 IDENTITY = ("images", "pretrained", "resolution", "t_n", "sigma_n", "corruption_seed",
@@ -115,30 +115,6 @@ def load_components(folder: str):
     raise cli.UserError(f"--pretrained={folder}: {e}") from e
 
 
-def read_captions(images: str, file_names: Sequence[str], captions_file: Optional[str]
-                  ) -> tuple[list[str], Optional[str]]:
-  """Each image's caption ("" without one) from a Hugging Face imagefolder metadata.jsonl
-  (relative paths are under IMAGES); returns (captions, the file read or None)."""
-  path = os.path.join(images, captions_file or CAPTIONS_FILE)
-  if not os.path.isfile(path):
-    if captions_file:
-      raise cli.UserError(f"--captions_file={captions_file}: {path} does not exist.")
-    return [""] * len(file_names), None
-  by_name = {}
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-        by_name[os.path.normpath(record["file_name"]).replace(os.sep, "/")] = str(
-            record.get("text") or "")
-      except (ValueError, KeyError, TypeError) as e:
-        raise cli.UserError(f"{path}, line {number}: expected a JSON object with \"file_name\" "
-                            f"and \"text\" ({type(e).__name__}: {e}).") from e
-  return [by_name.get(n, "") for n in file_names], os.path.abspath(path)
-
-
 def noise_level(args: Args, configs: dict) -> float:
   """VP σ_n of the run: √(1 − ᾱ_{t_n}) of the scheduler (t_n = 0: clean, 0), or --sigma_n."""
   if args.t_n is None:
@@ -176,7 +152,7 @@ def build_meta(args: Args, configs: dict) -> dict[str, Any]:
     file_names = file_names[:args.max_examples]
   if not file_names:
     raise cli.UserError(f"--images={args.images}: no images (.png, .jpg, .jpeg, .webp) found.")
-  captions, captions_path = read_captions(args.images, file_names, args.captions_file)
+  captions, captions_path = ds.read_captions(args.images, file_names, args.captions_file)
   sdxl = "text_encoder_2" in configs
   vae_config = vae.vae_config(configs["vae"])
   f = 2 ** (len(vae_config["block_out_channels"]) - 1)

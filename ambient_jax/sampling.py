@@ -265,13 +265,32 @@ def ancestral_sampler(denoise_fn: DenoiseFn, x: jax.Array, sigma_from: jax.Array
   `num_steps` geometrically spaced steps down to σ_to, then returns D(x, σ_to). Used
   for posterior-sampling reconstructions in the memorization attack (METHOD.md §8).
   """
+  batch = checks.batch_size("x", x)
+  sigma_from = jnp.broadcast_to(jnp.asarray(sigma_from, jnp.float32), (batch,))
+  sigma_to = jnp.broadcast_to(jnp.asarray(sigma_to, jnp.float32), (batch,))
+  x = ancestral_steps(denoise_fn, x, geometric_levels(sigma_from, sigma_to, num_steps), keys,
+                      step=step)
+  return denoise_fn(x, sigma_to)
+
+
+def ancestral_steps(denoise_fn: DenoiseFn, x: jax.Array, levels: jax.Array, keys: jax.Array, *,
+                    step: str = "posterior") -> jax.Array:
+  """Reverse steps of kind `step` over a given list of noise levels: x [B, ...] at levels[0]
+  -> x at levels[-1].
+
+  levels: [N + 1] (shared) or [N + 1, B] (per example), decreasing; the last may be 0, and a
+  posterior step to 0 returns D exactly (N network evaluations in all). keys [B], one per
+  image: step i draws from fold_in(keys[b], i). Over a DDPM model's inference σ list, posterior
+  steps are DDPMScheduler's ancestral steps (variance β̃, "fixed_small") in the VE view.
+  """
   checks.one_of("step", step, STEP_KINDS)
   batch = checks.batch_size("x", x)
   keys = per_image_keys(keys, batch)
-  sigma_from = jnp.broadcast_to(jnp.asarray(sigma_from, jnp.float32), (batch,))
-  sigma_to = jnp.broadcast_to(jnp.asarray(sigma_to, jnp.float32), (batch,))
+  levels = jnp.asarray(levels, jnp.float32)
+  if levels.ndim == 1:
+    levels = jnp.broadcast_to(levels[:, None], (levels.shape[0], batch))
+  num_steps = levels.shape[0] - 1
   move = STEP_FUNCTIONS[step]
-  levels = geometric_levels(sigma_from, sigma_to, num_steps)
 
   def body(x, inputs):
     i, s_i, s_j = inputs
@@ -280,4 +299,4 @@ def ancestral_sampler(denoise_fn: DenoiseFn, x: jax.Array, sigma_from: jax.Array
     return move(denoised, x, s_i, s_j, _step_noise(keys, i, x), x0_variance), None
 
   x, _ = jax.lax.scan(body, x, (jnp.arange(num_steps), levels[:-1], levels[1:]))
-  return denoise_fn(x, sigma_to)
+  return x

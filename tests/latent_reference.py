@@ -166,3 +166,35 @@ def sdxl_config(arg: str = "smoke"):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+def tiny_latent_workdir(root, devices) -> str:
+  """A latent run's workdir at step 2 under `root`, as configs/sdxl.py:smoke's Trainer leaves
+  it, on the tiny SDXL folder and an 8-image dataset at t_n = 500
+  (`prepare_tiny_sdxl_dataset`), with random non-zero adapters (B too: an export parity or an
+  attack would be blind with B ≈ 0) in the parameters and the EMA. The state is the Trainer's
+  own and saved by it; only the train step is skipped (its compile is most of a smoke run's
+  time; tests/test_latent_training.py runs it). Returns the workdir."""
+  import pathlib
+  import jax
+  from ambient_jax.runtime import metrics_io
+  from ambient_jax.training import trainer as train
+  root = pathlib.Path(root)
+  folder, dataset = prepare_tiny_sdxl_dataset(root)
+  config = sdxl_config()
+  config.latent.pretrained, config.latent.dataset = folder, dataset
+  config.num_train_steps, config.sample.every_steps = 2, -1
+  wd = str(root / "run")
+  trainer = train.Trainer(config, wd, devices=devices)
+  state = trainer.initial_state()
+  leaves, treedef = jax.tree.flatten(state.params)
+  keys = jax.random.split(jax.random.key(7), len(leaves))
+  params = jax.tree.unflatten(treedef, [
+      jax.device_put(a + 0.1 * jax.random.normal(k, a.shape, a.dtype), a.sharding)
+      for a, k in zip(leaves, keys)])
+  state = state.replace(step=jax.device_put(state.step + 2, state.step.sharding),
+                        params=params, ema=(params,))
+  metrics_io.write_config_json(wd, config)
+  trainer.save(2, state)
+  trainer.close()
+  return wd

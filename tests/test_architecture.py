@@ -12,7 +12,7 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "ambient_jax"
 ENTRY_POINTS = {"ambient_jax.main", "ambient_jax.evaluate", "ambient_jax.prepare_latents",
-                "ambient_jax.export_lora", "ambient_jax.cli"}
+                "ambient_jax.export_lora", "ambient_jax.attack", "ambient_jax.cli"}
 # Layer of each top-level module or subpackage; a module may import its own layer or below.
 LAYERS = {
     "errors": 0, "checks": 0, "random_draws": 0, "precond": 0, "sampling": 0, "losses": 0,
@@ -20,7 +20,7 @@ LAYERS = {
     "runtime": 1, "models": 1, "latent": 1, "data": 1, "metrics": 1,
     "training": 2,
     "evaluation": 3,
-    "main": 4, "evaluate": 4, "prepare_latents": 4, "export_lora": 4, "cli": 4,
+    "main": 4, "evaluate": 4, "prepare_latents": 4, "export_lora": 4, "attack": 4, "cli": 4,
 }
 MATH = {"errors", "checks", "random_draws", "precond", "sampling", "losses", "gaussian_mixture"}
 

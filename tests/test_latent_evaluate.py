@@ -22,42 +22,17 @@ import pytest
 from flax import nnx
 
 from ambient_jax import cli, evaluate, export_lora
-from ambient_jax.training import trainer as train
 from ambient_jax.evaluation import latent as evaluation
 from ambient_jax.latent import lora, unet
-from tests.latent_reference import (prepare_tiny_sdxl_dataset, relative_error, sdxl_config,
-                                    torch_unet_output)
+from tests.latent_reference import relative_error, tiny_latent_workdir, torch_unet_output
 
 DEVICES = 1  # one device: the cheapest compiles (sharding is tested in test_latent_training)
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  """A latent run's workdir at step 2, as configs/sdxl.py:smoke's Trainer leaves it, with
-  random non-zero adapters (B too: the export parity would be blind with B ≈ 0) in the
-  parameters and the EMA. The state is the Trainer's own and saved by it; only the train
-  step is skipped (its compile is most of a smoke run's time; tests/test_latent_training.py
-  runs it)."""
-  from ambient_jax.runtime import metrics_io
-  root = tmp_path_factory.mktemp("latent_eval")
-  folder, dataset = prepare_tiny_sdxl_dataset(root)
-  config = sdxl_config()
-  config.latent.pretrained, config.latent.dataset = folder, dataset
-  config.num_train_steps, config.sample.every_steps = 2, -1
-  wd = str(root / "run")
-  trainer = train.Trainer(config, wd, devices=jax.devices()[:DEVICES])
-  state = trainer.initial_state()
-  leaves, treedef = jax.tree.flatten(state.params)
-  keys = jax.random.split(jax.random.key(7), len(leaves))
-  params = jax.tree.unflatten(treedef, [
-      jax.device_put(a + 0.1 * jax.random.normal(k, a.shape, a.dtype), a.sharding)
-      for a, k in zip(leaves, keys)])
-  state = state.replace(step=jax.device_put(state.step + 2, state.step.sharding),
-                        params=params, ema=(params,))
-  metrics_io.write_config_json(wd, config)
-  trainer.save(2, state)
-  trainer.close()
-  return wd
+  """A latent run's workdir at step 2 (`latent_reference.tiny_latent_workdir`)."""
+  return tiny_latent_workdir(tmp_path_factory.mktemp("latent_eval"), jax.devices()[:DEVICES])
 
 
 @pytest.fixture(scope="module")

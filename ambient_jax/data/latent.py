@@ -35,6 +35,9 @@ import glob
 import json
 import os
 
+from collections.abc import Sequence
+from typing import Optional
+
 import numpy as np
 
 from ambient_jax import errors
@@ -44,6 +47,7 @@ VERSION = 1
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 POSTERIOR_SALT = 0x5A17  # VAE posterior keys: fold_in(key(corruption_seed ^ POSTERIOR_SALT), i)
 META = "meta.json"
+CAPTIONS_FILE = "metadata.jsonl"  # Hugging Face imagefolder captions: {"file_name", "text"} lines
 # name -> (dtype, shape in terms of meta: N examples, P prompts, latent shape, widths)
 ARRAYS = {
     "latents": np.float16, "sigma_n": np.float32, "prompt_index": np.int32,
@@ -82,6 +86,30 @@ def list_images(folder: str) -> list[str]:
       if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
         found.append(os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/"))
   return sorted(found)
+
+
+def read_captions(images: str, file_names: Sequence[str], captions_file: Optional[str],
+                  flag: str = "--captions_file") -> tuple[list[str], Optional[str]]:
+  """Each image's caption ("" without one) from a Hugging Face imagefolder metadata.jsonl
+  (relative paths are under IMAGES); returns (captions, the file read or None)."""
+  path = os.path.join(images, captions_file or CAPTIONS_FILE)
+  if not os.path.isfile(path):
+    if captions_file:
+      raise errors.UserError(f"{flag}={captions_file}: {path} does not exist.")
+    return [""] * len(file_names), None
+  by_name = {}
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+        by_name[os.path.normpath(record["file_name"]).replace(os.sep, "/")] = str(
+            record.get("text") or "")
+      except (ValueError, KeyError, TypeError) as e:
+        raise errors.UserError(f"{path}, line {number}: expected a JSON object with \"file_name\" "
+                            f"and \"text\" ({type(e).__name__}: {e}).") from e
+  return [by_name.get(n, "") for n in file_names], os.path.abspath(path)
 
 
 def resize_and_crop(image: "PIL.Image.Image", resolution: int

@@ -17,7 +17,8 @@ A run whose task is "latent" comes here (`evaluation.evaluators.evaluate` dispat
     σ^VE_t = schedule.ve_sigmas[t], ε from fold_in(key, i); reconstructed by one MMSE
     step D(x, σ^VE_t) = (x_t − σ_t ε̂(x_t, t)) / √(1 − σ_t²) and by posterior sampling
     from σ^VE_t down to the schedule's smallest σ, under the image's own prompt (guidance
-    --attack_guidance, 1 = the conditional MMSE denoiser); decoded and compared with the
+    --attack_guidance, 1 = the conditional MMSE denoiser) — `latent_attack.attack_latents`,
+    the implementation `python -m ambient_jax.attack` runs too; decoded and compared with the
     clean fine-tuning images by `metrics.memorization` (nearest neighbour by centred
     feature cosine and pixel RMSE, fractions above 0.9 / 0.95, self-match rate). With
     --heldout_images=DIR (images not in the fine-tuning set) a copy is calibrated as for
@@ -31,24 +32,25 @@ A run whose task is "latent" comes here (`evaluation.evaluators.evaluate` dispat
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import os
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ambient_jax import errors
-from ambient_jax.evaluation import common, run as run_lib
+from ambient_jax.evaluation import common, features, latent_attack, run as run_lib
 from ambient_jax.runtime import storage
-from ambient_jax.latent import guidance, lora
+from ambient_jax.latent import lora
 from ambient_jax.training import latent_grid, tasks
 
 SAMPLING_MODES = ("full", "truncated")
 METRICS = ("fd", "kid", "fid", "memorization")
-FEATURES = ("auto", "pixels", "digits", "inception")
+FEATURES = ("auto", "pixels", "digits", "inception")  # --attack_features (features.FEATURES)
 
 
 class NotLatentRunError(errors.UserError, ValueError):
@@ -144,27 +146,11 @@ def _cond_keys(batch: dict) -> dict:
   return {k: batch[k] for k in ("context", "text_embeds", "time_ids") if k in batch}
 
 
-def _batched(fn: Callable[[jax.Array], jax.Array], x: np.ndarray, batch_size: int) -> np.ndarray:
-  """fn over x [n, ...] in batches of `batch_size` (the tail padded: one compiled shape)."""
-  out = []
-  for i in range(0, len(x), batch_size):
-    part = x[i:i + batch_size]
-    pad = batch_size - len(part) if len(x) > batch_size else 0
-    if pad:
-      part = np.concatenate([part, np.repeat(part[-1:], pad, axis=0)])
-    out.append(np.asarray(fn(jnp.asarray(part)))[:batch_size - pad])
-  return np.concatenate(out)
-
-
 def vae_coder(run: LatentRun, batch_size: int = 32):
   """(encode, decode): images [n, R, R, 3] in [-1, 1] <-> latents [n, h, w, C] (the
-  posterior mean, × scaling factor), jitted with the VAE weights as arguments."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  graphdef, state = nnx.split(run.vae)
-  enc = jax.jit(lambda st, x: nnx.merge(graphdef, st).to_latents(x))
-  dec = jax.jit(lambda st, z: nnx.merge(graphdef, st).from_latents(z))
-  return (lambda x: _batched(lambda b: enc(state, b), np.asarray(x, np.float32), batch_size),
-          lambda z: _batched(lambda b: dec(state, b), np.asarray(z, np.float32), batch_size))
+  posterior mean, × scaling factor), jitted with the VAE weights as arguments
+  (`latent_attack.vae_coder`)."""
+  return latent_attack.vae_coder(run.vae, batch_size)
 
 
 def clean_images(run: LatentRun, indices: Optional[Sequence[int]] = None) -> np.ndarray:
@@ -177,20 +163,9 @@ def clean_images(run: LatentRun, indices: Optional[Sequence[int]] = None) -> np.
 def read_image_folder(folder: str, resolution: int) -> np.ndarray:
   """Every image under `folder`, resized and cropped as the fine-tuning set was:
   [n, R, R, 3] in [-1, 1]. A missing or empty folder is one line."""
-  from ambient_jax.data import latent as dataset_lib  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(folder):
-    raise errors.UserError(f"--heldout_images={folder}: no such folder.")
-  names = dataset_lib.list_images(folder)
-  if not names:
-    raise errors.UserError(f"--heldout_images={folder}: no images in it "
-                        f"({', '.join(dataset_lib.IMAGE_EXTENSIONS)}).")
-  return np.stack([dataset_lib.load_image(os.path.join(folder, n), resolution)[0]
-                   for n in names]).astype(np.float32) / 127.5 - 1.0
-
-
-def is_grayscale(images: np.ndarray) -> bool:
-  """Whether RGB images [n, H, W, 3] are gray (R = G = B): digits-like data."""
-  return bool(np.all(images[..., :1] == images))
+  from ambient_jax.data.image_folder import ImageFolder  # pylint: disable=g-import-not-at-top
+  images = ImageFolder(folder, resolution, flag="--heldout_images")
+  return images.read(range(len(images)))
 
 
 def make_sampler(run: LatentRun, mode: str, sigmas: np.ndarray, sigma_stop: float,
@@ -210,33 +185,31 @@ def make_sampler(run: LatentRun, mode: str, sigmas: np.ndarray, sigma_stop: floa
   return sample
 
 
+def attack_model(run: LatentRun) -> "latent_attack.AttackModel":
+  """The run's UNet (trainable tree over the frozen base), schedule and dropped prompt, as
+  the attack runs them."""
+  return latent_attack.AttackModel(run.task.unet, run.params, run.task.frozen, run.schedule,
+                                   run.task.uncond)
+
+
 def attack_latents(run: LatentRun, z0: np.ndarray, *, attack_t: int, key: jax.Array,
                    num_attacked: Optional[int] = None, posterior_steps: int = 32,
                    batch_size: int = 16, guidance_scale: float = 1.0,
                    methods=("mmse", "posterior"), log=None):
-  """The attack's reconstructions in latent space (VE view: latent = z0 + σ^VE_t ε).
+  """The attack's reconstructions in latent space (VE view: latent = z0 + σ^VE_t ε), by
+  `latent_attack.attack_latents` with evaluate's choices: each fine-tuning example's own
+  prompt, one guidance for both methods, ancestral posterior sampling from σ^VE_t down to
+  the schedule's smallest σ in `posterior_steps` steps.
 
   z0: clean latents [N, h, w, C] of fine-tuning examples 0..N−1 (their prompts condition
-  the model). Noised at DDPM step `attack_t` and reconstructed by D(x, σ^VE_t) and by
-  posterior sampling down to the schedule's smallest σ (`memorization.reconstruct`).
-  Returns (attacked indices [n], {"noisy_input", *methods: latents [n, h, w, C]}).
+  the model). Returns (attacked indices [n], {"noisy_input", *methods: latents [n, h, w, C]}).
   """
-  from ambient_jax.latent.schedule import ve_denoiser  # pylint: disable=g-import-not-at-top
-  from ambient_jax.metrics import memorization  # pylint: disable=g-import-not-at-top
-  sched, uncond, task = run.schedule, run.task.uncond, run.task
   n = len(z0) if num_attacked is None else min(num_attacked, len(z0))
   prompts = _cond_keys(run.dataset.get_batch(np.arange(n)))
-
-  def denoise(x, sigma, params, frozen, batch):
-    cond, unc = latent_grid.batch_conditioning(batch, uncond)
-    model = guidance.guided_model_fn(task.unet(params, frozen), cond, unc, guidance_scale)
-    return ve_denoiser(model, sched)(x, sigma)
-
-  return memorization.reconstruct(
-      denoise, z0[:n], sigma=float(sched.ve_sigmas[attack_t]), key=key,
-      posterior_steps=posterior_steps, batch_size=min(batch_size, n), methods=methods,
-      shared=(run.params, task.frozen), per_image=(prompts,),
-      sigma_to=float(sched.ve_sigmas[0]), log=log)
+  return latent_attack.attack_latents(
+      attack_model(run), z0[:n], prompts, t=attack_t, key=key, methods=methods,
+      posterior="ancestral", posterior_steps=posterior_steps, guidance_scale=guidance_scale,
+      mmse_guidance=guidance_scale, batch_size=batch_size, log=log)
 
 
 def sample_images(run: LatentRun, mode: str, num_samples: int, *, seed: int, num_steps: int,
@@ -253,30 +226,6 @@ def sample_images(run: LatentRun, mode: str, num_samples: int, *, seed: int, num
       batch_sharding=run.batch_sharding, param_sharding=(run.param_shardings, frozen_sh),
       inputs=lambda idx: _cond_keys(ds.get_batch(idx % ds.num_examples)))
   return common.quantize(np.clip(run.coder[1](latents), -1.0, 1.0))
-
-
-def _feature_fn(name: str, clean: np.ndarray, inception_weights: Optional[str],
-                cache_dir: str, feature_steps: Optional[int]):
-  """(feature name, fn images [n, R, R, 3] in [-1, 1] -> [n, F] or None for pixels,
-  digit net or None) for the nearest-neighbour search; "auto": Inception when its weights
-  are given, else the digit network for gray (digits-like) images, else pixels."""
-  gray = is_grayscale(clean)
-  if name == "auto":
-    name = "inception" if inception_weights else ("digits" if gray else "pixels")
-  if name == "inception":
-    features = common.inception_features(inception_weights, log=None)
-    return name, (lambda x: features(x)), None
-  if name == "digits":
-    if not gray:
-      raise errors.UsageError("the digit feature network (fd, kid, --attack_features=digits) is "
-                           "meaningful only for gray digits-like images; this run's fine-tuning "
-                           "images are colour: use --metrics=fid --inception_weights=FILE, and "
-                           "--attack_features=inception or pixels.")
-    from ambient_jax.metrics import digit_features  # pylint: disable=g-import-not-at-top
-    net = digit_features.get_digit_feature_net(clean.shape[1], cache_dir=cache_dir,
-                                               log=run_lib.log_message, steps=feature_steps)
-    return name, (lambda x: net.features(np.asarray(x)[..., :1])), net
-  return "pixels", None, None
 
 
 def evaluate_latent(workdir: str, *, step: Optional[int] = None, sampling: str = "full",
@@ -300,7 +249,9 @@ def evaluate_latent(workdir: str, *, step: Optional[int] = None, sampling: str =
                          "(guided Euler, as diffusers).")
   metrics = common.check_metrics(metrics, inception_weights)
   if attack_features not in FEATURES:
-    raise errors.UsageError(f"--attack_features={attack_features!r}: expected one of {FEATURES}.")
+    raise errors.UsageError(f"--attack_features={attack_features!r}: expected one of {FEATURES} "
+                            "(DINOv2: python -m ambient_jax.attack --workdir=DIR "
+                            "--features=dinov2).")
   if attack_features == "inception" and not inception_weights:
     raise errors.UsageError("--attack_features=inception needs --inception_weights=FILE.")
   if heldout_images is not None and not os.path.isdir(heldout_images):
@@ -323,11 +274,13 @@ def evaluate_latent(workdir: str, *, step: Optional[int] = None, sampling: str =
       f"latents {ds.latent_shape} from {ds.path}, σ_n VP max {run.sigma_n_max:g}")
   clean = clean_images(run)
   feature_name, feature_fn, net = None, None, None
+  space = functools.partial(features.feature_space, gray=features.is_grayscale(clean),
+                            resolution=clean.shape[1], inception_weights=inception_weights,
+                            cache_dir=cache_dir, feature_steps=feature_steps)
   if {"fd", "kid"} & set(metrics):
-    _, _, net = _feature_fn("digits", clean, None, cache_dir, feature_steps)
+    net = space("digits").net
   if "memorization" in metrics:
-    feature_name, feature_fn, net_m = _feature_fn(attack_features, clean, inception_weights,
-                                                  cache_dir, feature_steps)
+    feature_name, feature_fn, net_m, _ = space(attack_features)
     net = net or net_m
   heldout = None if heldout_images is None else read_image_folder(heldout_images, clean.shape[1])
   t0 = time.time()
@@ -392,7 +345,7 @@ def memorization_report(run, clean, samples, feature_name, feature_fn, heldout, 
                                    batch_size=batch_size, guidance_scale=guidance_scale, log=log)
   sigma_vp, sigma_ve = float(sched.vp_sigmas[attack_t]), float(sched.ve_sigmas[attack_t])
   # The noisy input is decoded as the model sees it: VP x_t = √(1 − σ_t²) (z0 + σ^VE ε).
-  recon["noisy_input"] = recon["noisy_input"] * np.float32(np.sqrt(1.0 - sigma_vp ** 2))
+  recon["noisy_input"] = latent_attack.vp_view(recon["noisy_input"], sched, attack_t)
   images = {m: common.quantize(np.clip(decode(z), -1.0, 1.0)) for m, z in recon.items()}
   attack = memorization.compare(images, index, attacked, sigma_ve, copy_rmse)
   nn_summary, nn_sims = memorization.nearest_neighbours(samples, index=index, copy_rmse=copy_rmse)

@@ -68,3 +68,22 @@ def sample_latents(denoise_fn, schedule: NoiseSchedule, latents: jax.Array,
   sigmas = schedule.inference_sigmas(num_steps)
   x = jnp.asarray(latents, jnp.float32) * np.float32(schedule.init_noise_sigma(sigmas))
   return sampling.euler_sampler(denoise_fn, x, sigmas)
+
+
+def hot_sample(denoise_fn, schedule: NoiseSchedule, noisy: jax.Array, t: int, keys: jax.Array,
+               num_steps: int = 50) -> jax.Array:
+  """The paper's posterior sample of a noised latent ("hot sample", METHOD.md §8): x0 latents
+  [B, h, w, C] from `noisy` [B, h, w, C] = z0 + σ_t ε, the VE view of x_t at DDPM step t.
+
+  As the official attack: a `num_steps` DDPM-scheduler pipeline whose latents are held at
+  x_t until the inference step τ nearest t (`NoiseSchedule.hot_sigmas`), then run to 0.
+  Holding means the UNet sees x_t itself at timestep τ: in the VE view x = x_t √(1 + σ_τ²)
+  = noisy · √(1 + σ_τ²) / √(1 + σ_t²) (equal to `noisy` when τ = t). DDPMScheduler's
+  ancestral steps are posterior steps over the σ list (`sampling.ancestral_steps`), the
+  last one to σ = 0 returning D; keys [B], one per image.
+  """
+  sigmas, _ = schedule.hot_sigmas(num_steps, t)  # sigmas[0] = σ_τ
+  scale = np.float32(np.sqrt((1.0 + float(sigmas[0]) ** 2) /
+                             (1.0 + float(schedule.ve_sigmas[t]) ** 2)))
+  return sampling.ancestral_steps(denoise_fn, jnp.asarray(noisy, jnp.float32) * scale, sigmas,
+                                  keys)

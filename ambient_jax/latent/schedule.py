@@ -106,6 +106,21 @@ class NoiseSchedule:
                     self.ve_sigmas)
     return np.concatenate([sig, [0.0]]).astype(np.float32)
 
+  def hot_sigmas(self, num_steps: int, t: int) -> tuple[np.ndarray, float]:
+    """The σ list of the paper's "hot sample" from DDPM step t: (VE σ [M + 1] float32, from
+    the inference step nearest t down to 0; that step τ).
+
+    The official attack runs a `num_steps` pipeline whose latents are reset to the noised
+    latent x_t after every step at a timestep above τ = argmin_i |τ_i − t| (the first on
+    ties); so the run is the noised latent taken as the state at τ, then the remaining
+    steps (τ included) down to 0. The τ_i are DDPMScheduler's, the paper's: diffusers'
+    `inference_timesteps` rounded to whole steps (only "linspace" spacing has fractions).
+    """
+    steps = np.round(self.inference_timesteps(num_steps))
+    start = int(np.argmin(np.abs(steps - float(t))))
+    sigmas = self.ve_sigmas[steps[start:].astype(np.int64)]
+    return np.concatenate([sigmas, [0.0]]).astype(np.float32), float(steps[start])
+
   def init_noise_sigma(self, sigmas: np.ndarray) -> float:
     """The scale diffusers gives the initial N(0, I) latents (its `init_noise_sigma`)."""
     top = float(np.max(sigmas))

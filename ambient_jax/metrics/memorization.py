@@ -201,18 +201,34 @@ class NearestNeighbourIndex:
     self.denoise = denoise
     self.denoised_nn = None if denoise is None else _PixelNN(denoise(self.images))
 
+  @classmethod
+  def from_features(cls, features, feature_fn: FeatureFn, center: bool = False,
+                    mesh: Optional[jax.sharding.Mesh] = None) -> "NearestNeighbourIndex":
+    """An index over reference *features* [M, D] only (no images kept, no pixel search): for
+    datasets too large to hold as images (10k LAION images at 1024²), whose features were
+    computed chunk by chunk. `query` then returns only similarity and index. center=False:
+    plain cosine of the features, as the paper's DINOv2 similarity."""
+    index = cls.__new__(cls)
+    feats = np.asarray(features, np.float64)
+    index.mesh, index.images, index.feature_fn = mesh, None, feature_fn
+    index.center = feats.mean(0) if center else np.zeros(feats.shape[1])
+    index.feats = index._normalise(feats)
+    index.pixel_nn = index.denoise = index.denoised_nn = None
+    return index
+
   def _normalise(self, feats):
     f = np.asarray(feats, np.float64) - self.center
     return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
 
   def query(self, images, chunk: int = 1000) -> dict[str, np.ndarray]:
     """images [n, ...] -> {similarity, index (feature NN), pixel_rmse, pixel_index}, and
-    with `denoise` {denoised_rmse, denoised_index}."""
+    with `denoise` {denoised_rmse, denoised_index} (no pixel keys for `from_features`)."""
     images = np.asarray(images, np.float32)
     q = self._normalise(self.feature_fn(images))
     sim, index = max_inner_product(q, self.feats, mesh=self.mesh, query_block=chunk)
-    rmse, idx = self.pixel_nn.query(images)
-    out = dict(similarity=sim, index=index, pixel_rmse=rmse, pixel_index=idx)
+    out = dict(similarity=sim, index=index)
+    if self.pixel_nn is not None:
+      out["pixel_rmse"], out["pixel_index"] = self.pixel_nn.query(images)
     if self.denoised_nn is not None:
       out["denoised_rmse"], out["denoised_index"] = self.denoised_nn.query(self.denoise(images))
     return out
@@ -220,22 +236,26 @@ class NearestNeighbourIndex:
 
 def summarize(result: dict[str, np.ndarray], attacked: Optional[np.ndarray] = None,
               copy_rmse: Optional[float] = None,
-              copy_rmse_denoised: Optional[float] = None) -> dict:
-  """Fractions above the similarity thresholds, means, self-match rates (when `attacked`
+              copy_rmse_denoised: Optional[float] = None, thresholds=THRESHOLDS) -> dict:
+  """Fractions above the similarity `thresholds`, means, self-match rates (when `attacked`
   gives the attacked indices) and, with `copy_rmse`, the fraction of copies: images whose
   nearest training image is closer in pixels than `copy_rmse` (see `heldout_baseline`);
-  with `copy_rmse_denoised`, the same after the index's fixed denoising of both."""
+  with `copy_rmse_denoised`, the same after the index's fixed denoising of both. Pixel
+  figures only when `result` has them (an index `from_features` has none)."""
   sims = result["similarity"]
-  out = {f"frac_sim_above_{t}": float(np.mean(sims > t)) for t in THRESHOLDS}
+  out = {f"frac_sim_above_{t}": float(np.mean(sims > t)) for t in thresholds}
   out.update(mean_similarity=float(np.mean(sims)), median_similarity=float(np.median(sims)),
-             mean_nn_pixel_rmse=float(np.mean(result["pixel_rmse"])), count=int(len(sims)))
+             count=int(len(sims)))
+  if "pixel_rmse" in result:
+    out["mean_nn_pixel_rmse"] = float(np.mean(result["pixel_rmse"]))
   if copy_rmse is not None:
     out["frac_copies"] = float(np.mean(result["pixel_rmse"] < copy_rmse))
   if copy_rmse_denoised is not None:
     out["frac_copies_denoised"] = float(np.mean(result["denoised_rmse"] < copy_rmse_denoised))
   if attacked is not None:
     out["self_match_features"] = float(np.mean(result["index"] == attacked))
-    out["self_match_pixels"] = float(np.mean(result["pixel_index"] == attacked))
+    if "pixel_index" in result:
+      out["self_match_pixels"] = float(np.mean(result["pixel_index"] == attacked))
   return out
 
 
@@ -292,7 +312,8 @@ class AttackResult:
 def reconstruct(denoise_fn, images, *, sigma: float, key: jax.Array, num_attacked: Optional[int] = None,
                 posterior_steps: int = 32, batch_size: int = 128,
                 methods=("mmse", "posterior"), shared: tuple = (), per_image: tuple = (),
-                sigma_to: float = 0.002, log=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                sigma_to: float = 0.002, posterior_fn=None, indices=None,
+                log=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """The attack's reconstructions of the first `num_attacked` images (all by default).
 
   images [N, ...] (VE space: pixels in [-1, 1], or a latent model's VE view of latents)
@@ -300,13 +321,23 @@ def reconstruct(denoise_fn, images, *, sigma: float, key: jax.Array, num_attacke
   one-step MMSE D(x, σ) and by `sampling.ancestral_sampler` from σ down to `sigma_to`.
   denoise_fn(x [B, ...], σ [B], *shared, *per_image_batch) -> x0_hat, jitted here:
   `shared` (e.g. parameters) and `per_image` (pytrees of [N, ...] arrays, e.g. each
-  image's prompt embeddings, sliced to the batch) are passed as arguments, not baked in.
+  image's prompt embeddings, sliced to the batch; any leaf with numpy-style row indexing
+  works) are passed as arguments, not baked in. `posterior_fn(x [B, ...] at σ, keys [B],
+  *shared, *per_image_batch) -> x0` replaces the ancestral sampler (e.g. a latent model's
+  hot sample, `latent.guidance.hot_sample`). `indices` [N]: each image's index in its
+  dataset, which picks its noise and sampler keys (default 0..N−1), so that a subset or a
+  chunk of a dataset is noised as the whole would be.
   Returns (attacked indices [n], {"noisy_input", *methods: [n, ...]}).
   """
   images = np.asarray(images, np.float32)
   n = len(images) if num_attacked is None else min(num_attacked, len(images))
-  attacked = np.arange(n)
+  attacked = np.arange(n) if indices is None else np.asarray(indices)[:n]
   k_noise, k_post = jax.random.split(key)
+  if posterior_fn is None:
+    def posterior_fn(x, keys, *args):
+      return sampling.ancestral_sampler(lambda y, s: denoise_fn(y, s, *args), x,
+                                        jnp.full((x.shape[0],), sigma, jnp.float32), keys,
+                                        posterior_steps, sigma_to=sigma_to)
 
   @jax.jit
   def mmse(x, shared, extra):
@@ -315,18 +346,17 @@ def reconstruct(denoise_fn, images, *, sigma: float, key: jax.Array, num_attacke
   @jax.jit
   def posterior(x, idx, shared, extra):
     keys = jax.vmap(lambda i: jax.random.fold_in(k_post, i))(idx)
-    return sampling.ancestral_sampler(lambda y, s: denoise_fn(y, s, *shared, *extra), x,
-                                      jnp.full((x.shape[0],), sigma, jnp.float32), keys,
-                                      posterior_steps, sigma_to=sigma_to)
+    return posterior_fn(x, keys, *shared, *extra)
 
   recon = {m: [] for m in ("noisy_input",) + tuple(methods)}
   t0 = time.time()
   for start in range(0, n, batch_size):
-    idx = attacked[start:start + batch_size]
-    pad = batch_size - len(idx) if n > batch_size else 0  # one compiled shape
-    idx_p = np.concatenate([idx, np.repeat(idx[-1:], pad)]) if pad else idx
-    x = noise_images(images[idx_p], sigma, k_noise, idx_p)
-    extra = jax.tree.map(lambda a: jnp.asarray(a[idx_p]), tuple(per_image))
+    rows = np.arange(start, min(start + batch_size, n))
+    pad = batch_size - len(rows) if n > batch_size else 0  # one compiled shape
+    rows = np.concatenate([rows, np.repeat(rows[-1:], pad)]) if pad else rows
+    idx, idx_p = attacked[rows[:len(rows) - pad]], attacked[rows]
+    x = noise_images(images[rows], sigma, k_noise, idx_p)
+    extra = jax.tree.map(lambda a: jnp.asarray(a[rows]), tuple(per_image))
     recon["noisy_input"].append(np.asarray(x)[:len(idx)])
     if "mmse" in methods:
       recon["mmse"].append(np.asarray(mmse(x, shared, extra))[:len(idx)])

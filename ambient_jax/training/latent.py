@@ -44,12 +44,13 @@ class PretrainedError(errors.UserError, ValueError):
   """The pretrained folder is missing or not a model this config can fine-tune."""
 
 
-def check_pretrained(folder: str) -> dict:
+def check_pretrained(folder: str, name: str = "config.latent.pretrained") -> dict:
   """The folder's model_index.json, after checking it is a diffusers SD / SDXL folder with
-  a unet/ and a scheduler/ (one clear error otherwise, before anything compiles)."""
+  a unet/ and a scheduler/ (one clear error otherwise, before anything compiles); `name`:
+  where the folder was given, for the message."""
   index_path = os.path.join(folder, "model_index.json")
   if not os.path.isfile(index_path):
-    raise PretrainedError(f"config.latent.pretrained = {folder!r} is not a diffusers folder "
+    raise PretrainedError(f"{name} = {folder!r} is not a diffusers folder "
                           "(no model_index.json); point it at e.g. a local copy of "
                           "stabilityai/stable-diffusion-xl-base-1.0.")
   index = weights.read_json(index_path)
