@@ -136,6 +136,8 @@ def test_start_index_is_diffusers_get_timesteps(folder, steps, strength):
 
 
 def test_a_plain_text_to_image_folder_is_refused_in_one_line(folder):
+  with pytest.raises(inpainting.NotInpaintingModelError, match="no UNet"):
+    inpainting.check_inpainting(dataclasses.replace(folder[2], unet=None))
   text_to_image = os.path.join(os.path.dirname(folder[1]), "sdxl")  # the tiny SDXL parts
   with pytest.raises(inpainting.NotInpaintingModelError, match="in_channels=4"):
     inpainting.inpaint(pipeline.load_pretrained(text_to_image), np.zeros((1, 32, 32, 3)),

@@ -58,6 +58,10 @@ class NotInpaintingModelError(errors.UserError, ValueError):
 
 def check_inpainting(pipe: LatentPipeline) -> None:
   """One-line error unless the UNet takes 9 input channels (latents, mask, masked image)."""
+  if pipe.unet is None or "unet" not in pipe.configs:
+    raise NotInpaintingModelError("the pipeline has no UNet (loaded with_unet=False, e.g. a "
+                                  "fine-tuning workdir's); inpainting needs a diffusers "
+                                  "inpainting folder.")
   channels = pipe.configs["unet"].get("in_channels", 4)
   if channels != INPAINT_CHANNELS:
     raise NotInpaintingModelError(
