@@ -52,6 +52,13 @@ class Checkpointer:
       )
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=(STATE, META))
+    self._closed = False
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
   def latest_step(self) -> Optional[int]:
     """The newest *complete* checkpoint's step, or None."""
@@ -86,6 +93,10 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
+    """Finishes pending writes and stops Orbax's threads (idempotent)."""
+    if self._closed:
+      return
+    self._closed = True
     self._manager.wait_until_finished()
     self._manager.close()
 

@@ -71,7 +71,6 @@ class Trainer:
         lambda state, batch, consistency: jitted(state, batch, consistency, frozen))
     self.last_grid: Optional[str] = None  # path of the newest sample grid this run wrote
     self.steps_done = 0  # training steps this process has run in this run() call
-    self._closed = False
     self.checkpointer = checkpoint_lib.Checkpointer(
         self.root / "checkpoints", max_to_keep=config.checkpoint.max_to_keep,
         keep_every_steps=config.checkpoint.keep_every_steps,
@@ -239,9 +238,7 @@ class Trainer:
 
   def close(self) -> None:
     """Waits for pending checkpoint writes and releases Orbax (idempotent)."""
-    if not self._closed:
-      self._closed = True
-      self.checkpointer.close()
+    self.checkpointer.close()
 
 
 # Until the consistency phase has run, its steps are assumed this much slower than the
@@ -298,10 +295,9 @@ def train_and_evaluate(config: Any, workdir: str) -> ts.TrainState:
     return trainer.run()
   except BaseException:
     if trainer is not None:
-      trainer.close()
+      trainer.close()  # before the workdir may go: Orbax's writes finish first
     if created and (trainer is None or trainer.steps_done == 0) and jax.process_index() == 0:
-      storage.remove_tree(workdir)
-      logging.info("Removed %s: this run created it and failed before its first step.", workdir)
+      storage.remove_tree(workdir)  # silently: the error itself is the run's one line
     raise
   finally:
     if trainer is not None:
