@@ -70,6 +70,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.eps = 1e-8
   c.optim.grad_clip = 1.0         # global-norm clip; 0 = off
   c.optim.weight_decay = 0.0      # > 0: AdamW's decoupled weight decay (paper SDXL runs: 0.01)
+  c.optim.grad_accum_steps = 1    # k: one step runs batch_size as k micro-batches of
+                                  # batch_size/k (activations of one at a time) and averages
+                                  # their gradients: the same update, less memory, k× the passes.
+                                  # batch_size must divide by k × the devices. Every example's
+                                  # σ/noise is the same for any k; dropout masks (> 0) are not
 
   c.ema = ml_collections.ConfigDict()
   c.ema.halflife_kimg = (500.0,)  # EDM half-lives in thousands of images; several allowed

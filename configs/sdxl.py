@@ -11,7 +11,8 @@ projections to_q/to_k/to_v/to_out.0; Adam β (0.9, 0.999), weight decay 0.01, lr
 constant, batch 16, bf16 base weights; t uniform over the DDPM steps above t_n, plain MSE
 on x̂_n; 200k steps, the consistency loss from step 150k with λ_c = 0.01 (1e-4 at
 t_n = 800); 1024², 25-step sampling. The mesh shards the frozen UNet over 8 devices (FSDP,
-a v5e-8 / v4-8 slice or an 8-GPU box); on one GPU add --config.mesh.fsdp=1.
+a v5e-8 / v4-8 slice or an 8-GPU box); on one GPU add --config.mesh.fsdp=1, and to fit
+the batch of 16 there run it as micro-batches: `:accum=16` (or --config.optim.grad_accum_steps).
 """
 
 import importlib.util
@@ -35,6 +36,8 @@ VARIANTS = {
     "full_finetune": "train the whole UNet (float32) instead of LoRA adapters",
     "remat": "recompute each UNet resnet / transformer block in the backward pass (same "
              "gradients; XLA:CPU's memory plan showed no saving, untested on accelerators)",
+    "accum=16": "gradient accumulation: each step's batch as 16 micro-batches (of 1 on one "
+                "device: the same update in a 16th of the activation memory); default 1",
     "smoke": "a few CPU steps on a tiny diffusers folder (tests): float32, rank 2, batch 4",
 }
 
@@ -42,7 +45,7 @@ VARIANTS = {
 def get_config(arg=None):
   a = edm_paper.parse_arg(arg, t_n=500, consistency=-1.0, consistency_start=150_000,
                           mode="ambient", family="sdxl", full_finetune=False, remat=False,
-                          smoke=False)
+                          accum=1, smoke=False)
   if a["family"] not in ("sdxl", "sd15"):
     raise ValueError(f"Config variant family={a['family']!r} is unknown; allowed: sdxl, sd15.")
   if a["consistency"] < 0 and a["consistency"] != -1.0:
@@ -72,6 +75,7 @@ def get_config(arg=None):
   c.optim.warmup_steps = 0                # constant
   c.optim.weight_decay = 0.01
   c.optim.grad_clip = 0.0
+  c.optim.grad_accum_steps = a["accum"]
   c.ema.halflife_kimg = (50.0,)
   c.mesh.fsdp = 8
   c.mesh.fsdp_min_size = 2**16

@@ -57,6 +57,37 @@ def test_lora_fine_tune_trains_only_the_adapters_and_resumes_bit_exactly(prepare
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_two_micro_batches_give_the_full_batch_gradient(prepared, tmp_path):
+  """The latent step with k = 2 (consistency on, prompt dropout 0.5) gives k = 1's gradient
+  and losses on 2 devices: every example draws the same timestep, noise, prompt dropout and
+  chains whatever micro-batch it is in."""
+  from ambient_jax import data  # pylint: disable=g-import-not-at-top
+  from ambient_jax.runtime import sharding  # pylint: disable=g-import-not-at-top
+  from ambient_jax.training import latent  # pylint: disable=g-import-not-at-top
+  from tests.test_grad_accum import assert_same_gradients, gradient_recorder, recording_state
+  changes = {"latent.cfg_dropout": 0.5, "sample.every_steps": -1}
+  trainer = train.Trainer(_config(prepared, **changes), str(tmp_path / "w"),
+                          devices=jax.devices()[:2])
+  task, start = trainer.task, trainer.initial_state()
+  frozen_shardings = jax.tree.map(lambda a: a.sharding, task.frozen)
+  results = {}
+  for k in (1, 2):
+    config = _config(prepared, **changes, **{"optim.grad_accum_steps": k})
+    step_fn = latent.make_latent_step(config, task.graphdef, task.schedule, task.uncond,
+                                      gradient_recorder(), trainer.state_shardings,
+                                      frozen_shardings, num_shards=2)
+    loader = data.GlobalBatchLoader(task.dataset, config.batch_size, config.seed,
+                                    sharding.batch_sharding(trainer.mesh), micro_batches=k)
+    new, metrics = jax.jit(step_fn, static_argnums=2)(recording_state(start, 2), loader.batch(2),
+                                                       True, task.frozen)
+    results[k] = jax.device_get((new.opt_state, metrics))
+  trainer.close()
+  assert results[1][1]["consistency_loss"] != 0 and results[1][1]["grad_norm"] > 0
+  assert_same_gradients(results[2][0], results[1][0])
+  for name in ("loss", "ambient_loss", "consistency_loss", "grad_norm"):
+    np.testing.assert_allclose(results[2][1][name], results[1][1][name], rtol=2e-5, err_msg=name)
+
+
 @pytest.mark.parametrize("variant", ["naive", "full_finetune"])
 def test_baselines_and_full_fine_tuning_take_a_step(prepared, tmp_path, variant):
   """One step of the naive baseline (with remat) and of full fine-tuning."""

@@ -236,12 +236,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
     if step is not None and step not in sampling.STEP_KINDS:
       c.fail("consistency.kwargs.step", step, f"must be one of {sampling.STEP_KINDS} (or unset: "
              f"the loss's own default)")
+  accum = c.int_at_least("optim.grad_accum_steps", 1)
   if weight and fraction is not None and batch is not None:
     k = batch * fraction
     if fraction == 0 or abs(k - round(k)) > 1e-6 or batch % round(k):
       c.fail("consistency.batch_fraction", fraction,
              f"must give a whole number of examples k = batch_size × fraction that divides "
              f"batch_size = {batch} (every (batch_size/k)-th example gets the consistency loss)")
+    elif accum is not None and batch % accum == 0 and (batch // accum) % round(batch / k):
+      c.fail("consistency.batch_fraction", fraction,
+             f"must take every s-th example (s = 1/fraction = {round(batch / k)}) of each "
+             f"micro-batch: config.batch_size / config.optim.grad_accum_steps = {batch} / "
+             f"{accum} = {batch // accum} must be divisible by s")
     if kind == "naive":
       c.fail("consistency.weight", weight, "must be 0 with loss.kind='naive' (the naive "
              "baseline ignores σ_n, so there is nothing to be consistent below)")
@@ -287,6 +293,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
   if dp is not None and batch is not None and batch % dp:
     c.fail("batch_size", batch, f"must be divisible by the data-parallel size {dp} "
            f"(mesh.data × mesh.fsdp over {num_devices} devices)")
+  elif dp is not None and batch is not None and accum is not None and batch % (accum * dp):
+    c.fail("optim.grad_accum_steps", accum, f"must split config.batch_size = {batch} into "
+           f"micro-batches that split evenly over the {dp} devices of the batch (mesh.data × "
+           f"mesh.fsdp): batch_size must be divisible by grad_accum_steps × devices = {accum} × "
+           f"{dp} = {accum * dp}")
 
   c.int_at_least("cpu_devices", 0)
   problem = cpu_defaults.flags_problem(c.get("cpu_xla_flags"))

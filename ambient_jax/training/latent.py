@@ -17,7 +17,7 @@ the dataset; latent.cfg_dropout replaces a prompt by the unconditional one.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -26,10 +26,12 @@ import optax
 from absl import logging
 from flax import nnx
 
-from ambient_jax import errors, losses, precond
+from ambient_jax import errors, losses, precond, random_draws
 from ambient_jax.runtime import sharding as sharding_lib
 from ambient_jax.training import state as ts
-from ambient_jax.training.step import apply_gradients, below_sigma_n_term, step_key
+from ambient_jax.training.step import (accumulate_gradients, apply_gradients, batch_shards,
+                                      below_sigma_n_term, grad_accum_steps, micro_batches,
+                                      micro_example_keys, step_key)
 from ambient_jax.data.loader import GlobalBatchLoader
 from ambient_jax.data import latent as dataset_lib
 from ambient_jax.latent import guidance, lora, unet, weights
@@ -98,7 +100,8 @@ class LatentTask:
     self.schedule = NoiseSchedule.from_config(weights.read_json(
         os.path.join(self.pretrained, "scheduler", "scheduler_config.json")))
     self.loader = GlobalBatchLoader(self.dataset, config.batch_size, config.seed,
-                                    sharding_lib.batch_sharding(mesh))
+                                    sharding_lib.batch_sharding(mesh),
+                                    micro_batches=grad_accum_steps(config))
     self.uncond = {k: jnp.asarray(v) for k, v in self.dataset.uncond().items()}
     self._build_model()
     self._grid = None
@@ -154,7 +157,8 @@ class LatentTask:
 
   def make_step(self, tx: optax.GradientTransformation, state_shardings: Any):
     return make_latent_step(self.config, self.graphdef, self.schedule, self.uncond, tx,
-                            state_shardings, jax.tree.map(lambda a: a.sharding, self.frozen))
+                            state_shardings, jax.tree.map(lambda a: a.sharding, self.frozen),
+                            sharding_lib.data_parallel_size(self.mesh))
 
   def write_grid(self, done: int, params: Any, writer: Any, objective_name: str,
                  params_sharding: Any, workdir: str) -> str:
@@ -167,7 +171,7 @@ class LatentTask:
 
 def make_latent_step(config: Any, graphdef: Any, schedule: NoiseSchedule, uncond: dict,
                      tx: optax.GradientTransformation, state_shardings: Any,
-                     frozen_shardings: Any):
+                     frozen_shardings: Any, num_shards: Optional[int] = None):
   """The pure step (state, batch, consistency, frozen) -> (state, metrics).
 
   graphdef: the UNet's (with LoRA slots when adapters train), split as
@@ -175,6 +179,10 @@ def make_latent_step(config: Any, graphdef: Any, schedule: NoiseSchedule, uncond
   SDXL "text_embeds" [Dp]); frozen_shardings: where the frozen weights live (FSDP: they
   are all-gathered right before use). Needs no weights: `benchmarks/sdxl_memory.py`
   compiles it for the real SDXL from shapes alone.
+  num_shards: the devices the batch is split over (default: those of the state's mesh).
+  With config.optim.grad_accum_steps = k the UNet runs on k micro-batches of B/k in turn
+  (`step.accumulate_gradients`); example p of the batch draws its timestep, noise, prompt
+  dropout and consistency chains from fold_in(key', p), the same for every k.
   """
   lc = config.latent
   naive = config.loss.kind == "naive"
@@ -184,6 +192,8 @@ def make_latent_step(config: Any, graphdef: Any, schedule: NoiseSchedule, uncond
   halflives = tuple(float(h) for h in config.ema.halflife_kimg)
   schedule_lr = ts.learning_rate_schedule(config.optim)
   seed, batch_size = int(config.seed), int(config.batch_size)
+  num_micro = grad_accum_steps(config)
+  num_shards = batch_shards(state_shardings) if num_shards is None else int(num_shards)
   vp_sigmas = jnp.asarray(schedule.vp_sigmas)
   sigma_schedule = vp_sigmas if lc.timesteps == "uniform" else None
   cfg_dropout = float(lc.cfg_dropout)
@@ -192,11 +202,13 @@ def make_latent_step(config: Any, graphdef: Any, schedule: NoiseSchedule, uncond
   sched = schedule
   merge = lambda params, frozen: nnx.merge(graphdef, params, frozen, copy=True)
 
-  def conditioning(batch: dict, key: jax.Array) -> guidance.Conditioning:
+  def conditioning(batch: dict, keys: jax.Array) -> guidance.Conditioning:
+    """The batch's prompts, each replaced by the unconditional one with probability
+    cfg_dropout (keys [b]: one per example)."""
     cond = guidance.Conditioning(*(batch.get(k) for k in COND_KEYS))
     if cfg_dropout <= 0:
       return cond
-    drop = jax.random.uniform(key, (cond.context.shape[0],)) < cfg_dropout
+    drop = random_draws.uniform(keys, (cond.context.shape[0],)) < cfg_dropout
     mix = lambda c, u: jnp.where(drop.reshape((-1,) + (1,) * (c.ndim - 1)), u[None], c)
     context = mix(cond.context, uncond["context"])
     pooled = (cond.text_embeds if cond.text_embeds is None
@@ -207,18 +219,21 @@ def make_latent_step(config: Any, graphdef: Any, schedule: NoiseSchedule, uncond
     train_step.num_traces += 1
     key = step_key(seed, state.step)
     k_loss, k_cons, k_drop = jax.random.split(key, 3)
-    x_n, sigma_n = batch["latent"], batch["sigma_n"]
-    cond = conditioning(batch, jax.random.fold_in(k_drop, _DROP_SALT))
 
-    def loss_fn(params):
+    def loss_fn(params, micro):
+      """The loss of one micro-batch: its mean main loss + λ_c × the mean consistency loss
+      of its every stride-th example."""
+      batch, loss_keys, cons_keys, drop_keys = micro
+      x_n, sigma_n = batch["latent"], batch["sigma_n"]
+      cond = conditioning(batch, drop_keys)
       model = merge(gather_params(params), gather_frozen(frozen))
       model_fn = lambda x_t, t: _expand_cond(cond, x_t.shape[0]).apply(model, x_t, t)
       # ε̂(x_t, σ_t) for the VP losses: σ_t -> VE σ -> the (fractional) training step.
       eps_fn = lambda x_t, sigma_t: model_fn(x_t, sched.timestep(precond.vp_to_ve_sigma(sigma_t)))
       if naive:
-        per_example, _ = losses.ddpm_loss(eps_fn, x_n, k_loss, vp_sigmas)
+        per_example, _ = losses.ddpm_loss(eps_fn, x_n, loss_keys, vp_sigmas)
       else:
-        per_example, _ = losses.ambient_loss_vp(eps_fn, x_n, sigma_n, k_loss, prediction="eps",
+        per_example, _ = losses.ambient_loss_vp(eps_fn, x_n, sigma_n, loss_keys, prediction="eps",
                                                 sigma_schedule=sigma_schedule)
       main = jnp.mean(per_example)
       metrics = {"ambient_loss": main}
@@ -231,16 +246,22 @@ def make_latent_step(config: Any, graphdef: Any, schedule: NoiseSchedule, uncond
         denoise = ve_denoiser(sub_fn, sched)
         x_sub, s_sub = x_n[::stride], sigma_n[::stride]
         x_ve = x_sub / precond.expand(precond.vp_scale(s_sub), x_sub)
-        loss_c, _ = below_loss(denoise, x_ve, precond.vp_to_ve_sigma(s_sub), k_cons, **cons_kwargs)
+        loss_c, _ = below_loss(denoise, x_ve, precond.vp_to_ve_sigma(s_sub), cons_keys[::stride],
+                               **cons_kwargs)
         cons = jnp.mean(loss_c)
         total = total + cons_weight * cons
       metrics.update(consistency_loss=cons, loss=total,
                      consistency_weight=jnp.asarray(cons_weight if consistency else 0.0))
       return total, metrics
 
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    micro = (micro_batches(batch, num_micro, num_shards),
+             micro_example_keys(k_loss, batch_size, num_micro),
+             micro_example_keys(k_cons, batch_size, num_micro),
+             micro_example_keys(jax.random.fold_in(k_drop, _DROP_SALT), batch_size, num_micro))
+    grads, metrics = accumulate_gradients(loss_fn, state.params, micro, num_micro,
+                                          state_shardings.params)
     return apply_gradients(state, grads, metrics, tx, batch_size, halflives,
-                                     float(config.ema.rampup_ratio), schedule_lr)
+                           float(config.ema.rampup_ratio), schedule_lr)
 
   train_step.num_traces = 0
   return train_step

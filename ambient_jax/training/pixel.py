@@ -8,13 +8,16 @@ example (s = 1/batch_fraction) gets the consistency term. The kick-in is a stati
 argument of the jitted step: it is traced once per phase (at most twice a run), and
 before it the consistency term costs nothing. (A lax.cond on the step would trace once,
 but XLA:CPU runs a conditional's branch ~6x slower than the same ops outside one.)
-loss.kind="naive" passes σ_n = 0 (plain EDM on the noisy images: the baseline). Then Adam
-(warm-up, clipping) and the EMAs (`step.apply_gradients`).
+loss.kind="naive" passes σ_n = 0 (plain EDM on the noisy images: the baseline). Example p
+of the batch draws from fold_in(key', p) (one key per example). With
+optim.grad_accum_steps = k the loss is computed on k micro-batches of B/k in turn and
+their gradients averaged (`step.accumulate_gradients`; the same gradient, less memory).
+Then Adam (warm-up, clipping) and the EMAs (`step.apply_gradients`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -27,19 +30,31 @@ from ambient_jax import losses
 from ambient_jax.data import corruption
 from ambient_jax.runtime import sharding as sharding_lib
 from ambient_jax.training import state as ts
-from ambient_jax.training.step import apply_gradients, below_sigma_n_term, step_key
+from ambient_jax.training.step import (accumulate_gradients, apply_gradients, batch_shards,
+                                      below_sigma_n_term, grad_accum_steps, micro_batches,
+                                      micro_example_keys, step_key)
 
 
 def make_train_step(config: Any, model_def: ts.ModelDef, tx: optax.GradientTransformation,
-                    param_shardings: Any = None):
+                    param_shardings: Any = None, num_shards: Optional[int] = None):
   """The pure step (state, batch) -> (state, metrics); jit it with `jit_train_step`.
 
   `param_shardings` (the state's `.params` shardings): when they are FSDP-sharded, every
   parameter is all-gathered right before the network uses it and its gradient
   reduce-scattered back (`sharding.gather_for_use`), so the step moves parameters and
   gradients instead of resharding activations inside every layer.
+  `num_shards`: the devices the batch is split over (default: those of `param_shardings`'
+  mesh, else 1); with config.optim.grad_accum_steps = k > 1 it must be the loader's, whose
+  batch order (`data.loader.physical_order`) the step undoes (`step.micro_batches`).
+
+  Randomness: example p of the global batch draws σ, noise and its consistency chains from
+  fold_in(k_ambient or k_cons, p), the same for every k. Network dropout draws one key per
+  micro-batch, fold_in(k_dropout, m): with model.dropout > 0 its masks change with k
+  (equal in distribution, not bit for bit).
   """
   batch_size = int(config.batch_size)
+  num_micro = grad_accum_steps(config)
+  num_shards = batch_shards(param_shardings) if num_shards is None else int(num_shards)
   naive = config.loss.kind == "naive"
   ambient_kwargs = config.loss.ambient.to_dict()
   cons_weight = float(config.consistency.weight)
@@ -61,24 +76,30 @@ def make_train_step(config: Any, model_def: ts.ModelDef, tx: optax.GradientTrans
     train_step.num_traces += 1  # runs only while jax traces: counts (re)compilations
     key = step_key(seed, state.step)
     k_ambient, k_cons, k_dropout = jax.random.split(key, 3)
-    x0 = corruption.uint8_to_float(batch["image"])
-    sigma_n = batch["sigma_n"]
-    x_n = corruption.corrupt(x0, batch["index"], sigma_n, corruption_seed)
-    sigma_loss = jnp.zeros_like(sigma_n) if naive else sigma_n
-    labels = batch["label"] if use_labels else None
 
-    def loss_fn(params):
+    def loss_fn(params, micro):
+      """The loss of one micro-batch (b examples): its mean ambient loss + λ_c × the mean
+      consistency loss of its every stride-th example."""
+      batch, ambient_keys, cons_keys, index = micro
+      k_drop = jax.random.fold_in(k_dropout, index)
+      x0 = corruption.uint8_to_float(batch["image"])
+      sigma_n = batch["sigma_n"]
+      x_n = corruption.corrupt(x0, batch["index"], sigma_n, corruption_seed)
+      sigma_loss = jnp.zeros_like(sigma_n) if naive else sigma_n
+      labels = batch["label"] if use_labels else None
       params = gather_params(params)
-      denoise = model_def.denoiser(params, train=True, key=k_dropout, labels=labels)
-      per_example, aux = losses.ambient_loss(denoise, x_n, sigma_loss, k_ambient, **ambient_kwargs)
+      denoise = model_def.denoiser(params, train=True, key=k_drop, labels=labels)
+      per_example, aux = losses.ambient_loss(denoise, x_n, sigma_loss, ambient_keys,
+                                             **ambient_kwargs)
       ambient_loss = jnp.mean(per_example)
       metrics = {"ambient_loss": ambient_loss, "sigma_mean": jnp.mean(aux["sigma"])}
       total = ambient_loss
       if cons_weight > 0 and consistency:
         sub_labels = None if labels is None else labels[::stride]
-        d = model_def.denoiser(params, train=True, key=jax.random.fold_in(k_dropout, 1 << 20),
+        d = model_def.denoiser(params, train=True, key=jax.random.fold_in(k_drop, 1 << 20),
                                labels=sub_labels)
-        loss_c, _ = below_loss(d, x_n[::stride], sigma_loss[::stride], k_cons, **cons_kwargs)
+        loss_c, _ = below_loss(d, x_n[::stride], sigma_loss[::stride], cons_keys[::stride],
+                               **cons_kwargs)
         cons = jnp.mean(loss_c)
         total = total + cons_weight * cons
       else:
@@ -88,7 +109,11 @@ def make_train_step(config: Any, model_def: ts.ModelDef, tx: optax.GradientTrans
       metrics["loss"] = total
       return total, metrics
 
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    micro = (micro_batches(batch, num_micro, num_shards),
+             micro_example_keys(k_ambient, batch_size, num_micro),
+             micro_example_keys(k_cons, batch_size, num_micro), jnp.arange(num_micro))
+    grads, metrics = accumulate_gradients(loss_fn, state.params, micro, num_micro,
+                                          param_shardings)
     return apply_gradients(state, grads, metrics, tx, batch_size, halflives, rampup, schedule)
 
   train_step.num_traces = 0
@@ -108,7 +133,8 @@ class PixelTask:
     self.config, self.mesh = config, mesh
     self.dataset = data_lib.load_dataset(config.data, barrier=barrier)
     self.loader = data_lib.GlobalBatchLoader(self.dataset, config.batch_size, config.seed,
-                                             sharding_lib.batch_sharding(mesh))
+                                             sharding_lib.batch_sharding(mesh),
+                                             micro_batches=grad_accum_steps(config))
     self.model_def = ts.make_model_def(config, self.dataset.image_shape)
     self.sigma_n_max = float(np.max(self.dataset.sigma_n, initial=0.0))
     self._grid = None
@@ -118,7 +144,8 @@ class PixelTask:
     return ts.init_fn(self.config, tx), ()
 
   def make_step(self, tx: optax.GradientTransformation, state_shardings: Any):
-    return make_train_step(self.config, self.model_def, tx, state_shardings.params)
+    return make_train_step(self.config, self.model_def, tx, state_shardings.params,
+                           sharding_lib.data_parallel_size(self.mesh))
 
   def write_grid(self, done: int, params: Any, writer: Any, objective_name: str,
                  params_sharding: Any, workdir: str) -> str:

@@ -1,18 +1,31 @@
-"""The pieces every task's training step shares: the below-σ_n term, the optimizer + EMA
-update, the jit over the mesh, the consistency phase and what a model was trained with.
+"""The pieces every task's training step shares: the below-σ_n term, gradient
+accumulation over micro-batches with per-example keys, the optimizer + EMA update, the jit
+over the mesh, the consistency phase and what a model was trained with.
 
 A task (`training.pixel`, `training.latent`) writes its pure step from these; the Trainer
 jits it once per consistency phase with `jit_train_step`.
+
+Gradient accumulation (config.optim.grad_accum_steps = k): inside the one jitted step the
+global batch B is cut into k micro-batches of b = B/k, `lax.scan` runs forward + backward
+on one at a time (activation memory of b examples) and sums the gradients in float32;
+their mean over the k micro-batches is the full batch's gradient (every loss is a mean
+over equally sized parts). Example p of the global batch (its *position*, 0..B-1) draws
+from fold_in(key, p) (`example_keys`), so its σ and noise do not depend on k. The loader
+writes the batch in an order (`data.loader.physical_order`) that `micro_batches` undoes
+with local reshapes only: every device holds B/N rows and gives b/N of them to each
+micro-batch, so the split moves no data between devices.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding
 
-from ambient_jax import losses
+from ambient_jax import losses, random_draws
 from ambient_jax.runtime import sharding as sharding_lib
 from ambient_jax.training import ema
 from ambient_jax.training import state as ts
@@ -23,6 +36,69 @@ STEP_SALT = 0x57E9  # key of step s: fold_in(fold_in(key(seed), STEP_SALT), s)
 def step_key(seed: int, step: jax.Array) -> jax.Array:
   """The PRNG key of training step `step`: a pure function of (seed, step)."""
   return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), STEP_SALT), step)
+
+
+def grad_accum_steps(config: Any) -> int:
+  """config.optim.grad_accum_steps (k micro-batches a step); 1 for configs older than it."""
+  return int(config.optim.get("grad_accum_steps", 1))
+
+
+def batch_shards(shardings: Any) -> int:
+  """How many devices the batch is split over (N): the data-parallel size of the mesh that
+  the first NamedSharding in `shardings` lives on; 1 when there is none."""
+  for leaf in jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding)):
+    if isinstance(leaf, NamedSharding):
+      return sharding_lib.data_parallel_size(leaf.mesh)
+  return 1
+
+
+def micro_batches(batch: Any, num_micro: int, num_shards: int) -> Any:
+  """The loader's batch (leaves [B, ...], rows in `data.loader.physical_order`) ->
+  micro-batches (leaves [k, b, ...]; micro m holds positions m·b .. (m+1)·b − 1 in order).
+
+  [B] -> [N, k, b/N] -> [k, N, b/N] -> [k, b]: each device's B/N contiguous rows are its
+  b/N rows of every micro-batch, so with the batch sharded over N devices on axis 0 these
+  reshapes and the transpose are local. k = 1 is the identity.
+  """
+  def one(x):
+    total = x.shape[0]
+    if total % (num_micro * num_shards):
+      raise ValueError(f"a batch of {total} does not split into {num_micro} micro-batches over "
+                       f"{num_shards} devices.")
+    x = x.reshape((num_shards, num_micro, total // (num_micro * num_shards)) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1).reshape((num_micro, total // num_micro) + x.shape[3:])
+  return jax.tree.map(one, batch)
+
+
+def micro_example_keys(key: jax.Array, batch_size: int, num_micro: int) -> jax.Array:
+  """[k, b] keys: micro m, row r gets fold_in(key, m·b + r), its position in the global
+  batch, so an example's draws are the same for every k."""
+  keys = random_draws.example_keys(key, jnp.arange(batch_size))
+  return keys.reshape((num_micro, batch_size // num_micro))
+
+
+def accumulate_gradients(loss_fn: Callable[[Any, Any], tuple[jax.Array, dict]], params: Any,
+                         micro_inputs: Any, num_micro: int,
+                         shardings: Optional[Any] = None) -> tuple[Any, dict]:
+  """(mean gradient, mean metrics) of `loss_fn(params, inputs) -> (loss, metrics)` over
+  the k micro-batches of `micro_inputs` (leaves [k, ...]), one at a time in a `lax.scan`.
+
+  The gradients are summed in float32 (a tree like `params`, laid out by `shardings`, the
+  parameters' own: FSDP shards stay sharded) and divided by k; metrics (scalars) are
+  averaged. k = 1 is the same scan with one iteration (XLA inlines it).
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  total = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  if shardings is not None:
+    total = jax.lax.with_sharding_constraint(total, shardings)
+
+  def body(total, inputs):
+    (_, metrics), grads = grad_fn(params, inputs)
+    return jax.tree.map(lambda t, g: t + g.astype(jnp.float32), total, grads), metrics
+
+  total, metrics = jax.lax.scan(body, total, micro_inputs, length=num_micro)
+  grads = jax.tree.map(lambda t, p: (t / num_micro).astype(p.dtype), total, params)
+  return grads, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
 
 
 def below_sigma_n_term(config) -> tuple[Any, dict]:
