@@ -39,7 +39,7 @@ from jax.experimental import multihost_utils
 
 from ambient_jax import cli
 from ambient_jax.data.corruption import example_noise, uint8_to_float
-from ambient_jax.latent import pipeline, prompts, vae
+from ambient_jax.latent import attention, pipeline, prompts, vae
 from ambient_jax.data import latent as ds
 from ambient_jax.latent.schedule import NoiseSchedule
 from ambient_jax.precond import expand
@@ -65,6 +65,7 @@ class Args:
   batch_size: int = 8
   max_examples: int = 0
   captions_file: Optional[str] = None  # None: IMAGES/metadata.jsonl when it exists
+  attention: str = "auto"  # the VAE's attention implementation (latent/attention.py)
 
   def identity(self) -> dict[str, Any]:
     return {k: getattr(self, k) for k in IDENTITY}
@@ -104,13 +105,13 @@ def read_pretrained_configs(folder: str) -> dict[str, Any]:
   return configs
 
 
-def load_components(folder: str):
+def load_components(folder: str, attention: str = "auto"):
   """`pipeline.load_pretrained(folder, with_unet=False)` (VAE, text encoders, tokenizers,
   schedule) after `read_pretrained_configs` checked the folder; a missing component
   folder is one line."""
   read_pretrained_configs(folder)
   try:
-    return pipeline.load_pretrained(folder, with_unet=False)
+    return pipeline.load_pretrained(folder, with_unet=False, attention=attention)
   except FileNotFoundError as e:
     raise cli.UserError(f"--pretrained={folder}: {e}") from e
 
@@ -405,7 +406,7 @@ class _Worker:
     self.args, self.meta, self.chunks, self.writers = args, meta, chunks, writers
     self.progress_file, self.progress = progress_file, progress
     self.record = {k: sorted(v) for k, v in done.items()}
-    self.pipe = load_components(args.pretrained)
+    self.pipe = load_components(args.pretrained, args.attention)
     self.encode_latents, self.encode_text = make_encoders(self.pipe, meta["corruption_seed"])
     self.pool = concurrent.futures.ThreadPoolExecutor(max(1, min(16, os.cpu_count() or 1)))
 
@@ -503,12 +504,16 @@ def main(argv: Sequence[str]) -> int:
     raise cli.UsageError(f"unexpected arguments {argv[1:]}: flags are written --name=value.")
   f = flags.FLAGS
   from ambient_jax.runtime import sharding  # pylint: disable=g-import-not-at-top
+  try:
+    attention.resolve_implementation(f.attention)
+  except ValueError as e:
+    raise cli.UsageError(f"--attention={f.attention}: {e}") from e
   sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id,
                                   auto=f.distributed)
   prepare(Args(images=f.images, pretrained=f.pretrained, out=f.out, resolution=f.resolution,
                t_n=f.t_n, sigma_n=f.sigma_n, corruption_seed=f.corruption_seed,
                batch_size=f.batch_size, max_examples=f.max_examples,
-               captions_file=f.captions_file or None))
+               captions_file=f.captions_file or None, attention=f.attention))
   return 0
 
 
@@ -529,6 +534,10 @@ def _define_flags() -> None:
   flags.DEFINE_integer("max_examples", 0, "Only the first N images (sorted); 0 = all.")
   flags.DEFINE_string("captions_file", "", f"JSON lines {{\"file_name\", \"text\"}} (relative to "
                       f"--images); default {CAPTIONS_FILE} there, if present.")
+  flags.DEFINE_enum("attention", "auto", attention.ATTENTION_IMPLEMENTATIONS,
+                    "The VAE's attention (16,384 tokens at 1024²): auto = cudnn on GPU, pallas "
+                    "on TPU, chunked (memory-efficient, pure JAX) elsewhere; xla = plain "
+                    "einsum + softmax. The latents do not depend on it (up to rounding).")
   flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() with auto-detection.")
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
   flags.DEFINE_integer("num_processes", None, "With --coordinator_address.")

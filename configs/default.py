@@ -91,7 +91,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.latent.lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections
   c.latent.param_dtype = "bfloat16"  # frozen base weights ("float32" for exactness)
   c.latent.dtype = "bfloat16"     # UNet compute dtype; adapters and the loss stay float32
-  c.latent.remat = False          # recompute UNet blocks in the backward pass (memory for speed)
+  c.latent.remat = False          # recompute UNet blocks in the backward pass (memory for speed).
+                                  # XLA:CPU's concurrency-optimized scheduler starts every
+                                  # recomputation early, which undoes most of the saving on CPU;
+                                  # CPU runs that need it add XLA_FLAGS=--xla_cpu_enable_
+                                  # concurrency_optimized_scheduler=false (benchmarks/sdxl_memory.py
+                                  # compiles so). Not set by cpu_xla_flags="auto"
+  c.latent.attention = "auto"     # UNet / VAE attention (latent/attention.py), same function:
+                                  # "xla": einsum + softmax, the whole score map kept for the
+                                  # backward pass; "chunked": pure-JAX blockwise online softmax
+                                  # (Rabe & Staats 2021), one block of scores at a time, every
+                                  # backend; "cudnn": cuDNN flash attention (NVIDIA GPU, bf16);
+                                  # "pallas": Pallas flash attention (TPU); "auto": cudnn on GPU,
+                                  # pallas on TPU, chunked elsewhere (CPU), per layer
   c.latent.timesteps = "uniform"  # "uniform": DDPM steps above t_n (paper) | "lognormal"
   c.latent.cfg_dropout = 0.0      # probability of training on the unconditional prompt
   c.latent.guidance_scale = 5.0   # sample grids: classifier-free guidance

@@ -13,6 +13,9 @@ on x̂_n; 200k steps, the consistency loss from step 150k with λ_c = 0.01 (1e-4
 t_n = 800); 1024², 25-step sampling. The mesh shards the frozen UNet over 8 devices (FSDP,
 a v5e-8 / v4-8 slice or an 8-GPU box); on one GPU add --config.mesh.fsdp=1, and to fit
 the batch of 16 there run it as micro-batches: `:accum=16` (or --config.optim.grad_accum_steps).
+Memory: every UNet block is recomputed in the backward pass (latent.remat; `:remat=False`
+turns it off) and attention is memory-efficient (latent.attention = "auto": cuDNN flash on
+GPU, Pallas flash on TPU, chunked elsewhere); what fits where: docs/latent.md "What fits".
 """
 
 import importlib.util
@@ -34,17 +37,20 @@ VARIANTS = {
     "consistency=0.01": "λ_c (0 = off; default the paper's: 0.01, 1e-4 at t_n = 800)",
     "family=sd15": "Stable Diffusion 1.5 instead of SDXL: 512², batch 16, the same recipe",
     "full_finetune": "train the whole UNet (float32) instead of LoRA adapters",
-    "remat": "recompute each UNet resnet / transformer block in the backward pass (same "
-             "gradients; XLA:CPU's memory plan showed no saving, untested on accelerators)",
+    "remat=False": "keep every UNet block's activations for the backward pass instead of "
+                   "recomputing them (remat is on by default: same "
+                   "gradients, one more forward pass of compute, a fraction of the activation "
+                   "memory; docs/latent.md \"What fits\")",
     "accum=16": "gradient accumulation: each step's batch as 16 micro-batches (of 1 on one "
                 "device: the same update in a 16th of the activation memory); default 1",
-    "smoke": "a few CPU steps on a tiny diffusers folder (tests): float32, rank 2, batch 4",
+    "smoke": "a few CPU steps on a tiny diffusers folder (tests): float32, rank 2, batch 4, "
+             "no remat",
 }
 
 
 def get_config(arg=None):
   a = edm_paper.parse_arg(arg, t_n=500, consistency=-1.0, consistency_start=150_000,
-                          mode="ambient", family="sdxl", full_finetune=False, remat=False,
+                          mode="ambient", family="sdxl", full_finetune=False, remat=True,
                           accum=1, smoke=False)
   if a["family"] not in ("sdxl", "sd15"):
     raise ValueError(f"Config variant family={a['family']!r} is unknown; allowed: sdxl, sd15.")
@@ -60,7 +66,8 @@ def get_config(arg=None):
   c.latent.lora_alpha = 0.0               # = rank: scale 1
   c.latent.param_dtype = "float32" if a["full_finetune"] else "bfloat16"
   c.latent.dtype = "bfloat16"
-  c.latent.remat = a["remat"]
+  c.latent.remat = a["remat"]             # per-block remat: the activation memory of 1024²
+  c.latent.attention = "auto"             # cudnn (GPU) / pallas (TPU) / chunked flash attention
   c.latent.timesteps = "uniform"
   c.latent.sample_steps = 25
   c.latent.guidance_scale = 5.0 if a["family"] == "sdxl" else 7.5
@@ -90,6 +97,7 @@ def get_config(arg=None):
     c.latent.lora_rank = 0 if a["full_finetune"] else 2
     c.latent.param_dtype = c.latent.dtype = "float32"
     c.latent.sample_steps = 3
+    c.latent.remat = False                # tiny model: memory is no issue, compile time is
     c.consistency.start_step = 2
     c.consistency.batch_fraction = 0.5
     c.ema.halflife_kimg = (0.01,)

@@ -232,3 +232,19 @@ def test_fsdp_sharding_rule_comes_from_the_config():
   with c.unlocked():
     c.mesh.fsdp_min_size = 10**9
   assert sharded_fraction(c) == 0.0
+
+
+def test_latent_attention_is_validated_with_one_line_naming_the_field():
+  """config.latent.attention: one of ATTENTION_IMPLEMENTATIONS and one this backend can run
+  (cudnn needs a GPU, pallas a TPU); the SDXL config defaults to remat + "auto"."""
+  c = load("sdxl.py", "--config.latent.pretrained=SDXL", "--config.latent.dataset=LATENTS")
+  assert c.latent.attention == "auto" and c.latent.remat
+  assert not load("sdxl.py:remat=False").latent.remat and not load("sdxl.py:smoke").latent.remat
+  config_validation.validate(c, num_devices=8)
+  for value, expected in (("flash", "must be one of ('auto', 'xla', 'chunked', 'cudnn', 'pallas')"),
+                          ("cudnn", "needs a gpu backend, this is 'cpu'")):
+    with c.unlocked():
+      c.latent.attention = value
+    msg = _error(c)
+    assert f"config.latent.attention = {value!r} is not allowed" in msg and expected in msg, msg
+    assert len([line for line in msg.splitlines() if "latent.attention" in line]) == 1, msg

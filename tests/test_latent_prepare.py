@@ -197,6 +197,8 @@ def _run(*args) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("change, code, fragment", [
     ({"--t_n": 1000}, 2, "--t_n=1000 is out of range: the scheduler has DDPM steps 0..999"),
     ({"--images": "/nonexistent/images"}, 1, "--images=/nonexistent/images: no such folder"),
+    ({"--attention": "cudnn"}, 2, "--attention=cudnn: attention implementation 'cudnn' needs a "
+                                  "gpu backend, this is 'cpu'"),
 ])
 def test_command_line_mistakes_are_one_line(inputs, tmp_path, change, code, fragment):
   images, folder, _ = inputs

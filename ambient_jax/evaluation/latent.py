@@ -98,7 +98,8 @@ class LatentRun:
     """The pretrained folder's VAE (float32), loaded on first use."""
     if self._vae is None:
       from ambient_jax.latent import vae as vae_lib  # pylint: disable=g-import-not-at-top
-      self._vae, _ = vae_lib.load_vae(os.path.join(self.task.pretrained, "vae"))
+      self._vae, _ = vae_lib.load_vae(os.path.join(self.task.pretrained, "vae"),
+                                      attention=str(self.config.latent.get("attention", "auto")))
     return self._vae
 
   @property

@@ -101,14 +101,15 @@ class LatentPipeline:
 
 def load_pretrained(folder: str | os.PathLike, *, param_dtype: Any = None, dtype: Any = None,
                     unet_shardings: Any = None, variant: str | None = None,
-                    with_unet: bool = True) -> LatentPipeline:
+                    with_unet: bool = True, attention: str = "auto") -> LatentPipeline:
   """Loads a diffusers Stable Diffusion / SDXL folder (`model_index.json` + components).
 
   `param_dtype` (default float32) and `dtype` (compute, default = param_dtype) apply to
   the UNet and the text encoders; the VAE computes in float32 when its config says
   force_upcast. `unet_shardings`: see `weights.load_params` (e.g. FSDP over a mesh).
   with_unet=False: everything but the UNet (unet=None; latent preparation never runs it,
-  and SDXL's is 10 GB in float32), and the folder needs no unet/.
+  and SDXL's is 10 GB in float32), and the folder needs no unet/. `attention`: the UNet's
+  and the VAE's attention implementation (latent.attention.ATTENTION_IMPLEMENTATIONS).
   """
   folder = os.fspath(folder)
   index = weights.read_json(os.path.join(folder, "model_index.json"))
@@ -124,8 +125,9 @@ def load_pretrained(folder: str | os.PathLike, *, param_dtype: Any = None, dtype
   unet_module, unet_config = None, None
   if with_unet:
     unet_module, unet_config = unet.load_unet(path("unet"), dtype=dtype, param_dtype=param_dtype,
-                                              shardings=unet_shardings, variant=variant)
-  vae_module, vae_config = vae.load_vae(path("vae"), dtype=param_dtype)
+                                              shardings=unet_shardings, variant=variant,
+                                              attention=attention)
+  vae_module, vae_config = vae.load_vae(path("vae"), dtype=param_dtype, attention=attention)
   encoders, configs = [], {"model_index": index, "vae": vae_config}
   if with_unet:
     configs["unet"] = unet_config

@@ -171,6 +171,19 @@ def _check_pixel_data_and_model(c: "_Checker", config) -> None:
              f"must be 0 (unconditional) or the number of classes of {name} ({spec.num_classes})")
 
 
+def _check_attention(c: "_Checker") -> None:
+  """config.latent.attention: one of ATTENTION_IMPLEMENTATIONS, and one this backend runs."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ambient_jax.latent import attention  # pylint: disable=g-import-not-at-top
+  name = c.one_of("latent.attention", attention.ATTENTION_IMPLEMENTATIONS)
+  if name is not None:
+    try:
+      attention.resolve_implementation(name, jax.default_backend())
+    except ValueError as e:
+      c.fail("latent.attention", name, str(e).split(", use ")[0].replace(
+          f"attention implementation {name!r} needs", "needs") + "; use 'auto', 'chunked' or 'xla'")
+
+
 def _check_latent(c: "_Checker") -> None:
   """config.latent of a latent fine-tuning run (the folders themselves are checked when
   the run opens them, with messages naming them)."""
@@ -185,6 +198,7 @@ def _check_latent(c: "_Checker") -> None:
     c.one_of(field, ("float32", "bfloat16"))
   c.one_of("latent.timesteps", ("uniform", "lognormal"))
   c.one_of("latent.remat", (True, False))
+  _check_attention(c)
   c.number("latent.cfg_dropout", 0.0, 1.0, high_open=True)
   c.number("latent.guidance_scale", 0.0)
   c.int_at_least("latent.sample_steps", 1)

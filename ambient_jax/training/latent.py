@@ -118,7 +118,7 @@ class LatentTask:
     model, self.unet_config = unet.load_unet(
         os.path.join(self.pretrained, "unet"), param_dtype=param_dtype,
         dtype=DTYPES[lc.dtype], shardings=shard, remat=bool(lc.remat),
-        with_weights=self.base_weights)
+        attention=str(lc.get("attention", "auto")), with_weights=self.base_weights)
     self._check_dataset_fits()
     if lc.lora_rank > 0:
       alpha = float(lc.lora_alpha) or None

@@ -84,7 +84,8 @@ class LatentSampleGrid:
     idx = (np.arange(n) * task.dataset.num_examples) // n
     batch = task.dataset.get_batch(idx)
     cond, uncond = batch_conditioning(batch, task.uncond)
-    self.vae, _ = vae_lib.load_vae(os.path.join(task.pretrained, "vae"))
+    self.vae, _ = vae_lib.load_vae(os.path.join(task.pretrained, "vae"),
+                                   attention=str(config.latent.get("attention", "auto")))
     self.noisy_latents = latents_as_seen(jnp.asarray(batch["latent"], jnp.float32),
                                          batch["sigma_n"])
     lo, hi = float(np.min(batch["sigma_n"])), float(np.max(batch["sigma_n"]))
