@@ -12,7 +12,8 @@ constant, batch 16, bf16 base weights; t uniform over the DDPM steps above t_n, 
 on x̂_n; 200k steps, the consistency loss from step 150k with λ_c = 0.01 (1e-4 at
 t_n = 800); 1024², 25-step sampling. The mesh shards the frozen UNet over 8 devices (FSDP,
 a v5e-8 / v4-8 slice or an 8-GPU box); on one GPU add --config.mesh.fsdp=1, and to fit
-the batch of 16 there run it as micro-batches: `:accum=16` (or --config.optim.grad_accum_steps).
+the batch of 16 there run it as micro-batches: `:accum=4` (--config.optim.grad_accum_steps;
+each micro-batch needs 1/batch_fraction = 4 examples for the consistency term).
 Memory: every UNet block is recomputed in the backward pass (latent.remat; `:remat=False`
 turns it off) and attention is memory-efficient (latent.attention = "auto": cuDNN flash on
 GPU, Pallas flash on TPU, chunked elsewhere); what fits where: docs/latent.md "What fits".
@@ -41,8 +42,9 @@ VARIANTS = {
                    "recomputing them (remat is on by default: same "
                    "gradients, one more forward pass of compute, a fraction of the activation "
                    "memory; docs/latent.md \"What fits\")",
-    "accum=16": "gradient accumulation: each step's batch as 16 micro-batches (of 1 on one "
-                "device: the same update in a 16th of the activation memory); default 1",
+    "accum=4": "gradient accumulation: each step's batch as 4 micro-batches (of 4 on one "
+               "device: the same update in a quarter of the activation memory; the consistency "
+               "term takes every 4th example of each, so 4 is the most for batch 16); default 1",
     "smoke": "a few CPU steps on a tiny diffusers folder (tests): float32, rank 2, batch 4, "
              "no remat",
 }

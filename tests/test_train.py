@@ -96,8 +96,10 @@ def test_step_is_traced_once_and_agrees_across_1_and_8_devices(tfds_dir, tmp_pat
   for key in ((8, 1), (8, 2)):
     s8, m8 = results[key]
     np.testing.assert_allclose([m["loss"] for m in m1], [m["loss"] for m in m8], rtol=1e-4)
+    # Adam divides by √v: a summation-order difference in a small gradient moves its
+    # parameter by a fraction of lr = 1e-3 (measured: up to 2.4e-6 after 3 steps).
     for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s8)):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-6)
     assert int(s8.step) == 3
 
 
