@@ -49,8 +49,20 @@ loss share the step through a per-run XLA compilation cache). --quick (100 VAE /
    with the fine-tuning images (copies, sim > 0.95, self-match = the nearest fine-tuning
    image is the attacked one).
 Two reference rows need no fine-tuning: held-out real nines and the pretrained model
-itself (it never saw a nine). Writes OUT/latent_memorization{_quick}.txt (the log and
-table), .json, and _samples.png (samples above their nearest fine-tuning image); OUT is
+itself (it never saw a nine).
+4. The paper's own instruments, through `python -m ambient_jax.attack`'s library path
+   (`evaluation.attack`: null captions, VAE posterior sample, the hot sample of
+   --hot_steps steps at guidance 5, the digit classifier's features instead of DINOv2):
+   - the pretrained model attacked at --attack_t on --train_size digits it was pretrained
+     on (classes 0–8) and on as many held-out nines it never saw, each set its own
+     reference (a class it never saw is also harder to draw: the contrast is not only
+     memorization);
+   - Fig. 8's analogue: the fine-tuning nines noised at t = 900 and posterior-sampled by the
+     clean and the t_n = 500 ambient fine-tunes, similarity histograms in one PNG
+     (OUT/..._fig8.png);
+   - Table 1's analogue: restoration MSE (latent and pixel) of the one-step MMSE denoiser
+     at t_eval 900 / 800 / 500 / 100 for the clean, t_n = 500 and t_n = 800 fine-tunes. Writes OUT/latent_memorization{_quick}.txt (the log and
+table), .json, _samples.png (samples above their nearest fine-tuning image) and _fig8.png; OUT is
 --out (default ./benchmark_results/latent_memorization, --quick: a temporary folder;
 `--out benchmarks/results` updates the committed results), the stem --name.
 """
@@ -78,11 +90,10 @@ from flax import nnx  # noqa: E402
 
 from ambient_jax import precond, prepare_latents  # noqa: E402
 from ambient_jax.latent import clip, unet, vae  # noqa: E402
-from ambient_jax.evaluation import latent as evaluation  # noqa: E402
+from ambient_jax.evaluation import attack, latent as evaluation, restoration  # noqa: E402
 from ambient_jax.latent import configs as latent_configs  # noqa: E402
 from ambient_jax.latent.schedule import NoiseSchedule  # noqa: E402
 from ambient_jax.metrics import digit_features, frechet, memorization  # noqa: E402
-import _output  # noqa: E402  (benchmarks/, beside this file)
 import _output  # noqa: E402  (benchmarks/, beside this file)
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -351,6 +362,70 @@ class Evaluator:
     return res, real[..., :1], nn["pixel_index"]
 
 
+def attack_folder(target, folder, out, t, args):
+  """`python -m ambient_jax.attack`'s noise attack (`evaluation.attack.noise_attack`: null
+  captions, hot sample, digit features) of every image in `folder` against that folder;
+  returns (metrics dict, {method: similarities [n]})."""
+  m = attack.noise_attack(target, folder, out, ts=(t,), feature="digits",
+                          hot_steps=args.hot_steps, seed=args.seed + 11,
+                          batch_size=args.train_size, log=lambda msg: None)
+  with np.load(m["similarities"]) as f:
+    sims = {k: f[f"t{t}_{k}_similarity"] for k in ("mmse", "posterior")}
+  return m, sims
+
+
+def pretrained_attack(folder, seen_dir, unseen_dir, work, args):
+  """Extra 1: the pretrained model attacked at --attack_t on digits it was pretrained on
+  (classes 0–8) and on digits it never saw (held-out nines), each set its own reference."""
+  target = attack.load_target(pretrained=folder)
+  rows = {}
+  for name, images in (("seen (pretraining digits)", seen_dir), ("unseen (held-out nines)",
+                                                                 unseen_dir)):
+    m, _ = attack_folder(target, images, os.path.join(work, "attack_pretrained",
+                                                      os.path.basename(images)), args.attack_t,
+                         args)
+    rows[name] = m["t"][str(args.attack_t)]
+  return rows
+
+
+def fmt_attack_rows(rows, t):
+  lines = [f"| pretrained model, attack t={t} | MMSE: sim>0.9 / >0.95 / self / mean | posterior "
+           "(hot): sim>0.9 / >0.95 / self / mean |", "|---|---|---|"]
+  for name, entry in rows.items():
+    cells = [f"{entry[m]['frac_sim_above_0.9']:.2f} / {entry[m]['frac_sim_above_0.95']:.2f} / "
+             f"{entry[m]['self_match']:.2f} / {entry[m]['mean_similarity']:.3f}"
+             for m in ("mmse", "posterior")]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def fig8(path, finetuned, images_dir, work, args):
+  """Extra 2, Fig. 8's analogue: the fine-tuning images noised at t = 900 and posterior-
+  sampled (hot) by each fine-tune; their similarity histograms in one PNG."""
+  sims = {}
+  for (method, t_n), workdir in finetuned.items():
+    target = attack.load_target(workdir=workdir)
+    _, s = attack_folder(target, images_dir, os.path.join(work, "attack_fig8",
+                                                          f"{method}_t{t_n}"), 900, args)
+    sims[f"{method} t_n={t_n}"] = s["posterior"]
+  memorization.similarity_histogram_png(
+      path, sims, "Fig. 8 analogue: fine-tuning digits noised at t=900, hot posterior sample")
+  return {k: dict(mean=float(v.mean()), frac_above_0_95=float(np.mean(v > 0.95)))
+          for k, v in sims.items()}
+
+
+def restoration_rows(finetuned, images_dir, work, args):
+  """Extra 3: Table 1's analogue (`evaluation.restoration`) for each model in `finetuned`."""
+  tables = {}
+  for (method, t_n), workdir in finetuned.items():
+    r = attack.restoration_table(attack.load_target(workdir=workdir), images_dir,
+                                 os.path.join(work, "restoration", f"{method}_t{t_n}"),
+                                 num_images=args.train_size, seed=args.seed + 13,
+                                 batch_size=args.train_size, log=lambda msg: None)
+    tables[f"{method} t_n={t_n}"] = {int(t): v for t, v in r["t_eval"].items()}
+  return tables
+
+
 def pairs_png(path, rows, x_train):
   """Per model, a row of samples above the nearest (pixel) fine-tuning image of each: the
   pixel benchmark's picture (imported at the end: that module sets XLA_FLAGS on import,
@@ -430,6 +505,8 @@ def main(argv=None):
   p.add_argument("--guidance_scale", type=float, default=2.0)
   p.add_argument("--attack_t", type=int, default=800)
   p.add_argument("--posterior_steps", type=int, default=8)
+  p.add_argument("--hot_steps", type=int, default=None,
+                 help="steps of the hot sample's pipeline (extras; default 50, --quick 10)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--workdir", default=None, help="where the model, datasets and runs go "
                  "(default: a temporary folder, removed at the end)")
@@ -441,6 +518,7 @@ def main(argv=None):
   args.unet_steps = args.unet_steps or (150 if q else 1500)
   args.steps = args.steps or (40 if q else 2000)
   args.num_samples = args.num_samples or (64 if q else 200)
+  args.hot_steps = args.hot_steps or (10 if q else 50)
   if q:
     args.posterior_steps = min(args.posterior_steps, 4)
   outputs = _output.OutputFolder(args.out, "latent_memorization", quick=q)
@@ -490,12 +568,14 @@ def main(argv=None):
     results.append(dict(name=name, t_n=t_n, sampling=mode, train_seconds=train_s, **res))
     log(rows[-1])
 
+  finetuned = {}  # (method, t_n) -> workdir
   runs = [("clean", 0)] if "clean" in args.methods else []
   runs += [(m, t) for t in args.t_n for m in args.methods if m != "clean"]
   for method, t_n in runs:
     workdir = os.path.join(work, "runs", f"{method}_t{t_n}")
     log(f"fine-tuning {method} on latents_t{t_n} ({args.steps} steps)")
     secs = finetune(method, t_n, folder, datasets[t_n], workdir, args)
+    finetuned[(method, t_n)] = workdir
     run = evaluation.LatentRun(workdir)
     if not rows:  # the two reference rows, through the first run's evaluation path
       record("held-out real nines", "–", "–",
@@ -504,6 +584,21 @@ def main(argv=None):
       record("pretrained (no fine-tune)", "–", "full", ev.measure(run.initial(), "full"), 0)
     mode = "truncated" if method == "ambient" else "full"
     record(method, t_n, mode, ev.measure(run, mode), secs)
+
+  # The paper's three measurements (python -m ambient_jax.attack's library path).
+  seen = np.random.default_rng(args.seed).choice(len(x_pre), args.train_size, replace=False)
+  seen_dir = write_images(os.path.join(work, "seen_digits"), x_pre[np.sort(seen)])
+  unseen_dir = write_images(os.path.join(work, "unseen_nines"), heldout_real[:args.train_size])
+  attack_rows = pretrained_attack(folder, seen_dir, unseen_dir, work, args)
+  log(fmt_attack_rows(attack_rows, args.attack_t))
+  fig8_models = {k: v for k, v in finetuned.items() if k[0] == "clean" or (
+      k[1] == 500 and k[0].startswith("ambient"))} or finetuned
+  fig8_summary = fig8(out + "_fig8.png", fig8_models, images_dir, work, args)
+  log(f"Fig. 8 analogue (posterior similarity at t=900): {fig8_summary}")
+  table_models = {k: v for k, v in finetuned.items() if k[1] in (0, 500, 800)}
+  restoration_tables = restoration_rows(table_models, images_dir, work, args)
+  log(restoration.format_table(restoration_tables, f"restoration MSE (Table 1 analogue), "
+                                                   f"{args.train_size} fine-tuning nines"))
 
   total = time.time() - t_all
   table = "\n".join([header] + rows)
@@ -515,12 +610,14 @@ def main(argv=None):
   pairs_png(out + "_samples.png", pictures, x_train[..., :1])
   with open(out + ".json", "w") as f:
     json.dump(dict(args=vars(args), pretrained=info, copy_rmse=ev.copy_rmse,
-                   results=results, seconds=total), f, indent=1, default=float)
+                   results=results, pretrained_attack=attack_rows, fig8=fig8_summary,
+                   restoration={k: {str(t): v for t, v in tab.items()}
+                                for k, tab in restoration_tables.items()},
+                   seconds=total), f, indent=1, default=float)
   with open(out + ".txt", "w") as f:
     f.write("\n".join(LINES) + "\n")
   if args.workdir is None:
     shutil.rmtree(work, ignore_errors=True)
-  outputs.report()
   outputs.report()
 
 

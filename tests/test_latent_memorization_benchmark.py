@@ -57,8 +57,8 @@ def test_pretrained_folder_loads_prepares_and_generates(tmp_path):
 
 def test_miniature_runs_end_to_end_through_the_project_path(tmp_path, monkeypatch, capsys):
   """The whole benchmark at toy sizes (2 steps everywhere): pretraining, preparation, a
-  Trainer fine-tune, evaluation through latent.evaluation (samples, attack) and the
-  table/JSON/picture. The numbers mean nothing here; that they are produced does. Run as
+  Trainer fine-tune, evaluation through latent.evaluation (samples, attack), the paper's
+  instruments (attack on the pretrained model, Fig. 8, restoration) and the table/JSON/pictures. The numbers mean nothing here; that they are produced does. Run as
   --quick from the repository root with no --out: it writes only into a temporary folder
   (here under tmp_path) and prints each file it wrote."""
   bench = _benchmark()
@@ -67,12 +67,12 @@ def test_miniature_runs_end_to_end_through_the_project_path(tmp_path, monkeypatc
   before = benchmark_outputs.git_status(ROOT)
   bench.main(["--quick", "--vae_steps", "2", "--unet_steps", "2", "--steps", "2",
               "--train_size", "8", "--batch", "8", "--num_samples", "8", "--sample_steps", "10",
-              "--posterior_steps", "1", "--t_n", "800", "--methods", "ambient",
+              "--posterior_steps", "1", "--hot_steps", "3", "--t_n", "800", "--methods", "ambient",
               "--workdir", str(tmp_path / "work")])
   written = benchmark_outputs.printed_paths(capsys.readouterr().out)
   assert sorted(p.name for p in written) == [
       "latent_memorization_quick.json", "latent_memorization_quick.txt",
-      "latent_memorization_quick_samples.png"]
+      "latent_memorization_quick_fig8.png", "latent_memorization_quick_samples.png"]
   assert all(p.is_file() and tmp_path in p.parents for p in written)
   assert benchmark_outputs.git_status(ROOT) <= before  # nothing new in the repository
   out = written[0].parent / "latent_memorization_quick"
@@ -85,4 +85,12 @@ def test_miniature_runs_end_to_end_through_the_project_path(tmp_path, monkeypatc
   for method in ("mmse", "posterior"):
     assert ambient["attack"][method]["count"] == 8  # every fine-tuning image attacked
   assert result["copy_rmse"] > 0
+  # The paper's instruments through python -m ambient_jax.attack's library path.
+  seen_unseen = result["pretrained_attack"]
+  assert sorted(seen_unseen) == ["seen (pretraining digits)", "unseen (held-out nines)"]
+  for entry in seen_unseen.values():
+    assert entry["posterior"]["count"] == 8 and "hot_start_timestep" in entry
+  assert list(result["fig8"]) == ["ambient t_n=800"]  # quick: the one model there is
+  table = result["restoration"]["ambient t_n=800"]
+  assert sorted(table) == ["100", "500", "800", "900"] and table["900"]["count"] == 8
   assert "| ambient | 800 | truncated |" in out.with_suffix(".txt").read_text()
