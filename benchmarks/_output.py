@@ -63,6 +63,13 @@ class OutputFolder:
     """`filename` inside the output folder."""
     return os.path.join(self.folder, filename)
 
+  def append(self, filename: str, lines: list[str]) -> str:
+    """Appends `lines` to `filename` in the folder (a log of runs: each run adds its block);
+    returns its path."""
+    with open(self.path(filename), "a") as fh:
+      fh.write("\n".join(lines) + "\n")
+    return self.path(filename)
+
   def prefix(self, stem: str | None = None) -> str:
     """Path prefix for a benchmark writing STEM.json, STEM.txt, ...: --name, else NAME
     (NAME_quick for --quick runs, the names the committed results carry)."""

@@ -1,8 +1,10 @@
 """Per-device memory of the paper's SDXL fine-tuning step, from shapes alone (no weights).
 
     python benchmarks/sdxl_memory.py                   # configs/sdxl.py: batch 16, 1024², fsdp 8
-    python benchmarks/sdxl_memory.py --resolution=512 --batch=8 --batch=16
-    python benchmarks/sdxl_memory.py --variant=full_finetune --phases=ambient
+    python benchmarks/sdxl_memory.py --batch=8 --attention=chunked --remat=on --phases=ambient
+    python benchmarks/sdxl_memory.py --resolution=512 --attention=xla --attention=chunked \
+        --remat=off --remat=on --accum=1 --accum=2       # every combination, one row each
+    python benchmarks/sdxl_memory.py --quick           # toy UNet at 64²: checks the script
 
 The training step is the trainer's own (`latent.training.make_latent_step` jitted by
 `training.step.jit_train_step`: state donated, batch on ("data", "fsdp"), frozen base UNet as a
@@ -17,22 +19,33 @@ yields it. The step is lowered and compiled for N fake CPU devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=N, set before jax loads unless a count
 is already there): nothing runs, nothing is allocated.
 
-Printed per phase (the plain ambient step and the consistency phase's, a separate compile
-since the flag is static): XLA's `compiled.memory_analysis()` of one device's program —
-arguments (state shard + frozen shard + batch shard), outputs, aliased (the donated state),
+The table's axes (each flag repeatable; every combination is one compile per phase):
+--attention (config.latent.attention: xla = whole score maps, chunked = blockwise online
+softmax), --remat (config.latent.remat, per-block jax.checkpoint), --accum (k =
+config.optim.grad_accum_steps: the step runs the batch as k micro-batches in a lax.scan),
+--batch (global; per device = batch / devices, per micro-batch = that / k), --resolution,
+and the phase (the plain ambient step, and the consistency phase's, a separate compile
+since the flag is static). With remat on, the step is compiled with XLA:CPU's
+concurrency-optimized scheduler off (`scheduler_options`; said on each such row): that
+scheduler starts every block's recomputation early, so all the recomputed activations live
+at once and remat barely moves the plan; on GPU / TPU nothing is changed.
+
+Printed per row: XLA's `compiled.memory_analysis()` of one device's program — arguments
+(state shard + frozen shard + batch shard), outputs, aliased (the donated state),
 temporaries (activations kept for the backward pass, all-gathered weights, gradients) and
 generated code — and "total" = arguments + outputs − aliased + temporaries, the bytes one
-device holds at the step's peak by XLA's buffer assignment. The verdict compares total
-with 16 GiB (TPU v5e) and 80 GiB (H100).
+device holds at the step's peak by XLA's buffer assignment, with the compile time. The
+verdict compares total with 16 GiB (TPU v5e) and 80 GiB (H100).
 
 Read the figures as XLA:CPU's plan: the CPU backend schedules, fuses and assigns buffers
 its own way and runs every dot and convolution in float32 (bf16 operands are converted),
-so TPU/GPU temporaries differ — lower for the bf16 activations and weight copies; the
-attention maps are float32 on every backend (latent/attention.py) — but the arguments
-(what the sharding puts on each device) are exact, and the temporaries show the order of
-magnitude and how they scale with batch and resolution. XLA:CPU's peak_memory_in_bytes
-only counts the arguments; it is printed, not used. Compiling SDXL's step takes 2-15
-minutes on 2 cores (~3.6 GiB RAM); the printed lines are appended to OUT/sdxl_memory.txt
+so TPU/GPU temporaries differ — lower for the bf16 activations and weight copies, and the
+fused cuDNN / Pallas attention kernels, which this CPU plan cannot show (chunked attention
+is their stand-in here) — but the arguments (what the sharding puts on each device) are
+exact, and the temporaries show the order of magnitude and how they scale with batch and
+resolution. XLA:CPU's peak_memory_in_bytes only counts the arguments; it is printed, not
+used. Compiling SDXL's step at 1024² takes 6-15 minutes on 2 quiet cores (~3.6 GiB RAM),
+much longer on a loaded machine; the printed lines are appended to OUT/sdxl_memory.txt
 (OUT: --out, default ./benchmark_results/sdxl_memory; committed results:
 `--out benchmarks/results`).
 """
@@ -49,6 +62,16 @@ import time
 import _output  # benchmarks/, beside this file
 
 GIB = 2**30
+# --quick: a toy SDXL-structured UNet (plain first level, linear projections, per-level heads
+# and transformer depths, text_time embedding) at 64² pixels (8x8 latents); seconds to compile.
+QUICK_UNET = dict(block_out_channels=(32, 32, 64), layers_per_block=1, sample_size=8,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                  cross_attention_dim=32, attention_head_dim=(2, 4, 8),
+                  transformer_layers_per_block=(1, 1, 1), use_linear_projection=True,
+                  addition_embed_type="text_time", addition_time_embed_dim=8,
+                  projection_class_embeddings_input_dim=16 + 6 * 8, norm_num_groups=8)
+QUICK_RESOLUTION = 64
 DEVICE_GIB = (("TPU v5e", 16), ("H100", 80))
 
 
@@ -88,7 +111,9 @@ def _shard_bytes(tree) -> int:
 
 def build(config, *, batch: int | None = None, resolution: int | None = None,
           fsdp: int | None = None, unet_config: dict | None = None,
-          scheduler_config: dict | None = None, tokens: int = 77, devices=None) -> dict:
+          scheduler_config: dict | None = None, tokens: int = 77, devices=None,
+          attention: str | None = None, remat: bool | None = None,
+          accum: int | None = None) -> dict:
   """The jitted latent training step and abstract (state, batch, frozen) for the config.
 
   unet_config / scheduler_config: default the bundled ones of the config's family (SDXL;
@@ -96,7 +121,9 @@ def build(config, *, batch: int | None = None, resolution: int | None = None,
   (SDXL) or 512 (SD 1.5). batch / fsdp default to the config's (16 and 8 for
   configs/sdxl.py); the mesh is data x fsdp with data = devices // fsdp. Returns a dict
   with "step", "args" (state, batch, frozen; the consistency flag goes between batch and
-  frozen), "mesh", "config", and parameter counts / bytes.
+  frozen), "mesh", "config", and parameter counts / bytes. attention / remat / accum
+  override config.latent.attention, config.latent.remat and config.optim.grad_accum_steps
+  (the latter only where the config has the field: gradient accumulation).
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -117,6 +144,14 @@ def build(config, *, batch: int | None = None, resolution: int | None = None,
     if fsdp:
       config.mesh.fsdp = int(fsdp)
     config.mesh.data = -1
+    if attention is not None:
+      config.latent.attention = str(attention)
+    if remat is not None:
+      config.latent.remat = bool(remat)
+    if accum is not None and "grad_accum_steps" in config.optim:
+      config.optim.grad_accum_steps = int(accum)
+    elif accum not in (None, 1):
+      raise ValueError(f"accum={accum}: this checkout has no config.optim.grad_accum_steps")
   devices = list(jax.devices() if devices is None else devices)
   f = int(config.mesh.fsdp)
   devices = devices[:len(devices) // f * f]
@@ -129,10 +164,12 @@ def build(config, *, batch: int | None = None, resolution: int | None = None,
   cfg = ucfg.resolve_unet_config(unet_config)
   param_dtype, dtype = training.DTYPES[lc.param_dtype], training.DTYPES[lc.dtype]
   rank = int(lc.lora_rank)
+  attention_name = str(lc.get("attention", "auto"))
 
   def factory():
     model = unet.UNet2DConditionModel(unet_config, dtype=dtype, param_dtype=param_dtype,
-                                      remat=bool(lc.remat), rngs=nnx.Rngs(0))
+                                      remat=bool(lc.remat), attention=attention_name,
+                                      rngs=nnx.Rngs(0))
     if rank > 0:
       lora.add_lora(model, rank=rank, alpha=float(lc.lora_alpha) or None,
                     targets=tuple(lc.lora_targets), key=jax.random.key(0))
@@ -172,16 +209,29 @@ def build(config, *, batch: int | None = None, resolution: int | None = None,
   schedule = NoiseSchedule.from_config(scheduler_config)
   step_fn = training.make_latent_step(config, graphdef, schedule, uncond, tx, state_shardings,
                                       frozen_shardings)
+  accum_steps = int(config.optim.get("grad_accum_steps", 1))
   step = step_lib.jit_train_step(step_fn, mesh, state_shardings, frozen_shardings)
   frozen_n, frozen_b = _nbytes(frozen)
   train_n, train_b = _nbytes(trainable)
   _, state_b = _nbytes(state)
   return dict(step=step, step_fn=step_fn, args=(state, batch_tree, frozen), mesh=mesh,
               config=config, batch=b, resolution=resolution, latent_side=side,
+              attention=attention_name, remat=bool(lc.remat), accum=accum_steps,
               frozen_params=frozen_n, frozen_bytes=frozen_b, trainable_params=train_n,
               trainable_bytes=train_b, state_bytes=state_b,
               state_shard_bytes=_shard_bytes(state), frozen_shard_bytes=_shard_bytes(frozen),
               batch_shard_bytes=_shard_bytes(batch_tree), build_s=build_s)
+
+
+def scheduler_options(built: dict) -> dict:
+  """XLA compile options for this step: with remat on XLA:CPU, the concurrency-optimized
+  scheduler off. That scheduler starts every block's recomputation as early as it can, so
+  the recomputed activations all live at once and remat barely moves the plan (512²,
+  batch 16: 18.67 -> 18.53 GiB); with it off remat roughly halves it. Empty otherwise."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if built["remat"] and jax.default_backend() == "cpu":
+    return {"xla_cpu_enable_concurrency_optimized_scheduler": False}
+  return {}
 
 
 def measure(built: dict, consistency: bool) -> dict:
@@ -191,7 +241,8 @@ def measure(built: dict, consistency: bool) -> dict:
   lowered = built["step"].lower(state, batch, consistency, frozen)
   lower_s = time.time() - t0
   t0 = time.time()
-  compiled = lowered.compile()
+  options = scheduler_options(built)
+  compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
   compile_s = time.time() - t0
   m = compiled.memory_analysis()
   out = dict(phase="consistency" if consistency else "ambient", lower_s=lower_s,
@@ -217,15 +268,21 @@ def verdict(total: int) -> str:
   return "; ".join(parts)
 
 
-HEADER = (f"{'variant':16} {'batch':>5} {'res':>5} {'mesh':>5} {'phase':>11} {'args':>8} "
-          f"{'outputs':>8} {'aliased':>8} {'temps':>8} {'code':>8} {'total':>8}  "
-          f"{'compile s':>9}  (GiB per device)")
+HEADER = (f"{'variant':14} {'attention':>9} {'remat':>5} {'k':>2} {'batch':>5} {'/dev':>4} "
+          f"{'micro':>5} {'res':>5} {'mesh':>5} {'phase':>11} {'args':>8} {'outputs':>8} "
+          f"{'aliased':>8} {'temps':>8} {'code':>8} {'total':>8}  {'compile s':>9}  "
+          f"(GiB per device)")
 
 
 def row(built: dict, variant: str, r: dict) -> str:
-  """One table line: the memory analysis of one compiled phase, in GiB per device."""
+  """One table line: the memory analysis of one compiled phase, in GiB per device. k: the
+  gradient-accumulation micro-batches; /dev: examples per device per step; micro: per
+  device per micro-batch (what the activations scale with)."""
   mesh = built["mesh"]
-  return (f"{variant:16} {built['batch']:5d} {built['resolution']:5d} "
+  per_device = built["batch"] // (mesh.shape["data"] * mesh.shape["fsdp"])
+  return (f"{variant:14} {built['attention']:>9} {'on' if built['remat'] else 'off':>5} "
+          f"{built['accum']:2d} {built['batch']:5d} {per_device:4d} "
+          f"{per_device // built['accum']:5d} {built['resolution']:5d} "
           f"{mesh.shape['data']}x{mesh.shape['fsdp']:<3d} {r['phase']:>11} {_gib(r['arguments'])} "
           f"{_gib(r['outputs'])} {_gib(r['aliased'])} {_gib(r['temporaries'])} {_gib(r['code'])} "
           f"{_gib(r['total'])}  {r['compile_s']:9.1f}")
@@ -253,8 +310,11 @@ def report(built: dict, variant: str, phases, say=print) -> list[dict]:
     r = measure(built, phase == "consistency")
     results.append(r)
     say(row(built, variant, r))
+    options = scheduler_options(built)
     say(f"    lowered in {r['lower_s']:.1f}s; XLA peak_memory_in_bytes {r['peak'] / GIB:.3f} GiB; "
-        f"{verdict(r['total'])}")
+        f"{verdict(r['total'])}"
+        + ("; compiled with " + ", ".join(f"{k}={v}" for k, v in options.items())
+           if options else ""))
   return results
 
 
@@ -270,11 +330,30 @@ def main(argv=None) -> int:
                  help="image side in pixels (latents /8); repeatable (default 1024; SD 1.5: 512)")
   p.add_argument("--fsdp", type=int, action="append", help="FSDP size; repeatable (default the "
                  "config's: 8); data = devices // fsdp")
+  p.add_argument("--attention", action="append",
+                 help="attention implementation (xla, chunked, auto, ...); repeatable (default "
+                      "the config's)")
+  p.add_argument("--remat", action="append", choices=("on", "off"),
+                 help="per-block remat; repeatable (default the config's). With remat on, "
+                      "XLA:CPU compiles with its concurrency-optimized scheduler off")
+  p.add_argument("--accum", type=int, action="append",
+                 help="gradient-accumulation micro-batches k (config.optim.grad_accum_steps); "
+                      "repeatable (default the config's)")
   p.add_argument("--devices", type=int, default=8, help="fake CPU devices (default 8)")
-  p.add_argument("--phases", default="ambient,consistency",
-                 help="comma-separated: ambient (plain step), consistency (λ_c on)")
+  p.add_argument("--phases", default=None,
+                 help="comma-separated: ambient (plain step), consistency (λ_c on); default "
+                      "both (--quick: ambient)")
+  p.add_argument("--quick", action="store_true",
+                 help=f"a toy SDXL-structured UNet at {QUICK_RESOLUTION}² (seconds per compile; "
+                      "checks the script, not SDXL): default attention xla + chunked, remat "
+                      "off + on, ambient phase; output to a temporary folder unless --out")
   _output.add_out_flags(p, "sdxl_memory")
   args = p.parse_args(argv)
+  if args.quick:
+    args.resolution = args.resolution or [QUICK_RESOLUTION]
+    args.attention = args.attention or ["xla", "chunked"]
+    args.remat = args.remat or ["off", "on"]
+  args.phases = args.phases or ("ambient" if args.quick else "ambient,consistency")
   phases = [x.strip() for x in args.phases.split(",") if x.strip()]
   bad = [x for x in phases if x not in ("ambient", "consistency")]
   if bad:
@@ -300,10 +379,15 @@ def main(argv=None) -> int:
     for fsdp in args.fsdp or [None]:
       for res in args.resolution or [None]:
         for b in args.batch or [None]:
-          report(build(config, batch=b, resolution=res, fsdp=fsdp), variant, phases, say)
-  outputs = _output.OutputFolder(args.out, "sdxl_memory")
-  with open(outputs.path("sdxl_memory.txt"), "a") as fh:
-    fh.write("\n".join(lines) + "\n")
+          for attention in args.attention or [None]:
+            for remat in args.remat or [None]:
+              for accum in args.accum or [None]:
+                built = build(config, batch=b, resolution=res, fsdp=fsdp, attention=attention,
+                              remat=None if remat is None else remat == "on", accum=accum,
+                              unet_config=QUICK_UNET if args.quick else None)
+                report(built, variant, phases, say)
+  outputs = _output.OutputFolder(args.out, "sdxl_memory", quick=args.quick)
+  outputs.append("sdxl_memory.txt", lines)
   outputs.report()
   return 0
 
