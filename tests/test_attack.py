@@ -55,13 +55,19 @@ def tiny(tmp_path_factory):
 def _main(*args):
   """`python -m ambient_jax.attack ARGS` in this process: flags parsed as the CLI does, then
   main() with the CLI's error reporting (a mistake: one line on stderr and SystemExit)."""
-  from absl import flags
+  from absl import flags, logging
   if "mode" not in flags.FLAGS:
     attack_cli._define_flags()  # pylint: disable=protected-access
     cli.define_flags()
-  flags.FLAGS.unparse_flags()
-  argv = cli.parse_flags([PROG, *map(str, args)], PROG)
-  return cli._main_reporting(attack_cli.main, PROG, argv)  # pylint: disable=protected-access
+  # Resetting absl's --verbosity sets the absl logger to WARNING for the whole process, which
+  # would hide INFO lines from later tests' caplog in this pytest worker: restore it after.
+  level = logging.get_absl_logger().level
+  try:
+    flags.FLAGS.unparse_flags()
+    argv = cli.parse_flags([PROG, *map(str, args)], PROG)
+    return cli._main_reporting(attack_cli.main, PROG, argv)  # pylint: disable=protected-access
+  finally:
+    logging.get_absl_logger().setLevel(level)
 
 
 def test_pretrained_folder_attack_with_dinov2_end_to_end(tiny, tmp_path):

@@ -73,12 +73,13 @@ def test_apply_only_on_a_cpu_only_run(monkeypatch):
 
 _FAKE_RUN = """
 import os, sys
-from ambient_jax import cli, main, train
+from ambient_jax import cli, main
+from ambient_jax.training import trainer
 def report(config, workdir):
   import jax
   print("XLA_FLAGS=" + os.environ.get("XLA_FLAGS", ""))
   print("DEVICES=%d" % jax.device_count())
-train.train_and_evaluate = report
+trainer.train_and_evaluate = report
 cli.run(main.main, "ambient_jax.main", ["ambient_jax.main"] + sys.argv[1:])
 """
 

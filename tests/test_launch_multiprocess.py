@@ -30,7 +30,7 @@ PROBE = textwrap.dedent("""\
     flags = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
     if flags.get("fail_early") == flags["process_id"]:
       sys.exit(5)
-    from ambient_jax import sharding
+    from ambient_jax.runtime import sharding
     sharding.initialize_distributed(flags["coordinator_address"], int(flags["num_processes"]),
                                     int(flags["process_id"]))
     import jax
