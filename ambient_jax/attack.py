@@ -5,6 +5,8 @@
     python -m ambient_jax.attack --workdir=runs/sdxl_t500 --images=ffhq_1024/ --t=900 ...
     python -m ambient_jax.attack --mode=restoration --workdir=runs/sdxl_t500 \\
         --images=ffhq_1024/ --num_images=32 --out=restoration_t500/
+    python -m ambient_jax.attack --mode=inpaint --pretrained=sdxl-inpainting-0.1/ \\
+        --images=laion_10k/ --captions --dinov2=dinov2-giant/ --out=inpaint_sdxl/
 
 --mode=noise (default): each image of --images (the first --num_images; all by default) is
 VAE-encoded (one posterior sample), noised at each DDPM step of --t with a fixed key per image,
@@ -17,6 +19,12 @@ folder by --features (dinov2 with --dinov2=DIR, the paper's; digits; inception w
 --mode=restoration: latent and pixel MSE of the one-step MMSE reconstruction at --t_eval
 (default 900,800,500,100), mean ± std over --num_images (default 32) images, printed as the
 paper's Table 1 and written to --out/restoration.json (`evaluation.restoration`).
+--mode=inpaint: --pretrained is a diffusers SDXL inpainting folder (9-channel UNet); each image
+is repainted under its mask (--masks=DIR, or one random box of 1-50 % of the image) prompted
+by its caption (give --captions, as the paper), --inpaint_steps 20, --inpaint_guidance 8,
+--strength 0.99, and compared with its source and the nearest dataset image by DINOv2 patch
+tokens pooled under the mask; writes --out/metrics.json, hist_inpaint.png, grid_inpaint.png
+and similarities.npz (`evaluation.inpainting`).
 
 The model: --pretrained=DIR (a diffusers SD / SDXL folder) or --workdir=DIR (a latent fine-
 tuning run: its adapters over its pretrained folder; --step, --ema as `evaluate`).
@@ -50,8 +58,16 @@ def _restoration(target, f, out):
       seed=f.seed, batch_size=f.batch_size, captions=f.captions, resolution=f.resolution)
 
 
+def _inpaint(target, f, out):
+  from ambient_jax.evaluation import attack  # pylint: disable=g-import-not-at-top
+  return attack.inpaint_attack(
+      target, f.images, out, dinov2=f.dinov2, masks=f.masks, num_images=f.num_images,
+      num_steps=f.inpaint_steps, guidance_scale=f.inpaint_guidance, strength=f.strength,
+      seed=f.seed, batch_size=f.batch_size, captions=f.captions, resolution=f.resolution)
+
+
 # --mode -> what runs it: fn(target, flags, out) -> the result dict it also wrote to --out.
-MODES = {"noise": _noise, "restoration": _restoration}
+MODES = {"noise": _noise, "restoration": _restoration, "inpaint": _inpaint}
 
 
 def _ints(values, name: str) -> list[int]:
@@ -68,7 +84,8 @@ def main(argv):
   if len(argv) > 1:
     raise cli.UsageError(f"unexpected arguments {argv[1:]}: flags are written --name=value.")
   f = flags.FLAGS
-  target = attack.load_target(f.pretrained, f.workdir, step=f.step, ema=f.ema)
+  target = attack.load_target(f.pretrained, f.workdir, step=f.step, ema=f.ema,
+                              inpainting=f.mode == "inpaint")
   MODES[f.mode](target, f, f.out)
   run_lib.log_message(f"wrote to {f.out}")
 
@@ -76,7 +93,8 @@ def main(argv):
 def _define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_enum("mode", "noise", list(MODES), "noise: the noise attack; restoration: the "
-                    "restoration MSE table.")
+                    "restoration MSE table; inpaint: the inpainting attack (--pretrained is an "
+                    "inpainting folder).")
   flags.DEFINE_string("pretrained", None, "A diffusers SD / SDXL folder (model_index.json, unet/, "
                       "vae/, text_encoder*/, tokenizer*/, scheduler/).")
   flags.DEFINE_string("workdir", None, "A latent fine-tuning run instead of --pretrained.")
@@ -113,6 +131,12 @@ def _define_flags():
   flags.DEFINE_integer("seed", 0, "Every key derives from key(seed), one per image index "
                        "(noise, VAE sample, posterior sampler).")
   flags.DEFINE_integer("batch_size", 8, "Images per model call (does not change results).")
+  flags.DEFINE_string("masks", None, "--mode=inpaint: a folder of masks, one per image with its "
+                      "name (white = repaint, the attacked size); default: one random box per "
+                      "image, 1-50 percent of its area.")
+  flags.DEFINE_integer("inpaint_steps", 20, "--mode=inpaint: Euler steps (the paper: 20).")
+  flags.DEFINE_float("inpaint_guidance", 8.0, "--mode=inpaint: guidance scale (the paper: 8).")
+  flags.DEFINE_float("strength", 0.99, "--mode=inpaint: diffusers' strength (the paper: 0.99).")
   flags.DEFINE_string("cache_dir", "", "--features=digits: where the digit network is cached.")
 
 

@@ -18,4 +18,7 @@ if os.environ.get("JAX_COMPILATION_CACHE_DIR", os.environ.get(_OURS)) == os.envi
   _worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
   os.environ[_OURS] = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
       prefix=f"ambient_jax_xla_cache_{_worker}_")
+  import atexit  # noqa: E402
+  import shutil  # noqa: E402
+  atexit.register(shutil.rmtree, os.environ[_OURS], ignore_errors=True)  # ours: leave no litter
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")

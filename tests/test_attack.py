@@ -257,3 +257,43 @@ def test_the_command_line_reports_a_mistake_in_one_line(tmp_path):
   lines = (proc.stdout + proc.stderr).strip().splitlines()
   assert proc.returncode == 1 and len(lines) == 1, proc.stdout + proc.stderr
   assert lines[0].startswith(f"{PROG}: error: --pretrained = ") and "diffusers" in lines[0]
+
+
+def test_inpainting_attack_end_to_end_and_its_mistakes(tiny, tmp_path, capsys):
+  """--mode=inpaint on a tiny SDXL inpainting folder (diffusers writes it): random boxes,
+  captions as prompts; metrics.json agrees with similarities.npz; a workdir, a text-to-image
+  folder and a mask folder without the images' masks are one line each."""
+  from tests.test_latent_inpainting import SIZE, save_tiny_inpainting_folder
+  _, folder = save_tiny_inpainting_folder(tmp_path / "model")
+  out = tmp_path / "out"
+  common = [f"--images={tiny['images']}", "--captions", f"--dinov2={tiny['dinov2']}",
+            "--num_images=3", "--inpaint_steps=3", "--batch_size=4", f"--resolution={SIZE}"]
+  _main("--mode=inpaint", f"--pretrained={folder}", *common, f"--out={out}")
+  written = json.loads((out / "metrics.json").read_text())
+  assert written["num_images"] == 3 and written["num_reference"] == 8
+  assert written["masks"] == "random boxes" and written["count"] == 3
+  assert written["num_steps"] == 3 and written["guidance_scale"] == 8.0
+  assert written["strength"] == 0.99 and written["captions"].endswith("metadata.jsonl")
+  arrays = np.load(out / "similarities.npz")
+  np.testing.assert_array_equal(arrays["indices"], [0, 1, 2])
+  kept = arrays["kept"]
+  assert kept.any() and written["kept"] == int(kept.sum())
+  assert written["source"]["mean_similarity"] == pytest.approx(
+      float(arrays["source_similarity"][kept].mean()), rel=1e-6)
+  assert written["nearest"]["mean_similarity"] == pytest.approx(
+      float(arrays["nearest_similarity"][kept].mean()), rel=1e-6)
+  assert np.all(arrays["nearest_similarity"] >= arrays["source_similarity"] - 1e-4)
+  assert (out / "hist_inpaint.png").stat().st_size and (out / "grid_inpaint.png").stat().st_size
+  capsys.readouterr()
+  (tmp_path / "no_masks").mkdir()
+  cases = [
+      ([f"--workdir={tiny['workdir']}"], 2, ["--mode=inpaint", "not a workdir"]),
+      ([f"--pretrained={tiny['pretrained']}"], 1, ["StableDiffusionXLPipeline",
+                                                    "StableDiffusionXLInpaintPipeline"]),
+      ([f"--pretrained={folder}", f"--masks={tmp_path / 'no_masks'}"], 1,
+       ["no mask for image", "white = inpaint"]),
+  ]
+  for args, code, fragments in cases:
+    with pytest.raises(SystemExit) as e:
+      _main("--mode=inpaint", *args, *common, f"--out={tmp_path / 'o'}")
+    assert e.value.code == _one_line(capsys, code, *fragments), args

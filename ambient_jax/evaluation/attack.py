@@ -48,6 +48,8 @@ from ambient_jax.runtime import storage
 
 THRESHOLDS = (0.9, 0.95, 0.99)
 GRID_SIZE = 8
+_INPAINT_NEEDS_FOLDER = ("--mode=inpaint attacks a diffusers inpainting folder (--pretrained=DIR, "
+                         "a UNet with 9 input channels), not a workdir.")
 
 
 @dataclasses.dataclass
@@ -62,15 +64,19 @@ class Target:
 
 
 def load_target(pretrained: Optional[str] = None, workdir: Optional[str] = None, *,
-                step: Optional[int] = None, ema: int = 0, devices=None) -> Target:
+                step: Optional[int] = None, ema: int = 0, devices=None,
+                inpainting: bool = False) -> Target:
   """The model of a diffusers folder or of a fine-tuning workdir (exactly one); a folder that
-  is not a diffusers SD / SDXL folder, or a workdir that is not a latent run, is one line."""
+  is not a diffusers SD / SDXL folder (`inpainting`: an SD / SDXL inpainting folder), or a
+  workdir that is not a latent run, is one line."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from ambient_jax.latent import pipeline  # pylint: disable=g-import-not-at-top
   from ambient_jax.training import latent as training  # pylint: disable=g-import-not-at-top
   if (pretrained is None) == (workdir is None):
     raise errors.UsageError("give exactly one of --pretrained=DIR (a diffusers SD / SDXL folder) "
                             "and --workdir=DIR (a latent fine-tuning run).")
+  if inpainting and workdir is not None:
+    raise errors.UsageError(_INPAINT_NEEDS_FOLDER)
   if workdir is not None:
     from ambient_jax.evaluation.latent import LatentRun, attack_model  # pylint: disable=g-import-not-at-top
     run = LatentRun(workdir, step, ema, devices=devices)
@@ -78,7 +84,8 @@ def load_target(pretrained: Optional[str] = None, workdir: Optional[str] = None,
     about = dict(workdir=run.workdir, step=run.step, weights=run.weights,
                  pretrained=run.task.pretrained, objective=run.objective())
     return Target(attack_model(run), pipe, int(run.dataset.meta["resolution"]), about)
-  training.check_pretrained(pretrained, name="--pretrained")
+  training.check_pretrained(pretrained, name="--pretrained", classes=(
+      training.INPAINTING_CLASSES if inpainting else training.PIPELINE_CLASSES))
   pipe = _load_pipeline(pipeline, pretrained, with_unet=True)
   graphdef, params = nnx.split(pipe.unet)
   cond, uncond = pipe.encode_prompts([""])
@@ -272,6 +279,77 @@ def restoration_table(target: Target, images: str, out: str, *,
                 table=text)
   write_json(os.path.join(out, "restoration.json"), result)
   return result
+
+
+def inpaint_attack(target: Target, images: str, out: str, *, dinov2: Optional[str],
+                   masks: Optional[str] = None, num_images: Optional[int] = None,
+                   num_steps: int = 20, guidance_scale: float = 8.0, strength: float = 0.99,
+                   seed: int = 0, batch_size: int = 4, captions: bool = False,
+                   resolution: Optional[int] = None, nearest: bool = True,
+                   log=run_lib.log_message) -> dict:
+  """The inpainting attack (`evaluation.inpainting.attack_image_folder`) of a pretrained
+  inpainting folder on an image folder; writes to `out` metrics.json (its summary and every
+  option), hist_inpaint.png (similarity to the source and to the nearest dataset image),
+  grid_inpaint.png (original | masked | inpainted, most similar first) and similarities.npz
+  (per attacked image: index, mask ratio, kept, source and nearest similarity, nearest
+  index). Returns the metrics.json dict."""
+  from ambient_jax.evaluation import inpainting as inpainting_attack  # pylint: disable=g-import-not-at-top
+  from ambient_jax.latent import inpainting  # pylint: disable=g-import-not-at-top
+  from ambient_jax.metrics import dinov2 as dinov2_lib, memorization  # pylint: disable=g-import-not-at-top
+  from ambient_jax.runtime.images import save_png, tile  # pylint: disable=g-import-not-at-top
+  if "workdir" in target.about:
+    raise errors.UsageError(_INPAINT_NEEDS_FOLDER)
+  inpainting.check_inpainting(target.pipe)
+  if not dinov2:
+    raise errors.UsageError("--mode=inpaint compares DINOv2 patch tokens: give --dinov2=DIR (a "
+                            "transformers DINOv2 folder, e.g. facebook/dinov2-giant).")
+  t_start = time.time()
+  folder = _images(target, images, resolution, captions)
+  model, _ = dinov2_lib.load_dinov2(dinov2)
+  log(f"inpainting attack on {num_images or len(folder)} of {len(folder)} images of "
+      f"{folder.folder} at {folder.resolution}² (masks: {masks or 'random boxes'}, "
+      f"{num_steps} steps, guidance {guidance_scale}, strength {strength})")
+  result, grid = inpainting_attack.attack_image_folder(
+      target.pipe, folder, dinov2=model, seed=seed, mask_folder=masks, num_images=num_images,
+      nearest=nearest, chunk_size=max(batch_size, 16), log=log, num_steps=num_steps,
+      guidance_scale=guidance_scale, strength=strength, batch_size=batch_size)
+  summary_ = result.summary
+  metrics = dict(model=target.about, images=os.path.abspath(folder.folder),
+                 num_images=int(len(result.indices)), num_reference=len(folder),
+                 resolution=folder.resolution, captions=folder.captions_path,
+                 masks=os.path.abspath(masks) if masks else "random boxes",
+                 num_steps=num_steps, guidance_scale=guidance_scale, strength=strength,
+                 seed=seed, min_mask_ratio=inpainting_attack.MIN_MASK_RATIO,
+                 thresholds=list(THRESHOLDS), **summary_)
+  kept = result.kept
+  histogram = {"source": result.source_similarity[kept]}
+  if result.nearest_similarity is not None:
+    histogram["nearest"] = result.nearest_similarity[kept]
+  metrics["histogram"] = memorization.similarity_histogram_png(
+      os.path.join(out, "hist_inpaint.png"), histogram,
+      "DINOv2 masked-patch similarity of the inpainted images")
+  metrics["grid"] = os.path.join(out, "grid_inpaint.png")
+  if jax.process_index() == 0 and len(grid["indices"]):
+    column = lambda x: tile(np.clip(np.asarray(x), -1.0, 1.0), cols=1)
+    save_png(metrics["grid"], [("original", column(grid["original"])),
+                               ("masked", column(grid["masked"])),
+                               ("inpainted", column(grid["inpainted"]))],
+             "most similar inpainted images: " + ", ".join(map(str, grid["indices"])))
+  arrays = dict(indices=result.indices, mask_ratio=result.mask_ratio, kept=kept,
+                source_similarity=result.source_similarity)
+  if result.nearest_similarity is not None:
+    arrays.update(nearest_similarity=result.nearest_similarity,
+                  nearest_index=result.nearest_index)
+  metrics["similarities"] = write_npz(os.path.join(out, "similarities.npz"), arrays)
+  metrics["seconds"] = time.time() - t_start
+  for name in ("source", "nearest"):
+    if name in summary_:
+      log(f"inpainting {name}: " + ", ".join(
+          f">{th} {summary_[name][f'frac_sim_above_{th}']:.3f}" for th in THRESHOLDS)
+          + f", mean {summary_[name]['mean_similarity']:.3f} ({summary_['kept']} of "
+          f"{summary_['count']} images with masks over {inpainting_attack.MIN_MASK_RATIO:.0%})")
+  write_json(os.path.join(out, "metrics.json"), metrics)
+  return metrics
 
 
 def write_json(path: str, value: dict) -> str:

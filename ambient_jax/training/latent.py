@@ -46,10 +46,15 @@ class PretrainedError(errors.UserError, ValueError):
   """The pretrained folder is missing or not a model this config can fine-tune."""
 
 
-def check_pretrained(folder: str, name: str = "config.latent.pretrained") -> dict:
-  """The folder's model_index.json, after checking it is a diffusers SD / SDXL folder with
-  a unet/ and a scheduler/ (one clear error otherwise, before anything compiles); `name`:
-  where the folder was given, for the message."""
+PIPELINE_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionPipeline")
+INPAINTING_CLASSES = ("StableDiffusionXLInpaintPipeline", "StableDiffusionInpaintPipeline")
+
+
+def check_pretrained(folder: str, name: str = "config.latent.pretrained",
+                     classes: tuple[str, ...] = PIPELINE_CLASSES) -> dict:
+  """The folder's model_index.json, after checking it is a diffusers pipeline folder of one
+  of `classes` (default: SD / SDXL text-to-image) with a unet/ and a scheduler/ (one clear
+  error otherwise, before anything compiles); `name`: where the folder was given."""
   index_path = os.path.join(folder, "model_index.json")
   if not os.path.isfile(index_path):
     raise PretrainedError(f"{name} = {folder!r} is not a diffusers folder "
@@ -57,9 +62,9 @@ def check_pretrained(folder: str, name: str = "config.latent.pretrained") -> dic
                           "stabilityai/stable-diffusion-xl-base-1.0.")
   index = weights.read_json(index_path)
   name = index.get("_class_name", "")
-  if name not in ("StableDiffusionXLPipeline", "StableDiffusionPipeline"):
-    raise PretrainedError(f"{index_path}: _class_name {name!r} is not supported (SD 1.x/2.x or "
-                          "SDXL: StableDiffusionPipeline / StableDiffusionXLPipeline).")
+  if name not in classes:
+    raise PretrainedError(f"{index_path}: _class_name {name!r} is not supported here (expected "
+                          f"{' / '.join(classes)}).")
   for part in ("unet", "scheduler"):
     if not os.path.isdir(os.path.join(folder, part)):
       raise PretrainedError(f"{folder}: no {part}/ folder.")
