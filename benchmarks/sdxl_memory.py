@@ -22,7 +22,8 @@ is already there): nothing runs, nothing is allocated.
 The table's axes (each flag repeatable; every combination is one compile per phase):
 --attention (config.latent.attention: xla = whole score maps, chunked = blockwise online
 softmax), --remat (config.latent.remat, per-block jax.checkpoint), --accum (k =
-config.optim.grad_accum_steps: the step runs the batch as k micro-batches in a lax.scan),
+config.optim.grad_accum_steps: the step runs the batch as k micro-batches in a lax.scan,
+as on GPU/TPU: config.optim.grad_accum_loop = "scan" whatever the backend),
 --batch (global; per device = batch / devices, per micro-batch = that / k), --resolution,
 and the phase (the plain ambient step, and the consistency phase's, a separate compile
 since the flag is static). With remat on, the step is compiled with XLA:CPU's
@@ -150,6 +151,8 @@ def build(config, *, batch: int | None = None, resolution: int | None = None,
       config.latent.remat = bool(remat)
     if accum is not None and "grad_accum_steps" in config.optim:
       config.optim.grad_accum_steps = int(accum)
+    if "grad_accum_loop" in config.optim:  # the accelerators' lax.scan, not CPU's unrolled
+      config.optim.grad_accum_loop = "scan"
     elif accum not in (None, 1):
       raise ValueError(f"accum={accum}: this checkout has no config.optim.grad_accum_steps")
   devices = list(jax.devices() if devices is None else devices)

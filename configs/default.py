@@ -75,6 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
                                   # their gradients: the same update, less memory, k× the passes.
                                   # batch_size must divide by k × the devices. Every example's
                                   # σ/noise is the same for any k; dropout masks (> 0) are not
+  c.optim.grad_accum_loop = "auto"  # "scan" (one while loop: least memory, GPU/TPU), "unrolled"
+                                  # (k traced copies: XLA:CPU runs conv weight gradients in a
+                                  # loop ~35x slower) or "auto" (unrolled on CPU, else scan)
 
   c.ema = ml_collections.ConfigDict()
   c.ema.halflife_kimg = (500.0,)  # EDM half-lives in thousands of images; several allowed

@@ -82,9 +82,12 @@ def test_example_keys_are_by_position_for_any_k():
       random_draws.example_keys(key, jnp.arange(16))))
 
 
-def test_accumulate_gradients_is_the_mean_and_k1_is_the_plain_gradient():
-  """A mean loss over 8 examples: 4 micro-batches of 2 give its gradient and metric; one
-  micro-batch (a scan of length 1, which XLA inlines) gives jax.grad's bits exactly."""
+@pytest.mark.parametrize("loop", ["scan", "unrolled"])
+def test_accumulate_gradients_is_the_mean_and_k1_is_the_plain_gradient(loop):
+  """A mean loss over 8 examples: 4 micro-batches of 2 give its gradient and metric, in a
+  while loop ("scan") or traced in turn ("unrolled"); one micro-batch is jax.grad itself
+  (its bits exactly, and no while loop in the program: XLA:CPU runs a convolution's weight
+  gradient inside one ~35x slower)."""
   params = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "b": jnp.array([0.1, -0.2, 0.3])}
   x = jax.random.normal(jax.random.key(0), (8, 2))
 
@@ -93,21 +96,37 @@ def test_accumulate_gradients_is_the_mean_and_k1_is_the_plain_gradient():
     return loss, {"loss": loss}
 
   (want_loss, _), want = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, x)
-  one = jax.jit(lambda p, xs: step_lib.accumulate_gradients(loss_fn, p, xs, 1))
+  one = jax.jit(lambda p, xs: step_lib.accumulate_gradients(loss_fn, p, xs, 1, loop=loop))
   got, metrics = one(params, x[None])
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_array_equal(a, b)
   assert metrics["loss"] == want_loss
-  four = jax.jit(lambda p, xs: step_lib.accumulate_gradients(loss_fn, p, xs, 4))
+  assert "while" not in one.lower(params, x[None]).as_text()
+  four = jax.jit(lambda p, xs: step_lib.accumulate_gradients(loss_fn, p, xs, 4, loop=loop))
   got, metrics = four(params, x.reshape(4, 2, 2))
   assert_same_gradients(got, want)
   np.testing.assert_allclose(metrics["loss"], want_loss, rtol=1e-6)
+  assert ("while" in four.lower(params, x.reshape(4, 2, 2)).as_text()) == (loop == "scan")
+  with pytest.raises(ValueError, match="must be one of"):
+    step_lib.accumulate_gradients(loss_fn, params, x[None], 1, loop="auto")
+
+
+def test_auto_loop_is_unrolled_on_cpu_only():
+  config = tiny_config("/nonexistent")
+  assert config.optim.grad_accum_loop == "auto"
+  assert step_lib.grad_accum_loop(config) == "unrolled"  # this machine: the CPU backend
+  assert [step_lib.grad_accum_loop(config, b) for b in ("gpu", "tpu")] == ["scan", "scan"]
+  config.optim.grad_accum_loop = "scan"
+  assert step_lib.grad_accum_loop(config) == "scan"
+  msg = _errors(**{"optim.grad_accum_loop": "while"})
+  assert "\n" not in msg and msg.startswith("config.optim.grad_accum_loop = 'while' is not "
+                                            "allowed: must be one of ('auto', 'scan', 'unrolled')")
 
 
 @pytest.mark.parametrize("num_devices", [1, 8])
 def test_k_micro_batches_give_the_full_batch_gradient(tfds_dir, tmp_path, num_devices):
   """The pixel step with the consistency term on, from the same state and the same logical
-  batch: k = 2 and 4 give k = 1's gradient and losses (so each example drew the same σ and
+  batch: k = 2 (unrolled, CPU's "auto") and 4 (in a lax.scan) give k = 1's gradient and losses (so each example drew the same σ and
   noise), on 1 device and on 8. On 8, splitting the batch adds no all-to-all or
   collective-permute (the ambient phase has none at all)."""
   batch = 16 if num_devices == 1 else 32  # k × devices must divide it
@@ -116,8 +135,9 @@ def test_k_micro_batches_give_the_full_batch_gradient(tfds_dir, tmp_path, num_de
                           devices=jax.devices()[:num_devices])
   start = trainer.initial_state()
   results = {}
-  for k in (1, 2, 4):
-    config = tiny_config(tfds_dir, **overrides, **{"optim.grad_accum_steps": k})
+  for k, loop in ((1, "auto"), (2, "auto"), (4, "scan")):
+    config = tiny_config(tfds_dir, **overrides, **{"optim.grad_accum_steps": k,
+                                                   "optim.grad_accum_loop": loop})
     step_fn = jax.jit(pixel.make_train_step(config, trainer.model_def, gradient_recorder(),
                                             num_shards=num_devices), static_argnums=2)
     loader = data.GlobalBatchLoader(trainer.dataset, batch, config.seed,

@@ -251,6 +251,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
       c.fail("consistency.kwargs.step", step, f"must be one of {sampling.STEP_KINDS} (or unset: "
              f"the loss's own default)")
   accum = c.int_at_least("optim.grad_accum_steps", 1)
+  from ambient_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
+  accum_loop = config.optim.get("grad_accum_loop", "auto")
+  if accum_loop not in step_lib.GRAD_ACCUM_LOOPS:
+    c.fail("optim.grad_accum_loop", accum_loop, f"must be one of {step_lib.GRAD_ACCUM_LOOPS} "
+           "(how the micro-batches run: one lax.scan, or traced one after the other)")
   if weight and fraction is not None and batch is not None:
     k = batch * fraction
     if fraction == 0 or abs(k - round(k)) > 1e-6 or batch % round(k):

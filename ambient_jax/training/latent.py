@@ -30,7 +30,8 @@ from ambient_jax import errors, losses, precond, random_draws
 from ambient_jax.runtime import sharding as sharding_lib
 from ambient_jax.training import state as ts
 from ambient_jax.training.step import (accumulate_gradients, apply_gradients, batch_shards,
-                                      below_sigma_n_term, grad_accum_steps, micro_batches,
+                                      below_sigma_n_term, grad_accum_loop, grad_accum_steps,
+                                      micro_batches,
                                       micro_example_keys, step_key)
 from ambient_jax.data.loader import GlobalBatchLoader
 from ambient_jax.data import latent as dataset_lib
@@ -264,7 +265,7 @@ def make_latent_step(config: Any, graphdef: Any, schedule: NoiseSchedule, uncond
              micro_example_keys(k_cons, batch_size, num_micro),
              micro_example_keys(jax.random.fold_in(k_drop, _DROP_SALT), batch_size, num_micro))
     grads, metrics = accumulate_gradients(loss_fn, state.params, micro, num_micro,
-                                          state_shardings.params)
+                                          state_shardings.params, grad_accum_loop(config))
     return apply_gradients(state, grads, metrics, tx, batch_size, halflives,
                            float(config.ema.rampup_ratio), schedule_lr)
 

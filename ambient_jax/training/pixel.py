@@ -31,7 +31,8 @@ from ambient_jax.data import corruption
 from ambient_jax.runtime import sharding as sharding_lib
 from ambient_jax.training import state as ts
 from ambient_jax.training.step import (accumulate_gradients, apply_gradients, batch_shards,
-                                      below_sigma_n_term, grad_accum_steps, micro_batches,
+                                      below_sigma_n_term, grad_accum_loop, grad_accum_steps,
+                                      micro_batches,
                                       micro_example_keys, step_key)
 
 
@@ -113,7 +114,7 @@ def make_train_step(config: Any, model_def: ts.ModelDef, tx: optax.GradientTrans
              micro_example_keys(k_ambient, batch_size, num_micro),
              micro_example_keys(k_cons, batch_size, num_micro), jnp.arange(num_micro))
     grads, metrics = accumulate_gradients(loss_fn, state.params, micro, num_micro,
-                                          param_shardings)
+                                          param_shardings, grad_accum_loop(config))
     return apply_gradients(state, grads, metrics, tx, batch_size, halflives, rampup, schedule)
 
   train_step.num_traces = 0

@@ -14,6 +14,15 @@ from fold_in(key, p) (`example_keys`), so its σ and noise do not depend on k. T
 writes the batch in an order (`data.loader.physical_order`) that `micro_batches` undoes
 with local reshapes only: every device holds B/N rows and gives b/N of them to each
 micro-batch, so the split moves no data between devices.
+
+How the k micro-batches run (config.optim.grad_accum_loop): "scan" is one `lax.scan` (an
+XLA while loop: one micro-batch's activations live at a time, one copy of the graph to
+compile); "unrolled" traces the k micro-batches one after the other (straight-line code,
+k copies to compile, and XLA may overlap them). "auto" is "scan" on GPU/TPU and
+"unrolled" on CPU: XLA:CPU leaves a convolution's weight gradient inside a while loop in
+its non-canonical form, which it runs as a naive loop nest, ~35× slower (the default
+pixel step: 0.78 s plain, 10 s in a length-1 scan; benchmarks/cpu_speed notes). k = 1 is
+always the plain gradient, no loop.
 """
 
 from __future__ import annotations
@@ -41,6 +50,18 @@ def step_key(seed: int, step: jax.Array) -> jax.Array:
 def grad_accum_steps(config: Any) -> int:
   """config.optim.grad_accum_steps (k micro-batches a step); 1 for configs older than it."""
   return int(config.optim.get("grad_accum_steps", 1))
+
+
+GRAD_ACCUM_LOOPS = ("auto", "scan", "unrolled")
+
+
+def grad_accum_loop(config: Any, backend: Optional[str] = None) -> str:
+  """"scan" or "unrolled": how the step runs its micro-batches (config.optim.grad_accum_loop;
+  "auto", and configs older than it, mean "unrolled" on the CPU backend, else "scan")."""
+  loop = config.optim.get("grad_accum_loop", "auto")
+  if loop == "auto":
+    return "unrolled" if (backend or jax.default_backend()) == "cpu" else "scan"
+  return loop
 
 
 def batch_shards(shardings: Any) -> int:
@@ -79,14 +100,18 @@ def micro_example_keys(key: jax.Array, batch_size: int, num_micro: int) -> jax.A
 
 def accumulate_gradients(loss_fn: Callable[[Any, Any], tuple[jax.Array, dict]], params: Any,
                          micro_inputs: Any, num_micro: int,
-                         shardings: Optional[Any] = None) -> tuple[Any, dict]:
+                         shardings: Optional[Any] = None,
+                         loop: str = "scan") -> tuple[Any, dict]:
   """(mean gradient, mean metrics) of `loss_fn(params, inputs) -> (loss, metrics)` over
-  the k micro-batches of `micro_inputs` (leaves [k, ...]), one at a time in a `lax.scan`.
+  the k micro-batches of `micro_inputs` (leaves [k, ...]), one at a time: in a `lax.scan`
+  (loop="scan") or traced one after the other (loop="unrolled"; see the module docstring).
 
   The gradients are summed in float32 (a tree like `params`, laid out by `shardings`, the
   parameters' own: FSDP shards stay sharded) and divided by k; metrics (scalars) are
-  averaged. k = 1 is the same scan with one iteration (XLA inlines it).
+  averaged. k = 1 is the plain gradient of the one micro-batch, whatever `loop` says.
   """
+  if loop not in GRAD_ACCUM_LOOPS[1:]:
+    raise ValueError(f"loop={loop!r}: must be one of {GRAD_ACCUM_LOOPS[1:]}")
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   total = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
   if shardings is not None:
@@ -96,7 +121,14 @@ def accumulate_gradients(loss_fn: Callable[[Any, Any], tuple[jax.Array, dict]], 
     (_, metrics), grads = grad_fn(params, inputs)
     return jax.tree.map(lambda t, g: t + g.astype(jnp.float32), total, grads), metrics
 
-  total, metrics = jax.lax.scan(body, total, micro_inputs, length=num_micro)
+  if loop == "scan" and num_micro > 1:
+    total, metrics = jax.lax.scan(body, total, micro_inputs, length=num_micro)
+  else:
+    per_micro = []
+    for m in range(num_micro):
+      total, metrics_m = body(total, jax.tree.map(lambda x, m=m: x[m], micro_inputs))
+      per_micro.append(metrics_m)
+    metrics = jax.tree.map(lambda *ms: jnp.stack(ms), *per_micro)
   grads = jax.tree.map(lambda t, p: (t / num_micro).astype(p.dtype), total, params)
   return grads, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
 
