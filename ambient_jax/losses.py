@@ -376,8 +376,7 @@ def posterior_sample_loss(denoise_fn: DenoiseFn, x_noisy: jax.Array, sigma_n: ja
   x_last = sampling.reverse_chain(teacher, x_noisy, base, floor, chain_steps, k_chain, step)
   if step == "posterior_cov":  # a draw of x0, not its mean: one more step, from σ_min to 0
     k_last = random_draws.fold_in(k_chain, chain_steps)
-    denoised, x0_variance = sampling.tweedie_moments(
-        teacher, x_last, floor, random_draws.rademacher(k_last, x_last.shape, x_last.dtype))
+    denoised, x0_variance = sampling.step_moments(step, teacher, x_last, floor, k_last)
     x0_hat = sampling.posterior_step(denoised, x_last, floor, jnp.zeros_like(floor),
                                      random_draws.normal(random_draws.fold_in(k_last, 1), x_last.shape),
                                      x0_variance)

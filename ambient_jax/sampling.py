@@ -210,11 +210,13 @@ STEP_KINDS = tuple(STEP_FUNCTIONS)
 
 
 def step_moments(step: str, denoise_fn: DenoiseFn, x: jax.Array, sigma: jax.Array,
-                 probe: Optional[jax.Array]) -> tuple[jax.Array, jax.Array | float]:
-  """(D(x, σ), the x0 variance step kind `step` uses): `tweedie_moments` with the ±1
-  `probe` [B, ...] for "posterior_cov", else (D, 0) from one network call (no probe)."""
+                 probe_key: jax.Array) -> tuple[jax.Array, jax.Array | float]:
+  """(D(x, σ), the x0 variance step kind `step` uses): for "posterior_cov",
+  `tweedie_moments` with a ±1 probe [B, ...] drawn from `probe_key` (one key, or [B] keys:
+  `random_draws`); else (D, 0) from one network call (the key unused)."""
   if step == "posterior_cov":
-    return tweedie_moments(denoise_fn, x, sigma, probe)
+    return tweedie_moments(denoise_fn, x, sigma,
+                           random_draws.rademacher(probe_key, x.shape, x.dtype))
   return denoise_fn(x, sigma), 0.0
 
 
@@ -248,9 +250,8 @@ def reverse_chain(denoise_fn: DenoiseFn, x: jax.Array, sigma_from: jax.Array,
     if k == 0 and first_denoised is not None and step != "posterior_cov":
       denoised, x0_variance = first_denoised, 0.0
     else:
-      probe = (random_draws.rademacher(random_draws.fold_in(k_noise, 1), x.shape, x.dtype)
-               if step == "posterior_cov" else None)
-      denoised, x0_variance = step_moments(step, denoise_fn, x, levels[k], probe)
+      denoised, x0_variance = step_moments(step, denoise_fn, x, levels[k],
+                                           random_draws.fold_in(k_noise, 1))
     noise = random_draws.normal(k_noise, x.shape, x.dtype)
     x = move(denoised, x, levels[k], levels[k + 1], noise, x0_variance)
   return x
@@ -294,8 +295,8 @@ def ancestral_steps(denoise_fn: DenoiseFn, x: jax.Array, levels: jax.Array, keys
 
   def body(x, inputs):
     i, s_i, s_j = inputs
-    probe = jnp.sign(_step_noise(keys, num_steps + i, x)) if step == "posterior_cov" else None
-    denoised, x0_variance = step_moments(step, denoise_fn, x, s_i, probe)
+    denoised, x0_variance = step_moments(step, denoise_fn, x, s_i,
+                                         random_draws.fold_in(keys, num_steps + i))
     return move(denoised, x, s_i, s_j, _step_noise(keys, i, x), x0_variance), None
 
   x, _ = jax.lax.scan(body, x, (jnp.arange(num_steps), levels[:-1], levels[1:]))
