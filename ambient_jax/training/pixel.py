@@ -32,8 +32,7 @@ from ambient_jax.runtime import sharding as sharding_lib
 from ambient_jax.training import state as ts
 from ambient_jax.training.step import (accumulate_gradients, apply_gradients, batch_shards,
                                       below_sigma_n_term, grad_accum_loop, grad_accum_steps,
-                                      micro_batches,
-                                      micro_example_keys, step_key)
+                                      micro_batches, micro_example_keys, step_key)
 
 
 def make_train_step(config: Any, model_def: ts.ModelDef, tx: optax.GradientTransformation,

@@ -21,7 +21,7 @@ compile); "unrolled" traces the k micro-batches one after the other (straight-li
 k copies to compile, and XLA may overlap them). "auto" is "scan" on GPU/TPU and
 "unrolled" on CPU: XLA:CPU leaves a convolution's weight gradient inside a while loop in
 its non-canonical form, which it runs as a naive loop nest, ~35× slower (the default
-pixel step: 0.78 s plain, 10 s in a length-1 scan; benchmarks/cpu_speed notes). k = 1 is
+pixel step: 0.47 s plain, 10 s in a length-1 scan; docs/training.md). k = 1 is
 always the plain gradient, no loop.
 """
 
