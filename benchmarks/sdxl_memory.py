@@ -63,13 +63,13 @@ import time
 import _output  # benchmarks/, beside this file
 
 GIB = 2**30
-# --quick: a toy SDXL-structured UNet (plain first level, linear projections, per-level heads
-# and transformer depths, text_time embedding) at 64² pixels (8x8 latents); seconds to compile.
-QUICK_UNET = dict(block_out_channels=(32, 32, 64), layers_per_block=1, sample_size=8,
-                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                  cross_attention_dim=32, attention_head_dim=(2, 4, 8),
-                  transformer_layers_per_block=(1, 1, 1), use_linear_projection=True,
+# --quick: a toy SDXL-structured UNet (plain first level, linear projections, per-level heads,
+# text_time embedding) on two levels at 64² pixels (8x8 latents); seconds to compile.
+QUICK_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=8,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                  cross_attention_dim=32, attention_head_dim=(2, 4),
+                  transformer_layers_per_block=(1, 1), use_linear_projection=True,
                   addition_embed_type="text_time", addition_time_embed_dim=8,
                   projection_class_embeddings_input_dim=16 + 6 * 8, norm_num_groups=8)
 QUICK_RESOLUTION = 64

@@ -55,6 +55,17 @@ TINY_UNETS = {
                  addition_embed_type="text_time", addition_time_embed_dim=4,
                  projection_class_embeddings_input_dim=12 + 6 * 4, norm_num_groups=8,
                  upcast_attention=True),
+    # SDXL's features (text_time embedding, linear projections, per-block heads, upcast) on
+    # two levels with one transformer each: the training, evaluation and attack tests, where
+    # XLA's compile of a train step or sampler is the cost (about half of "sdxl"'s).
+    "sdxl_small": dict(block_out_channels=(16, 32), layers_per_block=1, sample_size=16,
+                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                       up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                       cross_attention_dim=24, attention_head_dim=(2, 4),
+                       transformer_layers_per_block=(1, 1), use_linear_projection=True,
+                       addition_embed_type="text_time", addition_time_embed_dim=4,
+                       projection_class_embeddings_input_dim=12 + 6 * 4, norm_num_groups=8,
+                       upcast_attention=True),
 }
 TINY_POOLED = 12  # SDXL-shaped tiny UNet: pooled text width
 
@@ -75,7 +86,7 @@ def unet_inputs(kind: str, batch: int = 2, seed: int = 0, tokens: int = 7):
   inputs = dict(x=rng.standard_normal((batch, 16, 16, 4)).astype(np.float32),
                 t=rng.uniform(0, 999, batch).astype(np.float32),
                 context=rng.standard_normal((batch, tokens, 24)).astype(np.float32))
-  if kind == "sdxl":
+  if kind.startswith("sdxl"):
     inputs["text_embeds"] = rng.standard_normal((batch, TINY_POOLED)).astype(np.float32)
     inputs["time_ids"] = np.tile(np.array([[128, 128, 0, 0, 128, 128]], np.float32), (batch, 1))
     inputs["time_ids"][0] = [96, 112, 4, 8, 128, 128]
@@ -94,10 +105,10 @@ def torch_unet_output(model, inputs) -> np.ndarray:
   return nchw_to_nhwc(out)
 
 
-def save_tiny_sdxl_pipeline(root):
+def save_tiny_sdxl_pipeline(root, unet: str = "sdxl"):
   """A complete tiny SDXL diffusers folder (two CLIP tokenizers and text encoders, a
-  2-level VAE with SDXL's scaling factor, the tiny SDXL UNet, Euler scheduler), built and
-  written by diffusers' own save_pretrained under `root/sdxl`.
+  2-level VAE with SDXL's scaling factor, the tiny UNet `TINY_UNETS[unet]`, Euler
+  scheduler), built and written by diffusers' own save_pretrained under `root/sdxl`.
 
   Returns (the diffusers StableDiffusionXLPipeline, the folder as a str). Images of 32×32
   have latents of 16×16×4; text context is 8 + 16 = 24 wide, pooled 12.
@@ -123,7 +134,7 @@ def save_tiny_sdxl_pipeline(root):
       block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
       up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=4,
       latent_channels=4, sample_size=32, scaling_factor=0.13025), 3)
-  unet_ref = save_tiny_unet(root / "src_unet", "sdxl")
+  unet_ref = save_tiny_unet(root / "src_unet", unet)
   pipe = diffusers.StableDiffusionXLPipeline(
       vae=vae, text_encoder=enc_1, text_encoder_2=enc_2,
       tokenizer=transformers.CLIPTokenizer.from_pretrained(tok_1),
@@ -133,10 +144,12 @@ def save_tiny_sdxl_pipeline(root):
   return pipe, str(root / "sdxl")
 
 
-def prepare_tiny_sdxl_dataset(root, t_n: int = 500, num_images: int = 8):
+def prepare_tiny_sdxl_dataset(root, t_n: int = 500, num_images: int = 8,
+                              unet: str = "sdxl_small"):
   """(tiny SDXL folder, noisy-latent dataset at `t_n`) of `num_images` captioned 32×32 RGB
   images (seeded noise around grey; captions "image number {i % 3}"), made under `root`
-  by `save_tiny_sdxl_pipeline` and `prepare_latents`. Returns both paths as str."""
+  by `save_tiny_sdxl_pipeline` (with the two-level UNet unless `unet` says otherwise) and
+  `prepare_latents`. Returns both paths as str."""
   import pathlib
   from PIL import Image
   from ambient_jax import prepare_latents
@@ -150,7 +163,7 @@ def prepare_tiny_sdxl_dataset(root, t_n: int = 500, num_images: int = 8):
     Image.fromarray(pixels).save(images / f"{i}.png")
     lines.append(f'{{"file_name": "{i}.png", "text": "image number {i % 3}"}}\n')
   (images / "metadata.jsonl").write_text("".join(lines))
-  _, folder = save_tiny_sdxl_pipeline(root / "model")
+  _, folder = save_tiny_sdxl_pipeline(root / "model", unet)
   out = prepare_latents.prepare(prepare_latents.Args(
       images=str(images), pretrained=folder, out=str(root / "latents"), resolution=32, t_n=t_n,
       batch_size=4), log=lambda m: None)

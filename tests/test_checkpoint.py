@@ -37,6 +37,7 @@ def test_resume_is_bit_exact_and_restores_onto_fewer_devices(tfds_dir, tmp_path)
   straight = train.Trainer(config, str(tmp_path / "straight"))
   full = straight.run()  # 6 steps, checkpoints at 2, 4, 6
   straight.close()
+  assert not (tmp_path / "straight" / "samples").exists()  # sample.every_steps = -1: no grid
 
   half = tiny_config(tfds_dir, num_train_steps=3)
   first = train.Trainer(half, str(tmp_path / "resumed"))

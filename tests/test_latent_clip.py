@@ -268,8 +268,8 @@ def test_sd_prompt_encoding_matches_diffusers(sdxl_parts):
   (tok_1, _), (enc_1, _), (torch_tok, _), (torch_enc, _) = sdxl_parts
   pipe = diffusers.StableDiffusionPipeline(
       vae=None, text_encoder=torch_enc, tokenizer=torch_tok, unet=None,
-      scheduler=diffusers.EulerDiscreteScheduler(), safety_checker=None, feature_extractor=None,
-      requires_safety_checker=False)
+      scheduler=diffusers.EulerDiscreteScheduler(steps_offset=1), safety_checker=None,
+      feature_extractor=None, requires_safety_checker=False)
   ids = tok_1(PROMPTS)
   with torch.no_grad():
     embeds, _ = pipe.encode_prompt(PROMPTS, "cpu", 1, False)

@@ -58,7 +58,7 @@ def _randomize(model, seed=0):
 
 def _pipeline(kind, torch_unet):
   """A diffusers pipeline around `torch_unet` (no other weights needed for LoRA loading)."""
-  scheduler = diffusers.EulerDiscreteScheduler()
+  scheduler = diffusers.EulerDiscreteScheduler(steps_offset=1)  # SD 1.5's (0 warns "outdated")
   if kind == "sdxl":
     return diffusers.StableDiffusionXLPipeline(
         vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,

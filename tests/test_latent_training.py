@@ -64,7 +64,9 @@ def test_lora_fine_tune_trains_only_the_adapters_and_resumes_bit_exactly(prepare
 def test_two_micro_batches_give_the_full_batch_gradient(prepared, tmp_path):
   """The latent step with k = 2 (consistency on, prompt dropout 0.5) gives k = 1's gradient
   and losses on 2 devices: every example draws the same timestep, noise, prompt dropout and
-  chains whatever micro-batch it is in."""
+  chains whatever micro-batch it is in. k = 2 runs through the scan (the accelerators' loop;
+  its program is k = 1's size, where "unrolled" doubles the compile): both loops are
+  checked against each other in tests/test_grad_accum.py."""
   from ambient_jax import data  # pylint: disable=g-import-not-at-top
   from ambient_jax.runtime import sharding  # pylint: disable=g-import-not-at-top
   from ambient_jax.training import latent  # pylint: disable=g-import-not-at-top
@@ -76,7 +78,8 @@ def test_two_micro_batches_give_the_full_batch_gradient(prepared, tmp_path):
   frozen_shardings = jax.tree.map(lambda a: a.sharding, task.frozen)
   results = {}
   for k in (1, 2):
-    config = _config(prepared, **changes, **{"optim.grad_accum_steps": k})
+    config = _config(prepared, **changes, **{"optim.grad_accum_steps": k,
+                                             "optim.grad_accum_loop": "scan"})
     step_fn = latent.make_latent_step(config, task.graphdef, task.schedule, task.uncond,
                                       gradient_recorder(), trainer.state_shardings,
                                       frozen_shardings, num_shards=2)

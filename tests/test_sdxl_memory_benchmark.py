@@ -21,7 +21,7 @@ def test_tiny_unet_compiles_abstractly_and_reports_memory():
   if jax.device_count() < 8:
     pytest.skip("needs the 8 fake CPU devices of tests/conftest.py")
   config = sdxl_memory.load_config(os.path.join(HERE, "configs", "sdxl.py"))
-  built = sdxl_memory.build(config, resolution=64, unet_config=TINY_UNETS["sdxl"])
+  built = sdxl_memory.build(config, resolution=64, unet_config=TINY_UNETS["sdxl_small"])
   state, batch, frozen = built["args"]
   assert built["mesh"].shape == {"data": 1, "fsdp": 8}
   assert batch["latent"].shape == (16, 8, 8, 4) and batch["text_embeds"].shape == (16, 12)
@@ -33,7 +33,7 @@ def test_tiny_unet_compiles_abstractly_and_reports_memory():
   assert (built["attention"], built["remat"]) == ("auto", True)  # configs/sdxl.py's defaults
   assert sdxl_memory.scheduler_options(built) == {
       "xla_cpu_enable_concurrency_optimized_scheduler": False}
-  built = sdxl_memory.build(config, resolution=64, unet_config=TINY_UNETS["sdxl"],
+  built = sdxl_memory.build(config, resolution=64, unet_config=TINY_UNETS["sdxl_small"],
                             attention="xla", remat=False)
   assert sdxl_memory.scheduler_options(built) == {}
   (r,) = sdxl_memory.report(built, "tiny", ["ambient"], lines.append)

@@ -205,7 +205,8 @@ class Trainer:
           if stop:
             stopped_at = done
             break
-        if stopped_at is None and (start < total or self._grid_due(total)):
+        wants_grid = config.sample.every_steps >= 0  # -1: no grid at all (tests, benchmarks)
+        if stopped_at is None and wants_grid and (start < total or self._grid_due(total)):
           self._write_grid(total, state, writer)
       finally:
         self.checkpointer.wait()
