@@ -112,7 +112,8 @@ PROMPTS = ["a photograph of an astronaut riding a horse", "Portrait, oil paintin
 
 
 def _diffusers_images(pipe, latents, negative, steps=5, g=5.0):
-  generator_free = torch.from_numpy(np.asarray(latents)).permute(0, 3, 1, 2).contiguous()
+  # np.array: a writable copy (torch warns on a read-only view of a jax array)
+  generator_free = torch.from_numpy(np.array(latents)).permute(0, 3, 1, 2).contiguous()
   with torch.no_grad():
     return pipe(PROMPTS, negative_prompt=negative, num_inference_steps=steps, guidance_scale=g,
                 height=32, width=32, latents=generator_free, output_type="np").images
