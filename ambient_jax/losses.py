@@ -337,9 +337,11 @@ def posterior_sample_loss(denoise_fn: DenoiseFn, x_noisy: jax.Array, sigma_n: ja
                           sigma_data: float = precond.SIGMA_DATA):
   """EDM loss below σ_n on clean images drawn from the model's own posterior p(x0 | x_n).
 
-  Per example: x̂0 = D(x_K, σ_min) after `chain_steps` reverse steps of kind `step` from
-  x_n at σ_n down to σ_min (no gradient; by `chain_denoise_fn`, e.g. an EMA teacher,
-  else by `denoise_fn`); σ_b ~ σ_n · logU[target_min_ratio, target_max_ratio];
+  Per example: x̂0 = where `chain_steps` reverse steps of kind `step` from x_n at σ_n down
+  to σ_min, and for posterior kinds one more to 0, end (D(x_K, σ_min) for "posterior" and
+  "euler_maruyama", a draw around it for "posterior_cov"; no gradient; by
+  `chain_denoise_fn`, e.g. an EMA teacher, else by `denoise_fn`);
+  σ_b ~ σ_n · logU[target_min_ratio, target_max_ratio];
   loss = λ(σ_b) · mean ‖D(x̂0 + σ_b z, σ_b) − x̂0‖².
   This is the M-step of expectation-maximisation for Gaussian deconvolution (Rozet et al.
   2024, Bai et al. 2024), taken one gradient step at a time: the exact denoiser is a fixed
@@ -373,15 +375,12 @@ def posterior_sample_loss(denoise_fn: DenoiseFn, x_noisy: jax.Array, sigma_n: ja
   k_chain, k_target, k_noise = random_draws.split(key, 3)
   teacher = denoise_fn if chain_denoise_fn is None else chain_denoise_fn
   floor = jnp.minimum(jnp.float32(sigma_min), base)
-  x_last = sampling.reverse_chain(teacher, x_noisy, base, floor, chain_steps, k_chain, step)
-  if step == "posterior_cov":  # a draw of x0, not its mean: one more step, from σ_min to 0
-    k_last = random_draws.fold_in(k_chain, chain_steps)
-    denoised, x0_variance = sampling.step_moments(step, teacher, x_last, floor, k_last)
-    x0_hat = sampling.posterior_step(denoised, x_last, floor, jnp.zeros_like(floor),
-                                     random_draws.normal(random_draws.fold_in(k_last, 1), x_last.shape),
-                                     x0_variance)
-  else:
-    x0_hat = teacher(x_last, floor)
+  # Posterior chains end on x0 (a draw for "posterior_cov", the mean D for "posterior");
+  # Euler–Maruyama ones at σ_min, denoised there.
+  lands_on_x0 = step != "euler_maruyama"
+  x_last = sampling.reverse_chain(teacher, x_noisy, base, floor, chain_steps, k_chain, step,
+                                  then_to_zero=lands_on_x0)
+  x0_hat = x_last if lands_on_x0 else teacher(x_last, floor)
   x0_hat = jax.lax.stop_gradient(x0_hat)  # the targets: no gradient through the chain
   ratio = jnp.exp(random_draws.uniform(k_target, (batch,), minval=jnp.log(target_min_ratio),
                                      maxval=jnp.log(target_max_ratio)))

@@ -231,7 +231,8 @@ def geometric_levels(sigma_from: jax.Array, sigma_to: jax.Array, num_steps: int)
 
 def reverse_chain(denoise_fn: DenoiseFn, x: jax.Array, sigma_from: jax.Array,
                   sigma_to: jax.Array, num_steps: int, key: jax.Array,
-                  step: str = "posterior", first_denoised: jax.Array | None = None) -> jax.Array:
+                  step: str = "posterior", first_denoised: jax.Array | None = None, *,
+                  then_to_zero: bool = False) -> jax.Array:
   """Runs `num_steps` reverse steps from σ_from to σ_to ([B] each), geometrically spaced.
 
   x: [B, ...] at level σ_from -> [B, ...] at level σ_to. `key`: one key for the whole
@@ -239,13 +240,21 @@ def reverse_chain(denoise_fn: DenoiseFn, x: jax.Array, sigma_from: jax.Array,
   keys[i] alone, not on the batch it runs in; the training steps' losses pass these).
   `first_denoised`: D(x, σ_from) when the caller already has it (saves one network call;
   not for "posterior_cov", which needs the Jacobian there as well).
+  `then_to_zero`: one more step, from σ_to to σ = 0, so the chain ends on x0: a draw from
+  N(D, Var[x0 | x]) for "posterior_cov", exactly D(x, σ_to) for "posterior". Not for
+  Euler–Maruyama, whose step to 0 is no draw of x0 (a ValueError).
   """
   checks.one_of("step", step, STEP_KINDS)
   if num_steps < 1:
     raise ValueError(f"`num_steps` must be >= 1; got {num_steps}.")
+  if then_to_zero and step == "euler_maruyama":
+    raise ValueError("`then_to_zero` needs posterior steps (\"posterior\" or \"posterior_cov\"); "
+                     "an Euler–Maruyama step to σ = 0 is no draw of x0.")
   move = STEP_FUNCTIONS[step]
   levels = geometric_levels(sigma_from, sigma_to, num_steps)
-  for k in range(num_steps):
+  if then_to_zero:
+    levels = jnp.concatenate([levels, jnp.zeros_like(levels[:1])])  # [num_steps + 2, B]
+  for k in range(levels.shape[0] - 1):
     k_noise = random_draws.fold_in(key, k)
     if k == 0 and first_denoised is not None and step != "posterior_cov":
       denoised, x0_variance = first_denoised, 0.0

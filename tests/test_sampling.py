@@ -106,6 +106,24 @@ def test_tweedie_moments_give_the_gaussian_posterior_and_posterior_cov_steps_are
   assert abs(stds["euler_maruyama"] - gaussian.S) / gaussian.S > 0.1, stds
 
 
+def test_reverse_chain_then_to_zero_ends_on_x0():
+  """then_to_zero: one more step to σ = 0. Plain posterior steps then end exactly on
+  D(x_K, σ_to) (the same first K steps); "posterior_cov" steps on a draw of x0 with the
+  data's spread (2 steps from σ = 2 for Gaussian data); Euler–Maruyama refuses."""
+  d = gaussian.exact_denoiser()
+  keys = jax.random.split(jax.random.key(5), N)
+  x = gaussian.MU + np.sqrt(gaussian.S**2 + 4.0) * _latents(seed=6)
+  start, stop = jnp.full((N,), 2.0), jnp.full((N,), 0.01)
+  x_k = sampling.reverse_chain(d, x, start, stop, 2, keys, "posterior")
+  ended = sampling.reverse_chain(d, x, start, stop, 2, keys, "posterior", then_to_zero=True)
+  np.testing.assert_allclose(np.asarray(ended), np.asarray(d(x_k, stop)), rtol=1e-6, atol=1e-7)
+  drawn = sampling.reverse_chain(d, x, start, stop, 2, keys, "posterior_cov", then_to_zero=True)
+  assert abs(float(drawn.std()) - gaussian.S) / gaussian.S < 0.03
+  assert abs(float(d(x_k, stop).std()) - gaussian.S) / gaussian.S > 0.1  # the mean alone is too narrow
+  with pytest.raises(ValueError, match="Euler–Maruyama"):
+    sampling.reverse_chain(d, x, start, stop, 2, keys, "euler_maruyama", then_to_zero=True)
+
+
 def test_posterior_step_mean_is_exact_for_any_step_size():
   """E[x_j | x_i] of a posterior step = the true E[x_{σ_j} | x_{σ_i}] for Gaussian data."""
   x = jnp.linspace(-2, 2, 9)[:, None]
