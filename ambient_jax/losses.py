@@ -337,10 +337,10 @@ def posterior_sample_loss(denoise_fn: DenoiseFn, x_noisy: jax.Array, sigma_n: ja
                           sigma_data: float = precond.SIGMA_DATA):
   """EDM loss below σ_n on clean images drawn from the model's own posterior p(x0 | x_n).
 
-  Per example: x̂0 = where `chain_steps` reverse steps of kind `step` from x_n at σ_n down
-  to σ_min, and for posterior kinds one more to 0, end (D(x_K, σ_min) for "posterior" and
-  "euler_maruyama", a draw around it for "posterior_cov"; no gradient; by
-  `chain_denoise_fn`, e.g. an EMA teacher, else by `denoise_fn`);
+  Per example: `chain_steps` reverse steps of kind `step` take x_n from σ_n down to σ_min
+  (no gradient; by `chain_denoise_fn`, e.g. an EMA teacher, else by `denoise_fn`); x̂0 is
+  then D(x_K, σ_min) ("posterior", "euler_maruyama") or, for "posterior_cov", a draw
+  around it (`reverse_chain(..., then_to_zero=True)`);
   σ_b ~ σ_n · logU[target_min_ratio, target_max_ratio];
   loss = λ(σ_b) · mean ‖D(x̂0 + σ_b z, σ_b) − x̂0‖².
   This is the M-step of expectation-maximisation for Gaussian deconvolution (Rozet et al.
