@@ -31,16 +31,33 @@ class GaussianMixture:
     noise = jax.random.normal(k_noise, (n, self.dim))
     return jnp.asarray(self.means)[comp] + jnp.asarray(self.stds)[comp, None] * noise
 
-  def denoise(self, x: jax.Array, sigma: jax.Array) -> jax.Array:
-    """Exact E[x0 | x_σ = x]: x [B, D], σ [B] -> [B, D]."""
+  def _posterior(self, x: jax.Array, sigma: jax.Array):
+    """p(x0 | x_σ = x) = Σ_k p(k | x) N(m_k, v_k I): (logits of p(k | x) [B, K], the
+    components' means m_k [B, K, D] and variances v_k [B, K])."""
     means, var = jnp.asarray(self.means), jnp.asarray(self.stds) ** 2
     total = var[None, :] + sigma[:, None] ** 2  # [B, K]
     sq = jnp.sum(jnp.square(x[:, None, :] - means[None]), -1)  # [B, K]
     logits = jnp.log(jnp.asarray(self.weights))[None] - 0.5 * sq / total - 0.5 * self.dim * jnp.log(total)
-    post = jax.nn.softmax(logits, axis=-1)  # p(k | x): [B, K]
     shrink = var[None] / total  # [B, K]
     per_comp = means[None] + shrink[..., None] * (x[:, None, :] - means[None])  # [B, K, D]
+    return logits, per_comp, shrink * sigma[:, None] ** 2
+
+  def denoise(self, x: jax.Array, sigma: jax.Array) -> jax.Array:
+    """Exact E[x0 | x_σ = x]: x [B, D], σ [B] -> [B, D]."""
+    logits, per_comp, _ = self._posterior(x, sigma)
+    post = jax.nn.softmax(logits, axis=-1)  # p(k | x): [B, K]
     return jnp.sum(post[..., None] * per_comp, axis=1)
+
+  def posterior_sample(self, x: jax.Array, sigma: jax.Array, key: jax.Array) -> jax.Array:
+    """One exact draw of x0 ~ p(x0 | x_σ = x) per row: x [B, D], σ [B] -> [B, D] (a
+    component k ~ p(k | x), then its Gaussian posterior; the reference the approximate
+    reverse steps are measured against)."""
+    logits, per_comp, var = self._posterior(x, sigma)
+    k_comp, k_noise = jax.random.split(key)
+    comp = jax.random.categorical(k_comp, logits)  # [B]
+    rows = jnp.arange(x.shape[0])
+    return per_comp[rows, comp] + jnp.sqrt(var[rows, comp])[:, None] * jax.random.normal(
+        k_noise, x.shape)
 
 
 def four_clusters_2d(std: float = 0.08) -> GaussianMixture:

@@ -351,7 +351,17 @@ def high_noise_variants(args, sigma_n):
       "posterior_sample_cov_16_below_half": dict(base, consistency_weight=1.0,
                                                  consistency_options={**em_cov, "target_max_ratio": 0.5}),
       "consistency_cov": dict(base, consistency_weight=10.0, consistency_options={"step": "posterior_cov"}),
+      # why exact-variance chains lose at σ_n = 0.1 (docs/results_toy.md): more chains per
+      # example (the estimator's noise), and the local form (anchor just above σ_b)
+      "consistency_cov_8_chains": dict(base, consistency_weight=10.0,
+                                       consistency_options={"step": "posterior_cov", "num_samples": 8}),
+      "consistency_local": dict(base, consistency_weight=10.0, consistency_options=LOCAL),
+      "consistency_cov_local": dict(base, consistency_weight=10.0,
+                                    consistency_options={**LOCAL, "step": "posterior_cov"}),
   }
+
+
+LOCAL = {"gap": 0.5, "anchor_steps": 4}  # σ_a = 2 σ_b, reached from the start by 4 steps
 
 
 ABLATIONS = {"loss_options": (ablation_variants, 0.1), "high_noise": (high_noise_variants, 0.2)}
