@@ -77,11 +77,8 @@ def step_fn(kernel: str, mixture):
 
   def exact(x, si, sj, key):
     k_x0, k_noise = jax.random.split(key)
-    x0 = mixture.posterior_sample(x, si, k_x0)
-    ratio = (sj / si) ** 2
-    keep = 1.0 - ratio
-    return (ratio[:, None] * x + keep[:, None] * x0
-            + (sj * jnp.sqrt(keep))[:, None] * jax.random.normal(k_noise, x.shape))
+    x0 = mixture.posterior_sample(x, si, k_x0)  # the step's mean and noise given a true x0
+    return sampling.posterior_step(x0, x, si, sj, jax.random.normal(k_noise, x.shape))
 
   return {"posterior": library, "posterior_cov": library, "cov_exact_trace": exact_trace,
           "full_cov": full_cov, "exact": exact}[kernel]

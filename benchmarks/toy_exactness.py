@@ -318,6 +318,9 @@ def ablation_variants(args, sigma_n):
   }
 
 
+LOCAL = {"gap": 0.5, "anchor_steps": 4}  # σ_a = 2 σ_b, reached from the start by 4 steps
+
+
 def high_noise_variants(args, sigma_n):
   """The below-σ_n research set (README "Below σ_n at high noise"; measured at σ_n = 0.1
   and 0.2): the consistency default and what was tried against it; every below-σ_n
@@ -359,9 +362,6 @@ def high_noise_variants(args, sigma_n):
       "consistency_cov_local": dict(base, consistency_weight=10.0,
                                     consistency_options={**LOCAL, "step": "posterior_cov"}),
   }
-
-
-LOCAL = {"gap": 0.5, "anchor_steps": 4}  # σ_a = 2 σ_b, reached from the start by 4 steps
 
 
 ABLATIONS = {"loss_options": (ablation_variants, 0.1), "high_noise": (high_noise_variants, 0.2)}
