@@ -213,6 +213,34 @@ def test_restoration_mode_equals_a_direct_computation(tiny, tmp_path, capsys):
   assert 0 < row["latent_mse_mean"] and row["count"] == n
 
 
+def test_one_compile_serves_every_t_and_image_set(tiny):
+  """attack_latents keeps its jitted functions on the model: the MMSE step and the ancestral
+  sampler take σ as an argument (one compile for t = 800 and 500, and for another set of
+  images of the batch's shape), the hot sample one per t; and the reused functions give
+  what a fresh model's give (no σ or t left over from the first call)."""
+  target = attack.load_target(pretrained=tiny["pretrained"])
+  model = target.model
+  rng = np.random.default_rng(0)
+  z0 = rng.standard_normal((2, 4, 16, 16, 4)).astype(np.float32)
+  prompts = attack.prompt_rows(target.pipe, [""] * 4, (32, 32))
+  kw = dict(key=jax.random.key(3), posterior="ancestral", posterior_steps=1, batch_size=2)
+  for t, images in ((800, z0[0]), (500, z0[0]), (500, z0[1])):
+    _, shared = latent_attack.attack_latents(model, images, prompts, t=t, **kw)
+  assert sorted(map(str, model.jit_cache)) == ["('ancestral', 5.0, 1)", "('mmse', 1.0)"]
+  assert all(f._cache_size() == 1 for f in model.jit_cache.values())  # pylint: disable=protected-access
+  fresh = latent_attack.AttackModel(model.unet_fn, model.params, model.frozen, model.schedule,
+                                    model.uncond)
+  _, alone = latent_attack.attack_latents(fresh, z0[1], prompts, t=500, **kw)
+  for m in ("noisy_input", "mmse", "posterior"):
+    np.testing.assert_allclose(shared[m], alone[m], rtol=1e-6, atol=1e-6, err_msg=m)
+  latent_attack.attack_latents(model, z0[0], prompts, t=800, key=kw["key"], hot_steps=3,
+                               batch_size=2)
+  latent_attack.attack_latents(model, z0[0], prompts, t=500, key=kw["key"], hot_steps=3,
+                               batch_size=2)
+  assert ("hot", 5.0, 3, 800) in model.jit_cache and ("hot", 5.0, 3, 500) in model.jit_cache
+  assert model.jit_cache[("mmse", 1.0)]._cache_size() == 1  # pylint: disable=protected-access
+
+
 def _one_line(capsys, code, *fragments):
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1, err

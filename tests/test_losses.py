@@ -21,20 +21,22 @@ def _noisy_gaussian_data(seed=0, sigma_n=SIGMA_N, n=N):
   return x0, x0 + sigma_n * jax.random.normal(k1, (n, DIM))
 
 
-def _fit_linear_denoiser(loss_fn, sigma):
-  """Fits D(x, σ) = a x + c at (nearly) one fixed σ and returns a.
+def _minimiser(total, size: int = 2) -> jax.Array:
+  """θ [size] minimising `total`, a loss quadratic in θ: one Newton step from zero is exact
+  for the given noise draw (no optimiser tuning, no iteration count to pick). Jitted: the
+  Hessian of a loss over 16k examples, run eagerly, is hundreds of separate dispatches."""
+  newton = lambda theta: theta - jnp.linalg.solve(jax.hessian(total)(theta), jax.grad(total)(theta))
+  return jax.jit(newton)(jnp.zeros(size))
 
-  The loss is quadratic in (a, c), so one Newton step from zero is its exact minimiser
-  for the given noise draw: no optimiser tuning, no iteration count to pick.
-  """
+
+def _fit_linear_denoiser(loss_fn, sigma):
+  """Fits D(x, σ) = a x + c at (nearly) one fixed σ and returns a."""
 
   def total(theta):
     denoise = lambda x, s: theta[0] * x + theta[1]
     return jnp.mean(loss_fn(denoise, p_mean=float(np.log(sigma)), p_std=1e-4))
 
-  theta0 = jnp.zeros(2)
-  theta = theta0 - jnp.linalg.solve(jax.hessian(total)(theta0), jax.grad(total)(theta0))
-  return float(theta[0])
+  return float(_minimiser(total)[0])
 
 
 @pytest.mark.parametrize("sigma", [0.4, 0.6, 1.0, 2.0])
@@ -99,7 +101,7 @@ def test_vp_ambient_recovers_the_clean_vp_denoiser():
       return jnp.mean(losses.ambient_loss_vp(fn, x_noisy, jnp.full((N,), sigma_n), jax.random.key(5),
                                              prediction=prediction,
                                              sigma_schedule=jnp.array([sigma_t]))[0])
-    theta = -jnp.linalg.solve(jax.hessian(total)(jnp.zeros(2)), jax.grad(total)(jnp.zeros(2)))
+    theta = _minimiser(total)
     a = float(theta[0]) if prediction == "x0" else (1 - sigma_t * float(theta[0])) / scale
     assert abs(a - target) / target < 0.03, (prediction, a, target)
 
@@ -252,8 +254,7 @@ def _fit_below(chain_denoiser, ratio=0.5, **options):
         target_max_ratio=ratio * 1.0001, chain_denoise_fn=chain_denoiser, **options)
     return jnp.mean(loss)
 
-  theta0 = jnp.zeros(2)
-  return float((theta0 - jnp.linalg.solve(jax.hessian(total)(theta0), jax.grad(total)(theta0)))[0])
+  return float(_minimiser(total)[0])
 
 
 def test_posterior_samples_of_the_exact_denoiser_teach_the_clean_shrinkage_below_sigma_n():
@@ -288,8 +289,7 @@ def _draw_variance(step, chain_steps, s=0.08, sigma_n=0.2, n=8192):
         chain_denoise_fn=gaussian.exact_denoiser(s=s))
     return jnp.mean(loss)
 
-  theta0 = jnp.zeros(2)
-  a = float((theta0 - jnp.linalg.solve(jax.hessian(total)(theta0), jax.grad(total)(theta0)))[0])
+  a = float(_minimiser(total)[0])
   return s**2 * a / (1 - a)
 
 

@@ -92,6 +92,7 @@ class LatentRun:
     self.dataset, self.schedule = self.task.dataset, self.task.schedule
     self.sigma_n_max = self.task.sigma_n_max  # VP
     self._vae = self._coder = None
+    self.attack_jit_cache = {}  # the attack's jitted functions, shared with initial()
 
   @property
   def vae(self):
@@ -190,7 +191,7 @@ def attack_model(run: LatentRun) -> "latent_attack.AttackModel":
   """The run's UNet (trainable tree over the frozen base), schedule and dropped prompt, as
   the attack runs them."""
   return latent_attack.AttackModel(run.task.unet, run.params, run.task.frozen, run.schedule,
-                                   run.task.uncond)
+                                   run.task.uncond, jit_cache=run.attack_jit_cache)
 
 
 def attack_latents(run: LatentRun, z0: np.ndarray, *, attack_t: int, key: jax.Array,

@@ -23,6 +23,7 @@ Everything returned stays in the VE view: decode `noisy_input` × √(1 − σ_t
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -45,12 +46,22 @@ class AttackModel:
   unet_fn(params, frozen) -> the UNet module (a LatentTask's `unet`, or nnx.merge of a
   pretrained UNet with frozen = ()); schedule: its DDPM schedule; uncond: the dropped prompt
   of classifier-free guidance, {"context" [77, D], SDXL also "text_embeds" [Dp]}.
+  jit_cache keeps the jitted reconstructions, so that attacks at several t, on several image
+  sets or for several tables compile each once (an SDXL UNet's compile takes minutes);
+  models may share one only where they differ in params and frozen alone.
   """
   unet_fn: Callable[[Any, Any], Any]
   params: Any
   frozen: Any
   schedule: NoiseSchedule
   uncond: dict
+  jit_cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+  def compiled(self, key: tuple, build: Callable[[], Any]) -> Any:
+    """build(), made once per `key` in jit_cache."""
+    if key not in self.jit_cache:
+      self.jit_cache[key] = build()
+    return self.jit_cache[key]
 
 
 class IndexedRows:
@@ -99,21 +110,26 @@ def attack_latents(model: AttackModel, z0: np.ndarray, prompts: dict, *, t: int,
   if not 0 < t < sched.num_train_timesteps:
     raise ValueError(f"t={t}: a DDPM step in [1, {sched.num_train_timesteps - 1}].")
   sigma, sigma_min = float(sched.ve_sigmas[t]), float(sched.ve_sigmas[0])
+  mmse = model.compiled(("mmse", mmse_guidance), lambda: memorization.jit_mmse(
+      _denoiser(model, mmse_guidance)))
   sample_denoise = _denoiser(model, guidance_scale)
 
-  def posterior_fn(x, keys, params, frozen, prompts):
+  def posterior_fn(x, sigma, keys, params, frozen, prompts):
     denoise = lambda y, s: sample_denoise(y, s, params, frozen, prompts)
     if posterior == "hot":
       return guidance.hot_sample(denoise, sched, x, t, keys, hot_steps)
-    return sampling.ancestral_sampler(
-        denoise, x, jnp.full((x.shape[0],), sigma, jnp.float32), keys, posterior_steps,
-        sigma_to=sigma_min)
+    return sampling.ancestral_sampler(denoise, x, sigma, keys, posterior_steps,
+                                      sigma_to=sigma_min)
 
+  # The hot sample's σ list depends on t (one compile per t); the ancestral sampler takes σ
+  # as an argument (one compile for every t).
+  key_post = (posterior, guidance_scale) + (
+      (hot_steps, t) if posterior == "hot" else (posterior_steps,))
+  post = model.compiled(key_post, lambda: memorization.jit_posterior(posterior_fn))
   return memorization.reconstruct(
-      _denoiser(model, mmse_guidance), z0, sigma=sigma, key=key,
-      batch_size=max(1, min(batch_size, len(z0))), methods=tuple(methods),
-      shared=(model.params, model.frozen), per_image=(prompts,), posterior_fn=posterior_fn,
-      indices=indices, log=log)
+      None, z0, sigma=sigma, key=key, batch_size=max(1, min(batch_size, len(z0))),
+      methods=tuple(methods), shared=(model.params, model.frozen), per_image=(prompts,),
+      jitted=(mmse, post), indices=indices, log=log)
 
 
 def vp_view(noisy: np.ndarray, schedule: NoiseSchedule, t: int) -> np.ndarray:
@@ -125,7 +141,8 @@ def vp_view(noisy: np.ndarray, schedule: NoiseSchedule, t: int) -> np.ndarray:
 def vae_coder(vae: Any, batch_size: int = 32, sample_key: Optional[jax.Array] = None):
   """(encode(images, indices=None), decode(latents)): images [n, R, R, 3] in [-1, 1] <->
   latents [n, h, w, C] (× scaling factor), jitted with the VAE weights as arguments, in
-  batches of `batch_size` (the tail padded: one compiled shape).
+  batches of `batch_size` (the tail padded: one compiled shape). VAEs of one structure share
+  the compiles (`_encode`, `_decode` are keyed on the graph, not the weights).
 
   sample_key None: the posterior mean (deterministic; `evaluate`'s attack). Else image i's
   latent is a posterior sample drawn from fold_in(sample_key, indices[i]) (the paper's code:
@@ -134,28 +151,38 @@ def vae_coder(vae: Any, batch_size: int = 32, sample_key: Optional[jax.Array] = 
   from flax import nnx  # pylint: disable=g-import-not-at-top
   graphdef, state = nnx.split(vae)
 
-  def enc_fn(st, x, idx):
-    m = nnx.merge(graphdef, st)
-    if sample_key is None:
-      return m.to_latents(x)
-    mean, logvar = m.encode(x)
-    keys = jax.vmap(lambda i: jax.random.fold_in(sample_key, i))(idx)
-    sample = jax.vmap(lambda mu, lv, k: m.sample_posterior(mu[None], lv[None], k)[0])(
-        mean, logvar, keys)
-    return (sample - m.shift_factor) * m.scaling_factor
-
-  enc = jax.jit(enc_fn)
-  dec = jax.jit(lambda st, z: nnx.merge(graphdef, st).from_latents(z))
-
   def encode(x, indices=None):
     x = np.asarray(x, np.float32)
     idx = np.arange(len(x)) if indices is None else np.asarray(indices)
-    return batched(lambda b, i: enc(state, b, i), batch_size, x, idx.astype(np.int32))
+    return batched(lambda b, i: _encode(graphdef, state, b, i, sample_key), batch_size, x,
+                   idx.astype(np.int32))
 
   def decode(z):
-    return batched(lambda b: dec(state, b), batch_size, np.asarray(z, np.float32))
+    return batched(lambda b: _decode(graphdef, state, b), batch_size, np.asarray(z, np.float32))
 
   return encode, decode
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(graphdef, state, x, idx, sample_key):
+  """`vae_coder`'s encoder: the posterior mean (sample_key None) or image i's posterior
+  sample from fold_in(sample_key, idx[i]), × scaling factor: [B, R, R, 3] -> [B, h, w, C]."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  m = nnx.merge(graphdef, state)
+  if sample_key is None:
+    return m.to_latents(x)
+  mean, logvar = m.encode(x)
+  keys = jax.vmap(lambda i: jax.random.fold_in(sample_key, i))(idx)
+  sample = jax.vmap(lambda mu, lv, k: m.sample_posterior(mu[None], lv[None], k)[0])(
+      mean, logvar, keys)
+  return (sample - m.shift_factor) * m.scaling_factor
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode(graphdef, state, z):
+  """`vae_coder`'s decoder: latents [B, h, w, C] (× scaling factor) -> images [B, R, R, 3]."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return nnx.merge(graphdef, state).from_latents(z)
 
 
 def batched(fn: Callable[..., jax.Array], batch_size: int, *arrays: np.ndarray) -> np.ndarray:

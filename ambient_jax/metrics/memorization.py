@@ -309,10 +309,40 @@ class AttackResult:
   attacked: np.ndarray                 # indices into the training set
 
 
+def jit_mmse(denoise_fn) -> Callable:
+  """The attack's one-step reconstruction, jitted: (x [B, ...], σ [B], shared, per_image) ->
+  denoise_fn(x, σ, *shared, *per_image). σ is an argument, so one compile serves every σ;
+  keep the result to reuse it across calls of `reconstruct` (`jitted=`)."""
+  return jax.jit(lambda x, sigma, shared, extra: denoise_fn(x, sigma, *shared, *extra))
+
+
+def jit_posterior(posterior_fn) -> Callable:
+  """The attack's posterior sample, jitted: (x [B, ...], σ [B], key, indices [B], shared,
+  per_image) -> posterior_fn(x, σ, keys, *shared, *per_image), image i's key
+  fold_in(key, indices[i]) (whatever its batch)."""
+
+  def posterior(x, sigma, key, idx, shared, extra):
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
+    return posterior_fn(x, sigma, keys, *shared, *extra)
+
+  return jax.jit(posterior)
+
+
+def ancestral_posterior(denoise_fn, posterior_steps: int = 32, sigma_to: float = 0.002):
+  """posterior_fn(x, σ [B], keys [B], *args) of `sampling.ancestral_sampler`: `posterior_steps`
+  geometric steps from σ down to `sigma_to` under denoise_fn(y, s, *args)."""
+
+  def posterior_fn(x, sigma, keys, *args):
+    return sampling.ancestral_sampler(lambda y, s: denoise_fn(y, s, *args), x, sigma, keys,
+                                      posterior_steps, sigma_to=sigma_to)
+
+  return posterior_fn
+
+
 def reconstruct(denoise_fn, images, *, sigma: float, key: jax.Array, num_attacked: Optional[int] = None,
                 posterior_steps: int = 32, batch_size: int = 128,
                 methods=("mmse", "posterior"), shared: tuple = (), per_image: tuple = (),
-                sigma_to: float = 0.002, posterior_fn=None, indices=None,
+                sigma_to: float = 0.002, posterior_fn=None, indices=None, jitted=None,
                 log=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """The attack's reconstructions of the first `num_attacked` images (all by default).
 
@@ -322,31 +352,24 @@ def reconstruct(denoise_fn, images, *, sigma: float, key: jax.Array, num_attacke
   denoise_fn(x [B, ...], σ [B], *shared, *per_image_batch) -> x0_hat, jitted here:
   `shared` (e.g. parameters) and `per_image` (pytrees of [N, ...] arrays, e.g. each
   image's prompt embeddings, sliced to the batch; any leaf with numpy-style row indexing
-  works) are passed as arguments, not baked in. `posterior_fn(x [B, ...] at σ, keys [B],
-  *shared, *per_image_batch) -> x0` replaces the ancestral sampler (e.g. a latent model's
-  hot sample, `latent.guidance.hot_sample`). `indices` [N]: each image's index in its
-  dataset, which picks its noise and sampler keys (default 0..N−1), so that a subset or a
-  chunk of a dataset is noised as the whole would be.
+  works) are passed as arguments, not baked in. `posterior_fn(x [B, ...] at σ, σ [B],
+  keys [B], *shared, *per_image_batch) -> x0` replaces the ancestral sampler (e.g. a latent
+  model's hot sample, `latent.guidance.hot_sample`). `jitted`: (`jit_mmse(...)`,
+  `jit_posterior(...)`) kept by the caller, so that the compiles are reused across calls
+  (other σ, other images of the same batch shape); then denoise_fn and posterior_fn are
+  not used. `indices` [N]: each image's index in its dataset, which picks its noise and
+  sampler keys (default 0..N−1), so that a subset or a chunk of a dataset is noised as the
+  whole would be.
   Returns (attacked indices [n], {"noisy_input", *methods: [n, ...]}).
   """
   images = np.asarray(images, np.float32)
   n = len(images) if num_attacked is None else min(num_attacked, len(images))
   attacked = np.arange(n) if indices is None else np.asarray(indices)[:n]
   k_noise, k_post = jax.random.split(key)
-  if posterior_fn is None:
-    def posterior_fn(x, keys, *args):
-      return sampling.ancestral_sampler(lambda y, s: denoise_fn(y, s, *args), x,
-                                        jnp.full((x.shape[0],), sigma, jnp.float32), keys,
-                                        posterior_steps, sigma_to=sigma_to)
-
-  @jax.jit
-  def mmse(x, shared, extra):
-    return denoise_fn(x, jnp.full((x.shape[0],), sigma, jnp.float32), *shared, *extra)
-
-  @jax.jit
-  def posterior(x, idx, shared, extra):
-    keys = jax.vmap(lambda i: jax.random.fold_in(k_post, i))(idx)
-    return posterior_fn(x, keys, *shared, *extra)
+  if jitted is None:
+    jitted = (jit_mmse(denoise_fn), jit_posterior(
+        posterior_fn or ancestral_posterior(denoise_fn, posterior_steps, sigma_to)))
+  mmse, posterior = jitted
 
   recon = {m: [] for m in ("noisy_input",) + tuple(methods)}
   t0 = time.time()
@@ -356,13 +379,14 @@ def reconstruct(denoise_fn, images, *, sigma: float, key: jax.Array, num_attacke
     rows = np.concatenate([rows, np.repeat(rows[-1:], pad)]) if pad else rows
     idx, idx_p = attacked[rows[:len(rows) - pad]], attacked[rows]
     x = noise_images(images[rows], sigma, k_noise, idx_p)
+    sigmas = jnp.full((len(rows),), sigma, jnp.float32)
     extra = jax.tree.map(lambda a: jnp.asarray(a[rows]), tuple(per_image))
     recon["noisy_input"].append(np.asarray(x)[:len(idx)])
     if "mmse" in methods:
-      recon["mmse"].append(np.asarray(mmse(x, shared, extra))[:len(idx)])
+      recon["mmse"].append(np.asarray(mmse(x, sigmas, shared, extra))[:len(idx)])
     if "posterior" in methods:
-      recon["posterior"].append(
-          np.asarray(posterior(x, jnp.asarray(idx_p), shared, extra))[:len(idx)])
+      recon["posterior"].append(np.asarray(
+          posterior(x, sigmas, k_post, jnp.asarray(idx_p), shared, extra))[:len(idx)])
     if log:
       log(f"  memorization attack: {min(start + batch_size, n)}/{n} images "
           f"({time.time() - t0:.0f} s)")
