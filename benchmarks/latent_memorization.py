@@ -1,7 +1,7 @@
 """The paper's latent experiment in miniature: fine-tuning of a pretrained latent diffusion
 model on clean vs. noisy digits, quality and memorization (METHOD.md §8, §10).
 
-    python benchmarks/latent_memorization.py --quick   # pipeline check, ≈ 5 min on 2 CPU cores
+    python benchmarks/latent_memorization.py --quick   # pipeline check, ≈ 6 min on 2 CPU cores
     python benchmarks/latent_memorization.py           # full: t_n = 500 and 800, ≈ 45-60 min
 
 Sizes: "pretraining" 800 VAE + 1,500 UNet steps; 32 fine-tuning nines; 2,000 fine-tuning
