@@ -12,6 +12,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # reading and writing one cache is a suspect in a rare native abort seen under -n 2.
 # A cache directory the user set is kept.
 import atexit  # noqa: E402
+import gc  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
@@ -32,7 +33,11 @@ def pytest_sessionfinish(session):
   """Removes this process's cache when its tests and fixtures are done, before an xdist
   worker reports that it finished: the controller then stops the workers, one of which was
   often interrupted before its atexit handlers ran (seen after each of four full `-n 2` runs
-  on 2026-12-04: one worker's 26-52 MB cache left in the temporary folder)."""
+  on 2026-12-04: one worker's 26-52 MB cache left in the temporary folder; none since)."""
   del session
   if _made_cache:
     shutil.rmtree(_made_cache, ignore_errors=True)
+  # Free the session's arrays now, while the worker still runs: a full collection after it
+  # reported (jax's gc callback freeing XLA buffers) was twice seen interrupted by xdist's
+  # shutdown, printing a KeyboardInterrupt traceback under a green run.
+  gc.collect()

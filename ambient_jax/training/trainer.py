@@ -205,8 +205,7 @@ class Trainer:
           if stop:
             stopped_at = done
             break
-        wants_grid = config.sample.every_steps >= 0  # -1: no grid at all (tests, benchmarks)
-        if stopped_at is None and wants_grid and (start < total or self._grid_due(total)):
+        if stopped_at is None and self._grid_due(total, trained=start < total):
           self._write_grid(total, state, writer)
       finally:
         self.checkpointer.wait()
@@ -226,10 +225,11 @@ class Trainer:
                       self.step_fn.num_traces)
     return state
 
-  def _grid_due(self, total: int) -> bool:
-    """Whether the run's final sample grid is asked for and not written yet."""
-    return (self.config.sample.every_steps >= 0
-            and not (self.root / "samples" / f"step_{total:07d}.png").exists())
+  def _grid_due(self, total: int, trained: bool = False) -> bool:
+    """Whether the run's final sample grid is to be written: asked for (sample.every_steps
+    -1 asks for none: tests, benchmarks), and this run trained or it is not written yet."""
+    return self.config.sample.every_steps >= 0 and (
+        trained or not (self.root / "samples" / f"step_{total:07d}.png").exists())
 
   def _write_grid(self, done: int, state: ts.TrainState, writer: Any) -> None:
     k = int(self.config.ema.sample_with)
