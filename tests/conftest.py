@@ -12,7 +12,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # reading and writing one cache is a suspect in a rare native abort seen under -n 2.
 # A cache directory the user set is kept.
 import atexit  # noqa: E402
-import gc  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
@@ -37,7 +36,3 @@ def pytest_sessionfinish(session):
   del session
   if _made_cache:
     shutil.rmtree(_made_cache, ignore_errors=True)
-  # Free the session's arrays now, while the worker still runs: a full collection after it
-  # reported (jax's gc callback freeing XLA buffers) was twice seen interrupted by xdist's
-  # shutdown, printing a KeyboardInterrupt traceback under a green run.
-  gc.collect()
