@@ -2,7 +2,6 @@
 never used, SIGTERM saves before exit, a killed run resumes."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -17,6 +16,7 @@ import pytest
 from ambient_jax.runtime import checkpoint, sharding
 from ambient_jax.training import trainer as train
 from ambient_jax.training import state as ts
+from tests import xla_test_flags
 from tests.test_train import ROOT, shared_tfds_dir, tiny_config
 
 
@@ -152,7 +152,7 @@ def _write_config_file(path: pathlib.Path, tfds_dir) -> pathlib.Path:
 
 
 def _start(config_file, workdir, log_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = xla_test_flags.child_env(1)
   log = open(log_path, "w")  # a file, not a pipe: a full pipe would block the child
   return subprocess.Popen(
       [sys.executable, "-m", "ambient_jax.main", f"--config={config_file}", f"--workdir={workdir}"],

@@ -19,6 +19,8 @@ import time
 
 import numpy as np
 
+from tests import xla_test_flags
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LOCAL = ROOT / "launch" / "local.sh"
 
@@ -73,7 +75,7 @@ TINY_CONFIG = textwrap.dedent(f"""\
 
 def local(n, *args, env=None, timeout=240):
   full_env = {**os.environ, **(env or {})}
-  full_env.pop("XLA_FLAGS", None)  # local.sh sets the device count per process
+  full_env["XLA_FLAGS"] = xla_test_flags.COMPILE_FLAGS  # local.sh adds the device count per process
   t0 = time.time()
   r = subprocess.run(["bash", str(LOCAL), str(n), *map(str, args)], capture_output=True,
                      text=True, env=full_env, cwd=ROOT, timeout=timeout)

@@ -60,11 +60,12 @@ def _worker(process_id: int, port: int, workdir: str, tfds_dir: str) -> None:
 def test_two_processes_train_together_and_agree(tmp_path, tmp_path_factory):
   import jax  # pylint: disable=g-import-not-at-top
   from ambient_jax.training import trainer as train  # pylint: disable=g-import-not-at-top
+  from tests import xla_test_flags  # pylint: disable=g-import-not-at-top
   from tests.test_train import shared_tfds_dir, tiny_config  # pylint: disable=g-import-not-at-top
   tfds_dir = shared_tfds_dir(tmp_path_factory)
   workdir = tmp_path / "multihost"
   port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = xla_test_flags.child_env(2)
   logs = [open(tmp_path / f"proc_{i}.log", "w") for i in range(2)]
   procs = [subprocess.Popen([sys.executable, __file__, "worker", str(i), str(port), str(workdir),
                              str(tfds_dir)], cwd=ROOT, env=env, stdout=logs[i],

@@ -2,7 +2,6 @@
 and the default config end to end through `python -m ambient_jax.main` at tiny size."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 from ambient_jax.training import trainer as train
 
 from ambient_jax.training import step as step_lib
+from tests import xla_test_flags
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -169,8 +169,7 @@ def test_ema_follows_edm_half_life():
 def test_default_config_end_to_end_through_main(tfds_dir, tmp_path):
   """configs/default.py (its DDPM++ at 8x8, ambient + consistency) through main.py on 2 devices."""
   workdir = tmp_path / "default"
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = xla_test_flags.child_env(2)
   overrides = {
       "num_train_steps": 4, "batch_size": 8, "data.resolution": 8, "data.max_examples": 64,
       "data.tfds_data_dir": str(tfds_dir), "model.img_resolution": 8, "model.model_channels": 8,
