@@ -62,7 +62,9 @@ itself (it never saw a nine).
      (OUT/..._fig8.png);
    - Table 1's analogue: restoration MSE (latent and pixel) of the one-step MMSE denoiser
      at t_eval 900 / 800 / 500 / 100 for the clean, t_n = 500 and t_n = 800 fine-tunes. Writes OUT/latent_memorization{_quick}.txt (the log and
-table), .json, _samples.png (samples above their nearest fine-tuning image) and _fig8.png; OUT is
+table), .json, _samples.png (samples above their nearest fine-tuning image), _samples.npz (every
+row's samples, uint8: `--recompute` re-measures them with today's metric code, no model
+run) and _fig8.png; OUT is
 --out (default ./benchmark_results/latent_memorization, --quick: a temporary folder;
 `--out benchmarks/results` updates the committed results), the stem --name.
 """
@@ -329,7 +331,7 @@ class Evaluator:
     return self._fine_tuning_set[path]
 
   def measure(self, run, mode: str):
-    """(result row dict, decoded samples [n, 16, 16, 1], their nearest fine-tuning image
+    """(result row dict, decoded samples [n, 16, 16, 3], their nearest fine-tuning image
     indices): FD to held-out nines, samples' nearest fine-tuning images (copies calibrated
     on held-out nines) and the attack on every fine-tuning image at --attack_t."""
     a = self.args
@@ -349,17 +351,14 @@ class Evaluator:
     res = dict(fd=fd, samples_nn=report["samples"],
                attack=dict(attack, t=a.attack_t, sigma_ve=report["attack_sigma_ve"]))
     nn_idx = index.query(samples)["pixel_index"]
-    return res, samples[..., :1], nn_idx
+    return res, samples, nn_idx
 
   def measure_real(self, run, real):
     """The reference row: held-out real nines [n, 16, 16, 3] as if they were samples."""
     _, index = self.fine_tuning_set(run)
-    nn = index.query(real)
-    calibration = memorization.heldout_baseline(index, self.heldout)
-    self.copy_rmse = calibration["copy_rmse"]
-    res = dict(fd=frechet.fd_from_features(self.features(real), self.ref_features),
-               samples_nn=memorization.summarize(nn, copy_rmse=calibration["copy_rmse"]))
-    return res, real[..., :1], nn["pixel_index"]
+    self.copy_rmse = memorization.heldout_baseline(index, self.heldout)["copy_rmse"]
+    res = sample_measures(real, self, index, self.copy_rmse)
+    return res, real, index.query(real)["pixel_index"]
 
 
 def attack_folder(target, folder, out, t, args):
@@ -478,6 +477,68 @@ def fmt_row(name, t_n, mode, res, train_s):
   return row + (f" {train_s:.0f} |" if train_s else " – |")
 
 
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """[-1, 1] floats -> uint8 (how samples are saved; they are measured on this grid)."""
+  return np.clip(np.rint((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def from_uint8(images: np.ndarray) -> np.ndarray:
+  return images.astype(np.float32) / 127.5 - 1.0
+
+
+def sample_measures(samples, ev, index, copy_rmse) -> dict:
+  """A row's sample measures [n, 16, 16, 3]: FD to the held-out nines and the nearest
+  fine-tuning image of each sample (copies below `copy_rmse`)."""
+  summary, _ = memorization.nearest_neighbours(samples, index=index, copy_rmse=copy_rmse)
+  return dict(fd=frechet.fd_from_features(ev.features(samples), ev.ref_features),
+              samples_nn=summary)
+
+
+def recompute(out: str) -> None:
+  """--recompute: every row's sample measures (FD, nearest fine-tuning images, copies and
+  their held-out calibration) from OUT_samples.npz with today's metric code, no model run.
+  The attack's and the paper's instruments' figures are kept as recorded (they need the
+  models). Updates OUT.json, appends the new table to OUT.txt, redraws OUT_samples.png."""
+  json_path, npz_path = out + ".json", out + "_samples.npz"
+  for path in (json_path, npz_path):
+    if not os.path.exists(path):
+      raise SystemExit(f"--recompute: {path} is missing (a run with this --out/--name writes it).")
+  with open(json_path) as f:
+    saved = json.load(f)
+  a = argparse.Namespace(**saved["args"])
+  _, _, x_train, heldout = split_digits(a.train_size, a.seed)
+  x_train = from_uint8(to_uint8(x_train))  # as the fine-tuning set's PNG files hold it
+  ev = Evaluator(heldout[len(heldout) // 2:], a)
+  index = memorization.NearestNeighbourIndex(x_train, ev.features)
+  copy_rmse = memorization.heldout_baseline(index, ev.heldout)["copy_rmse"]
+  rows, pictures = [], []
+  with np.load(npz_path) as arrays:
+    for i, r in enumerate(saved["results"]):
+      samples = from_uint8(arrays[f"row_{i}"])
+      r.update(sample_measures(samples, ev, index, copy_rmse))
+      rows.append(fmt_row(r["name"], r["t_n"], r["sampling"], r, r["train_seconds"]))
+      pictures.append((f"{r['name']} t_n={r['t_n']} ({r['sampling']}): FD {r['fd']:.1f}, "
+                       f"copies {r['samples_nn']['frac_copies']:.2f}", samples[..., :1],
+                       index.query(samples)["pixel_index"]))
+  saved["copy_rmse"] = copy_rmse
+  saved["recomputed"] = time.strftime("%Y-%m-%d %H:%M:%S")
+  with open(json_path, "w") as f:
+    json.dump(saved, f, indent=1, default=float)
+  block = [f"\nrecomputed from {os.path.basename(npz_path)} on {saved['recomputed']} "
+           f"(copies: pixel RMSE < {copy_rmse:.3f}; attack columns as recorded):",
+           TABLE_HEADER.format(t=a.attack_t), *rows]
+  for line in block:
+    print(line)
+  with open(out + ".txt", "a") as f:
+    f.write("\n".join(block) + "\n")
+  pairs_png(out + "_samples.png", pictures, x_train[..., :1])
+
+
+TABLE_HEADER = ("| model | t_n | sampling | FD ↓ | samples: copies / sim>0.9 / >0.95 | "
+                "attack t={t} MMSE: copies / sim>0.95 / self | posterior: copies / "
+                "sim>0.95 / self | fine-tune s |\n|---|---|---|---|---|---|---|---|")
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true", help="t_n = 800 only, fewer steps and samples")
@@ -511,8 +572,14 @@ def main(argv=None):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--workdir", default=None, help="where the model, datasets and runs go "
                  "(default: a temporary folder, removed at the end)")
+  p.add_argument("--recompute", action="store_true",
+                 help="no model run: recompute every row's sample measures (FD, copies) from "
+                      "the samples a run saved (OUT_samples.npz); give that run's --out, "
+                      "--name and --quick")
   _output.add_out_flags(p, "latent_memorization", stem=True)
   args = p.parse_args(argv)
+  if args.recompute and not args.out:
+    p.error("--recompute reads a finished run's files: give its --out (and --name if set)")
   q = args.quick
   args.t_n = args.t_n or ([800] if q else [500, 800])
   args.vae_steps = args.vae_steps or (100 if q else 800)
@@ -524,6 +591,10 @@ def main(argv=None):
     args.posterior_steps = min(args.posterior_steps, 4)
   outputs = _output.OutputFolder(args.out, "latent_memorization", quick=q)
   out = outputs.prefix(args.name)
+  if args.recompute:
+    recompute(out)
+    outputs.report()
+    return
   work = args.workdir or tempfile.mkdtemp(prefix="latent_mem_")
   os.makedirs(work, exist_ok=True)
   t_all = time.time()
@@ -556,16 +627,15 @@ def main(argv=None):
   # Held-out nines: half the FD reference and copy calibration, half the "real" row.
   heldout_ref, heldout_real = heldout[len(heldout) // 2:], heldout[:len(heldout) // 2]
   ev = Evaluator(heldout_ref, args)
-  header = ("| model | t_n | sampling | FD ↓ | samples: copies / sim>0.9 / >0.95 | "
-            f"attack t={args.attack_t} MMSE: copies / sim>0.95 / self | posterior: copies / "
-            "sim>0.95 / self | fine-tune s |\n|---|---|---|---|---|---|---|---|")
-  rows, pictures, results = [], [], []
+  header = TABLE_HEADER.format(t=args.attack_t)
+  rows, pictures, results, saved_samples = [], [], [], {}
 
   def record(name, t_n, mode, measured, train_s):
     res, samples, nn_idx = measured
     rows.append(fmt_row(name, t_n, mode, res, train_s))
     pictures.append((f"{name} t_n={t_n} ({mode}): FD {res['fd']:.1f}, "
-                     f"copies {res['samples_nn']['frac_copies']:.2f}", samples, nn_idx))
+                     f"copies {res['samples_nn']['frac_copies']:.2f}", samples[..., :1], nn_idx))
+    saved_samples[f"row_{len(results)}"] = to_uint8(samples)
     results.append(dict(name=name, t_n=t_n, sampling=mode, train_seconds=train_s, **res))
     log(rows[-1])
 
@@ -579,8 +649,8 @@ def main(argv=None):
     finetuned[(method, t_n)] = workdir
     run = evaluation.LatentRun(workdir)
     if not rows:  # the two reference rows, through the first run's evaluation path
-      record("held-out real nines", "–", "–",
-             ev.measure_real(run, heldout_real[:args.num_samples]), 0)
+      real = from_uint8(to_uint8(heldout_real[:args.num_samples]))  # on the samples' grid
+      record("held-out real nines", "–", "–", ev.measure_real(run, real), 0)
       log(f"copy threshold: pixel RMSE < {ev.copy_rmse:.3f} (1 % of held-out nines are closer)")
       record("pretrained (no fine-tune)", "–", "full", ev.measure(run.initial(), "full"), 0)
     mode = "truncated" if method == "ambient" else "full"
@@ -614,6 +684,7 @@ def main(argv=None):
              f"total wall time {total:.0f} s")
   log(summary)
   pairs_png(out + "_samples.png", pictures, x_train[..., :1])
+  np.savez_compressed(out + "_samples.npz", **saved_samples)  # for --recompute
   with open(out + ".json", "w") as f:
     json.dump(dict(args=vars(args), pretrained=info, copy_rmse=ev.copy_rmse,
                    results=results, pretrained_attack=attack_rows, fig8=fig8_summary,

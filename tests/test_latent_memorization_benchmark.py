@@ -11,6 +11,7 @@ import tempfile
 
 import jax
 import numpy as np
+import pytest
 
 from tests import benchmark_outputs
 
@@ -72,7 +73,8 @@ def test_miniature_runs_end_to_end_through_the_project_path(tmp_path, monkeypatc
   written = benchmark_outputs.printed_paths(capsys.readouterr().out)
   assert sorted(p.name for p in written) == [
       "latent_memorization_quick.json", "latent_memorization_quick.txt",
-      "latent_memorization_quick_fig8.png", "latent_memorization_quick_samples.png"]
+      "latent_memorization_quick_fig8.png", "latent_memorization_quick_samples.npz",
+      "latent_memorization_quick_samples.png"]
   assert all(p.is_file() and tmp_path in p.parents for p in written)
   assert benchmark_outputs.git_status(ROOT) <= before  # nothing new in the repository
   out = written[0].parent / "latent_memorization_quick"
@@ -94,3 +96,19 @@ def test_miniature_runs_end_to_end_through_the_project_path(tmp_path, monkeypatc
   table = result["restoration"]["ambient t_n=800"]
   assert sorted(table) == ["100", "500", "800", "900"] and table["900"]["count"] == 8
   assert "| ambient | 800 | truncated |" in out.with_suffix(".txt").read_text()
+
+  # --recompute re-measures the saved samples (uint8, one array per row) without a model:
+  # today's code on the same samples gives the run's own figures.
+  with np.load(str(out) + "_samples.npz") as saved:
+    assert [saved[f"row_{i}"].shape for i in range(3)] == [(8, 16, 16, 3)] * 3
+    assert saved["row_0"].dtype == np.uint8
+  bench.main(["--recompute", "--quick", "--out", str(out.parent)])
+  again = json.loads(out.with_suffix(".json").read_text())
+  assert "recomputed" in again and again["copy_rmse"] == pytest.approx(result["copy_rmse"])
+  for before, after in zip(result["results"], again["results"]):
+    assert after["fd"] == pytest.approx(before["fd"], rel=1e-5), before["name"]
+    assert after["samples_nn"] == pytest.approx(before["samples_nn"], rel=1e-5), before["name"]
+    assert after.get("attack") == before.get("attack")  # kept as recorded
+  assert "recomputed from latent_memorization_quick_samples.npz" in out.with_suffix(".txt").read_text()
+  with pytest.raises(SystemExit, match="missing"):
+    bench.main(["--recompute", "--out", str(tmp_path / "nowhere")])

@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ambient_jax import sampling
 from ambient_jax.latent import guidance
 from ambient_jax.latent.schedule import NoiseSchedule, ve_denoiser
 from ambient_jax.training import latent_grid
@@ -114,12 +113,13 @@ def attack_latents(model: AttackModel, z0: np.ndarray, prompts: dict, *, t: int,
       _denoiser(model, mmse_guidance)))
   sample_denoise = _denoiser(model, guidance_scale)
 
-  def posterior_fn(x, sigma, keys, params, frozen, prompts):
-    denoise = lambda y, s: sample_denoise(y, s, params, frozen, prompts)
-    if posterior == "hot":
-      return guidance.hot_sample(denoise, sched, x, t, keys, hot_steps)
-    return sampling.ancestral_sampler(denoise, x, sigma, keys, posterior_steps,
-                                      sigma_to=sigma_min)
+  def hot_posterior(x, sigma, keys, *args):
+    del sigma  # the hot sample starts from DDPM step t
+    return guidance.hot_sample(lambda y, s: sample_denoise(y, s, *args), sched, x, t, keys,
+                               hot_steps)
+
+  posterior_fn = hot_posterior if posterior == "hot" else memorization.ancestral_posterior(
+      sample_denoise, posterior_steps, sigma_to=sigma_min)
 
   # The hot sample's σ list depends on t (one compile per t); the ancestral sampler takes σ
   # as an argument (one compile for every t).
