@@ -139,6 +139,22 @@ def test_close_finishes_an_async_save_and_leaves_no_thread_behind(tmp_path):
   assert meta["step"] == 3 and threads_left() == []
 
 
+def test_a_leaf_of_another_shape_is_named_by_its_path(tmp_path):
+  """Shapes swapped between two leaves (the same multiset of shapes) are refused from the
+  metadata, naming each changed leaf, before Orbax reads anything."""
+  writer = checkpoint.Checkpointer(str(tmp_path / "c"))
+  writer.save(1, {"a": jax.numpy.zeros((2, 3)), "b": {"c": jax.numpy.zeros((3, 2))}})
+  writer.close()
+  reader = checkpoint.Checkpointer(str(tmp_path / "c"), read_only=True)
+  swapped = {"a": jax.numpy.zeros((3, 2)), "b": {"c": jax.numpy.zeros((2, 3))}}
+  abstract = checkpoint.abstract_like(swapped, jax.tree.map(lambda x: x.sharding, swapped))
+  with pytest.raises(ValueError) as e:
+    reader.restore(abstract)
+  reader.close()
+  assert str(e.value) == ("2 of its 2 arrays have other shapes than this config builds (a: "
+                          "checkpoint (2, 3), config (3, 2); b/c: checkpoint (3, 2), config (2, 3))")
+
+
 def _write_config_file(path: pathlib.Path, tfds_dir) -> pathlib.Path:
   """A config file for subprocess runs: the tiny MLP config, long enough to be interrupted."""
   path.write_text(

@@ -226,7 +226,9 @@ def test_a_changed_model_names_the_change(finished_workdir):
   message = str(e.value)
   assert "\n" not in message and isinstance(e.value, cli.UserError)
   assert f"checkpoint {workdir / 'checkpoints' / '2'} does not fit this config" in message
-  assert "other shapes than the 73 this config builds (only in the config: (64,) x30" in message
+  assert ("65 of its 73 arrays have other shapes than this config builds (params/backbone/"
+          "blocks/0/affine/bias: checkpoint (32,), config (64,); ") in message
+  assert "config (64, 64); " in message and "; 62 more)" in message
   assert "model.model_channels: 32 -> 64; num_train_steps: 2 -> 4" in message
 
 

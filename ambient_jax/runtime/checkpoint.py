@@ -115,10 +115,19 @@ class Checkpointer:
   def _check_shapes(self, abstract_state: Any, step: int) -> None:
     """ValueError, from the checkpoint's metadata alone, when its arrays' shapes are not
     the shapes `abstract_state` asks for (a changed model, optimizer or number of EMAs)."""
-    saved = self._manager.item_metadata(step)[STATE]
-    have = collections.Counter(tuple(m.shape) for m in jax.tree.leaves(saved)
-                               if hasattr(m, "shape"))
-    want = collections.Counter(tuple(a.shape) for a in jax.tree.leaves(abstract_state))
+    saved = _leaf_shapes(self._manager.item_metadata(step)[STATE])
+    wanted = _leaf_shapes(abstract_state)
+    if saved.keys() == wanted.keys():  # same leaves: compare each by its path
+      changed = [p for p in wanted if saved[p] != wanted[p]]
+      if changed:
+        more = f"; {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise ValueError(f"{len(changed)} of its {len(saved)} arrays have other shapes than "
+                         "this config builds (" + "; ".join(
+                             f"{p}: checkpoint {saved[p]}, config {wanted[p]}"
+                             for p in changed[:3]) + more + ")")
+      return
+    # Other leaves (or paths spelled otherwise): compare the shapes as multisets.
+    have, want = collections.Counter(saved.values()), collections.Counter(wanted.values())
     if have != want:
       only = lambda c: ", ".join(f"{k} x{n}" for k, n in sorted(c.items())[:4]) or "none"
       raise ValueError(
@@ -178,3 +187,15 @@ class SigtermFlag:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{"params/backbone/fc0/kernel": shape} of a pytree's array leaves: an abstract state or
+  Orbax's metadata of a saved one (dict keys, attribute names and indices spelled alike)."""
+  def name(key):
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
+  return {"/".join(name(k) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(leaf, "shape")}
