@@ -181,9 +181,7 @@ def noise_attack(target: Target, images: str, out: str, *, ts: Sequence[int] = (
   prompts = prompt_rows(target.pipe, folder.captions[:n], (folder.resolution,) * 2)
   attacked, arrays = np.arange(n), {}
   result: dict[str, Any] = dict(
-      model=target.about, images=os.path.abspath(folder.folder), num_images=n,
-      num_reference=len(folder), resolution=folder.resolution, captions=folder.captions_path,
-      features=space.name, pooling=pooling if space.name == "dinov2" else None,
+      _about(target, folder, n), features=space.name, pooling=pooling if space.name == "dinov2" else None,
       centered=space.center, encode="VAE posterior sample", posterior=posterior,
       hot_steps=hot_steps if posterior == "hot" else None,
       posterior_steps=posterior_steps if posterior == "ancestral" else None,
@@ -219,10 +217,7 @@ def noise_attack(target: Target, images: str, out: str, *, ts: Sequence[int] = (
     result["t"][str(t)] = entry
     result["grids"][str(t)] = grid_png(os.path.join(out, f"grid_t{t}.png"), folder, decode,
                                        recon, found, target.model.schedule, t)
-  result["seconds"] = time.time() - t_start
-  result["similarities"] = write_npz(os.path.join(out, "similarities.npz"), arrays)
-  write_json(os.path.join(out, "metrics.json"), result)
-  return result
+  return _write_outputs(out, result, arrays, t_start)
 
 
 def summary(found: dict, attacked: np.ndarray) -> dict:
@@ -273,9 +268,7 @@ def restoration_table(target: Target, images: str, out: str, *,
   text = restoration.format_table({name: table}, f"restoration MSE of the one-step MMSE "
                                   f"denoiser, {n} images of {folder.folder} (mean ± std)")
   print(text, flush=True)
-  result = dict(model=target.about, images=os.path.abspath(folder.folder), num_images=n,
-                resolution=folder.resolution, captions=folder.captions_path, seed=seed,
-                encode="VAE posterior sample", t_eval={str(t): v for t, v in table.items()},
+  result = dict(_about(target, folder, n), seed=seed, encode="VAE posterior sample", t_eval={str(t): v for t, v in table.items()},
                 table=text)
   write_json(os.path.join(out, "restoration.json"), result)
   return result
@@ -314,9 +307,7 @@ def inpaint_attack(target: Target, images: str, out: str, *, dinov2: Optional[st
       nearest=nearest, chunk_size=max(batch_size, 16), log=log, num_steps=num_steps,
       guidance_scale=guidance_scale, strength=strength, batch_size=batch_size)
   summary_ = result.summary
-  metrics = dict(model=target.about, images=os.path.abspath(folder.folder),
-                 num_images=int(len(result.indices)), num_reference=len(folder),
-                 resolution=folder.resolution, captions=folder.captions_path,
+  metrics = dict(_about(target, folder, len(result.indices)),
                  masks=os.path.abspath(masks) if masks else "random boxes",
                  num_steps=num_steps, guidance_scale=guidance_scale, strength=strength,
                  seed=seed, min_mask_ratio=inpainting_attack.MIN_MASK_RATIO,
@@ -340,14 +331,27 @@ def inpaint_attack(target: Target, images: str, out: str, *, dinov2: Optional[st
   if result.nearest_similarity is not None:
     arrays.update(nearest_similarity=result.nearest_similarity,
                   nearest_index=result.nearest_index)
-  metrics["similarities"] = write_npz(os.path.join(out, "similarities.npz"), arrays)
-  metrics["seconds"] = time.time() - t_start
   for name in ("source", "nearest"):
     if name in summary_:
       log(f"inpainting {name}: " + ", ".join(
           f">{th} {summary_[name][f'frac_sim_above_{th}']:.3f}" for th in THRESHOLDS)
           + f", mean {summary_[name]['mean_similarity']:.3f} ({summary_['kept']} of "
           f"{summary_['count']} images with masks over {inpainting_attack.MIN_MASK_RATIO:.0%})")
+  return _write_outputs(out, metrics, arrays, t_start)
+
+
+def _about(target: Target, folder: ImageFolder, num_images: int) -> dict:
+  """The fields every attack's metrics.json starts with: the model and the images attacked."""
+  return dict(model=target.about, images=os.path.abspath(folder.folder),
+              num_images=int(num_images), num_reference=len(folder),
+              resolution=folder.resolution, captions=folder.captions_path)
+
+
+def _write_outputs(out: str, metrics: dict, arrays: dict, t_start: float) -> dict:
+  """An attack's similarities.npz and metrics.json (with its wall time) in `out`; returns
+  `metrics`."""
+  metrics["similarities"] = write_npz(os.path.join(out, "similarities.npz"), arrays)
+  metrics["seconds"] = time.time() - t_start
   write_json(os.path.join(out, "metrics.json"), metrics)
   return metrics
 
