@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import textwrap
 import time
 from typing import Callable, Optional
 
@@ -448,7 +449,7 @@ def similarity_histogram_png(path: str, similarities: dict[str, np.ndarray], tit
     ax.axvline(t, color="k", ls="--", lw=0.8)
   ax.set_xlabel("cosine similarity to nearest training image")
   ax.set_ylabel("count")
-  ax.set_title(title)
+  ax.set_title(textwrap.fill(title, 70), fontsize=9)  # a long title wraps, not cropped
   ax.legend(fontsize=8)
   fig.tight_layout()
   storage.save_figure(fig, path, dpi=100)
