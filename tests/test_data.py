@@ -42,6 +42,19 @@ def test_offline_digits_builder(tfds_dir):
   np.testing.assert_array_equal(again.source.labels, src.labels[:100])
 
 
+def test_our_builders_leave_no_temporary_folders(tmp_path, monkeypatch):
+  """Opening a data_dir not yet prepared: tfds looks the builder's info up on its GCS bucket
+  through a fresh temporary folder it never removes; our builders are not there and skip it."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from ambient_jax.data import builders  # pylint: disable=g-import-not-at-top
+  temp = tmp_path / "temp"
+  temp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(temp))
+  builders.MlxtendDigits(data_dir=str(tmp_path / "digits"))
+  builders.AmbientManualImages(config="ffhq64", data_dir=str(tmp_path / "faces"))
+  assert sorted(p.name for p in temp.iterdir()) == []
+
+
 def test_random_access_source_matches_memory(tmp_path):
   cfg = _data_config(tmp_path, file_format="array_record", source="random_access",
                      max_examples=64)

