@@ -92,7 +92,7 @@ from flax import nnx  # noqa: E402
 
 from ambient_jax import precond, prepare_latents  # noqa: E402
 from ambient_jax.latent import clip, unet, vae  # noqa: E402
-from ambient_jax.evaluation import attack, latent as evaluation, restoration  # noqa: E402
+from ambient_jax.evaluation import attack, common, latent as evaluation, restoration  # noqa: E402
 from ambient_jax.latent import configs as latent_configs  # noqa: E402
 from ambient_jax.latent.schedule import NoiseSchedule  # noqa: E402
 from ambient_jax.metrics import digit_features, frechet, memorization  # noqa: E402
@@ -455,8 +455,7 @@ def write_images(folder: str, images: np.ndarray) -> str:
   os.makedirs(folder, exist_ok=True)
   lines = []
   for i, x in enumerate(images):
-    Image.fromarray(np.clip(np.rint((x + 1) * 127.5), 0, 255).astype(np.uint8)).save(
-        os.path.join(folder, f"{i:04d}.png"))
+    Image.fromarray(to_uint8(x)).save(os.path.join(folder, f"{i:04d}.png"))
     lines.append(json.dumps({"file_name": f"{i:04d}.png", "text": caption(HELD_CLASS)}) + "\n")
   with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
     f.write("".join(lines))
@@ -507,7 +506,7 @@ def recompute(out: str) -> None:
     saved = json.load(f)
   a = argparse.Namespace(**saved["args"])
   _, _, x_train, heldout = split_digits(a.train_size, a.seed)
-  x_train = from_uint8(to_uint8(x_train))  # as the fine-tuning set's PNG files hold it
+  x_train = common.quantize(x_train)  # as the fine-tuning set's PNG files hold it
   ev = Evaluator(heldout[len(heldout) // 2:], a)
   index = memorization.NearestNeighbourIndex(x_train, ev.features)
   copy_rmse = memorization.heldout_baseline(index, ev.heldout)["copy_rmse"]
@@ -649,7 +648,7 @@ def main(argv=None):
     finetuned[(method, t_n)] = workdir
     run = evaluation.LatentRun(workdir)
     if not rows:  # the two reference rows, through the first run's evaluation path
-      real = from_uint8(to_uint8(heldout_real[:args.num_samples]))  # on the samples' grid
+      real = common.quantize(heldout_real[:args.num_samples])  # on the samples' grid
       record("held-out real nines", "–", "–", ev.measure_real(run, real), 0)
       log(f"copy threshold: pixel RMSE < {ev.copy_rmse:.3f} (1 % of held-out nines are closer)")
       record("pretrained (no fine-tune)", "–", "full", ev.measure(run.initial(), "full"), 0)

@@ -181,7 +181,8 @@ def noise_attack(target: Target, images: str, out: str, *, ts: Sequence[int] = (
   prompts = prompt_rows(target.pipe, folder.captions[:n], (folder.resolution,) * 2)
   attacked, arrays = np.arange(n), {}
   result: dict[str, Any] = dict(
-      _about(target, folder, n), features=space.name, pooling=pooling if space.name == "dinov2" else None,
+      _about(target, folder, n), features=space.name,
+      pooling=pooling if space.name == "dinov2" else None,
       centered=space.center, encode="VAE posterior sample", posterior=posterior,
       hot_steps=hot_steps if posterior == "hot" else None,
       posterior_steps=posterior_steps if posterior == "ancestral" else None,
@@ -268,8 +269,8 @@ def restoration_table(target: Target, images: str, out: str, *,
   text = restoration.format_table({name: table}, f"restoration MSE of the one-step MMSE "
                                   f"denoiser, {n} images of {folder.folder} (mean ± std)")
   print(text, flush=True)
-  result = dict(_about(target, folder, n), seed=seed, encode="VAE posterior sample", t_eval={str(t): v for t, v in table.items()},
-                table=text)
+  result = dict(_about(target, folder, n), seed=seed, encode="VAE posterior sample",
+                t_eval={str(t): v for t, v in table.items()}, table=text)
   write_json(os.path.join(out, "restoration.json"), result)
   return result
 
