@@ -254,15 +254,24 @@ def reverse_chain(denoise_fn: DenoiseFn, x: jax.Array, sigma_from: jax.Array,
   levels = geometric_levels(sigma_from, sigma_to, num_steps)
   if then_to_zero:
     levels = jnp.concatenate([levels, jnp.zeros_like(levels[:1])])  # [num_steps + 2, B]
-  for k in range(levels.shape[0] - 1):
+
+  def advance(x, k, denoised=None):
+    """Step k: x at levels[k] -> levels[k + 1], drawing from fold_in(key, k)."""
     k_noise = random_draws.fold_in(key, k)
-    if k == 0 and first_denoised is not None and step != "posterior_cov":
-      denoised, x0_variance = first_denoised, 0.0
-    else:
+    x0_variance = 0.0
+    if denoised is None:
       denoised, x0_variance = step_moments(step, denoise_fn, x, levels[k],
                                            random_draws.fold_in(k_noise, 1))
     noise = random_draws.normal(k_noise, x.shape, x.dtype)
-    x = move(denoised, x, levels[k], levels[k + 1], noise, x0_variance)
+    return move(denoised, x, levels[k], levels[k + 1], noise, x0_variance)
+
+  first = 0
+  if first_denoised is not None and step != "posterior_cov":
+    x, first = advance(x, 0, first_denoised), 1
+  # The network steps run in a scan: one copy of the network in the program whatever
+  # num_steps is (unrolled, XLA compiled each step's network and its JVP anew).
+  x, _ = jax.lax.scan(lambda x, k: (advance(x, k), None), x,
+                      jnp.arange(first, levels.shape[0] - 1))
   return x
 
 

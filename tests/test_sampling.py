@@ -164,7 +164,8 @@ def test_bad_sampler_input_gets_clear_errors():
 
 def test_geometric_levels_and_a_chain_given_its_first_denoised_value():
   """The σ ladder: exact endpoints, equal ratios, per example. reverse_chain with
-  first_denoised = D(x, σ_from) gives the same result with one network call fewer."""
+  first_denoised = D(x, σ_from) gives the same result with one network call fewer; its
+  network steps run in a scan, so the network is traced once whatever the number of steps."""
   sigma_from, sigma_to = jnp.array([2.0, 0.5]), jnp.array([0.02, 0.4])
   levels = sampling.geometric_levels(sigma_from, sigma_to, 4)
   assert levels.shape == (5, 2)
@@ -173,17 +174,27 @@ def test_geometric_levels_and_a_chain_given_its_first_denoised_value():
   ratios = levels[1:] / levels[:-1]
   np.testing.assert_allclose(ratios, np.broadcast_to((sigma_to / sigma_from) ** 0.25, (4, 2)),
                              rtol=1e-5)
-  calls = []
+  traces, calls = [], []
 
   def denoise(x, sigma):
-    calls.append(1)
+    traces.append(1)
+    jax.debug.callback(lambda: calls.append(1))  # once per evaluation, in a scan too
     return x / (1.0 + sigma.reshape(-1, 1) ** 2)
+
+  def counted(fn):
+    traces.clear(), calls.clear()
+    out = jax.block_until_ready(fn())
+    return out, len(traces), len(calls)
 
   x = jax.random.normal(jax.random.key(0), (2, 3))
   key = jax.random.key(1)
-  plain = sampling.reverse_chain(denoise, x, sigma_from, sigma_to, 4, key)
-  n_plain = len(calls)
-  given = sampling.reverse_chain(denoise, x, sigma_from, sigma_to, 4, key,
-                                 first_denoised=denoise(x, sigma_from))
-  assert n_plain == 4 and len(calls) - n_plain == 4  # 1 call outside + 3 inside
+  plain, plain_traces, plain_calls = counted(
+      lambda: sampling.reverse_chain(denoise, x, sigma_from, sigma_to, 4, key))
+  given, given_traces, given_calls = counted(lambda: sampling.reverse_chain(
+      denoise, x, sigma_from, sigma_to, 4, key, first_denoised=denoise(x, sigma_from)))
+  assert (plain_calls, given_calls) == (4, 4)  # 4 in the chain; 1 outside + 3 in the chain
+  assert (plain_traces, given_traces) == (1, 2)
+  _, long_traces, long_calls = counted(
+      lambda: sampling.reverse_chain(denoise, x, sigma_from, sigma_to, 16, key))
+  assert (long_traces, long_calls) == (1, 16)
   np.testing.assert_allclose(given, plain, rtol=1e-6)
