@@ -270,8 +270,9 @@ def reverse_chain(denoise_fn: DenoiseFn, x: jax.Array, sigma_from: jax.Array,
     x, first = advance(x, 0, first_denoised), 1
   # The network steps run in a scan: one copy of the network in the program whatever
   # num_steps is (unrolled, XLA compiled each step's network and its JVP anew).
-  x, _ = jax.lax.scan(lambda x, k: (advance(x, k), None), x,
-                      jnp.arange(first, levels.shape[0] - 1))
+  if first < levels.shape[0] - 1:  # (an empty scan would still compile its body)
+    x, _ = jax.lax.scan(lambda x, k: (advance(x, k), None), x,
+                        jnp.arange(first, levels.shape[0] - 1))
   return x
 
 

@@ -197,4 +197,7 @@ def test_geometric_levels_and_a_chain_given_its_first_denoised_value():
   _, long_traces, long_calls = counted(
       lambda: sampling.reverse_chain(denoise, x, sigma_from, sigma_to, 16, key))
   assert (long_traces, long_calls) == (1, 16)
+  _, one_traces, one_calls = counted(lambda: sampling.reverse_chain(
+      denoise, x, sigma_from, sigma_to, 1, key, first_denoised=denoise(x, sigma_from)))
+  assert (one_traces, one_calls) == (1, 1)  # the configs' chain: no network in the chain
   np.testing.assert_allclose(given, plain, rtol=1e-6)
