@@ -88,6 +88,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from ambient_jax import losses, sampling  # noqa: E402
+from ambient_jax.evaluation.common import quantize  # noqa: E402  (samples are judged as saved: 8-bit)
 from ambient_jax.metrics import digit_features, frechet, memorization  # noqa: E402
 from ambient_jax.models import build_model, count_params  # noqa: E402
 import _output  # noqa: E402  (benchmarks/, beside this file)
@@ -161,12 +162,6 @@ def noisy_training_set(x0: np.ndarray, sigma_n: float, seed: int) -> np.ndarray:
   return np.asarray(jnp.asarray(x0) + sigma_n * z)
 
 
-def as_saved_images(x) -> np.ndarray:
-  """Images in [-1, 1] as a PNG stores them: clipped and quantized to 8 bits. Samples are
-  judged this way, and so is whatever calibrates a criterion for them."""
-  return np.clip(np.rint((np.asarray(x) + 1) * 127.5), 0, 255) / 127.5 - 1
-
-
 def seen_copies(samples, x_seen, heldout, sigma_n, quantile, seed) -> dict:
   """Copies of the images the model saw, noise included, by the nearest/second-nearest
   distance ratio to the *noisy* training images: a sample counts when its ratio is below
@@ -175,7 +170,7 @@ def seen_copies(samples, x_seen, heldout, sigma_n, quantile, seed) -> dict:
   noised one is; the ratio asks whether it is much closer to one of them. A model that
   memorized its noisy training images scores ~1, one that draws new digits ~`quantile`.
   Returns {frac_seen_copies, seen_copy_ratio}."""
-  fresh = as_saved_images(heldout + np.float32(sigma_n) * np.random.default_rng(seed + 3).standard_normal(
+  fresh = quantize(heldout + np.float32(sigma_n) * np.random.default_rng(seed + 3).standard_normal(
       heldout.shape).astype(np.float32))
   threshold = float(np.quantile(memorization.nearest_distance_ratio(fresh, x_seen), quantile))
   ratios = memorization.nearest_distance_ratio(samples, x_seen)
@@ -239,7 +234,7 @@ class Yardsticks:
     if output_noise not in self._denoised_thresholds:
       self._denoised_thresholds[output_noise] = memorization.heldout_baseline(
           self.index, self.heldout, self.copy_quantile, noise_sigma=output_noise,
-          as_output=as_saved_images)["copy_rmse_denoised"]
+          as_output=quantize)["copy_rmse_denoised"]
     return self._denoised_thresholds[output_noise]
 
 
@@ -260,7 +255,7 @@ def generate(kind, denoiser_of, params, stop_level, shape, args) -> np.ndarray:
   samples = np.concatenate([
       np.asarray(_SAMPLERS[kind](params, keys[i:i + 100], jnp.float32(stop_level)))
       for i in range(0, args.num_samples, 100)])
-  return as_saved_images(samples)
+  return quantize(samples)
 
 
 def measure(samples, y: Yardsticks, args, denoise=None, output_noise: float = 0.0):
@@ -403,7 +398,7 @@ def main():
     output_noise = 0.0
     if method == "noisy_edm":
       output_noise = memorization.matching_noise_sigma(samples, heldout, 2 * sigma_n,
-                                                       as_output=as_saved_images, seed=args.seed)
+                                                       as_output=quantize, seed=args.seed)
     res, sims, nn_idx = measure(samples, y, args, denoiser_of(ema), output_noise=output_noise)
     res["samples_nn"]["output_noise_sigma"] = output_noise
     if method == "noisy_edm":  # it samples the noisy data: did it reproduce the noisy images it saw?

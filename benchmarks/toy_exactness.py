@@ -93,9 +93,15 @@ def _chunk_runner(graphdef, rest, objective, batch, lr, consistency_weight,
     total = jnp.mean(loss)
     if consistency_weight:  # the term below σ_n: consistency, or kind="posterior_sample" (EM)
       options = dict(consistency_options)
+      plus = options.pop("plus", None)  # a second below-σ_n term, {"weight": w, "kind": ..., ...}
       below_loss = losses.BELOW_SIGMA_N_LOSSES[options.pop("kind", "consistency")]
       cons, _ = below_loss(fn, x, sn, k_cons, **options)
       total = total + consistency_weight * jnp.mean(cons)
+      if plus:
+        plus = dict(plus)
+        weight, plus_loss = plus.pop("weight"), losses.BELOW_SIGMA_N_LOSSES[plus.pop("kind")]
+        more, _ = plus_loss(fn, x, sn, jax.random.fold_in(k_cons, 1), **plus)
+        total = total + consistency_weight * weight * jnp.mean(more)
     return total
 
   def one_step(carry, step, data, sigma_n, seed):
@@ -364,6 +370,16 @@ def high_noise_variants(args, sigma_n):
       "consistency_local": dict(base, consistency_weight=10.0, consistency_options=LOCAL),
       "consistency_cov_local": dict(base, consistency_weight=10.0,
                                     consistency_options={**LOCAL, "step": "posterior_cov"}),
+      # 16-D at σ_n = 0.2 (docs/results_toy.md): longer exact chains, longer training, a
+      # σ-dependent weight, and both below-σ_n terms at once (EM at its own λ = 1)
+      "consistency_cov_16_steps": dict(base, consistency_weight=10.0, consistency_options={
+          "step": "posterior_cov", "chain_steps": 16}),
+      "consistency_cov_6k_steps": dict(base, consistency_weight=10.0, consistency_steps=6000,
+                                       consistency_options={"step": "posterior_cov"}),
+      "consistency_cov_edm_weighting": dict(base, consistency_weight=1.0, consistency_options={
+          "step": "posterior_cov", "weighting": "edm"}),
+      "consistency_cov_plus_em": dict(base, consistency_weight=10.0, consistency_options={
+          "step": "posterior_cov", "plus": {**em_cov, "weight": 0.1}}),
   }
 
 

@@ -9,7 +9,6 @@ import pathlib
 import sys
 import tempfile
 
-import jax
 import numpy as np
 import pytest
 
@@ -27,33 +26,12 @@ def _benchmark():
   return module
 
 
-def test_pretrained_folder_loads_prepares_and_generates(tmp_path):
+def test_digits_split_keeps_the_nines_out_of_pretraining():
   bench = _benchmark()
-  from ambient_jax import prepare_latents
-  from ambient_jax.data import latent as dataset_lib
-  from ambient_jax.latent import pipeline
   x_pre, y_pre, x_train, heldout = bench.split_digits(8, seed=0)
   assert x_pre.shape[1:] == (16, 16, 3) and not np.any(y_pre == bench.HELD_CLASS)
   assert len(x_train) == 8 and len(x_train) + len(heldout) == np.sum(
       bench.digit_features.load_digits(16)[1] == bench.HELD_CLASS)
-  args = type("Args", (), dict(seed=0, pretrain_batch=4, vae_steps=0, unet_steps=0,
-                               kl_weight=1e-4, pretrain_lr=1e-3))()
-  folder = tmp_path / "pretrained"
-  info = bench.pretrain(str(folder), x_pre[:64], y_pre[:64], args)
-  assert info["unet_params"] > 0
-  index = json.loads((folder / "model_index.json").read_text())
-  assert index["_class_name"] == "StableDiffusionPipeline"
-  pipe = pipeline.load_pretrained(folder)
-  assert not pipe.is_sdxl and pipe.latent_scale_factor == 2
-  images = pipe.generate([bench.caption(9)], jax.random.split(jax.random.key(0), 1), num_steps=2,
-                         guidance_scale=2.0)
-  assert images.shape == (1, 16, 16, 3) and np.all(np.isfinite(np.asarray(images)))
-  out = prepare_latents.prepare(prepare_latents.Args(
-      images=bench.write_images(str(tmp_path / "images"), x_train[:4]), pretrained=str(folder),
-      out=str(tmp_path / "latents"), resolution=16, t_n=800, batch_size=4), log=lambda m: None)
-  data = dataset_lib.open_latent_dataset(out)
-  assert data.num_examples == 4 and data.latent_shape == (8, 8, 4)
-  np.testing.assert_allclose(data.sigma_n, float(pipe.schedule.vp_sigmas[800]), rtol=1e-3)
 
 
 def test_miniature_runs_end_to_end_through_the_project_path(tmp_path, monkeypatch, capsys):
@@ -112,3 +90,16 @@ def test_miniature_runs_end_to_end_through_the_project_path(tmp_path, monkeypatc
   assert "recomputed from latent_memorization_quick_samples.npz" in out.with_suffix(".txt").read_text()
   with pytest.raises(SystemExit, match="missing"):
     bench.main(["--recompute", "--out", str(tmp_path / "nowhere")])
+
+  # The pretrained folder it wrote is a diffusers SD folder that the project's loading path
+  # opens, and the latents it prepared from it are at t_n's level.
+  from ambient_jax.data import latent as dataset_lib  # pylint: disable=g-import-not-at-top
+  from ambient_jax.latent import pipeline  # pylint: disable=g-import-not-at-top
+  folder = tmp_path / "work" / "pretrained"
+  index = json.loads((folder / "model_index.json").read_text())
+  assert index["_class_name"] == "StableDiffusionPipeline"
+  pipe = pipeline.load_pretrained(folder)
+  assert not pipe.is_sdxl and pipe.latent_scale_factor == 2
+  data = dataset_lib.open_latent_dataset(str(tmp_path / "work" / "latents_t800"))
+  assert data.num_examples == 8 and data.latent_shape == (8, 8, 4)
+  np.testing.assert_allclose(data.sigma_n, float(pipe.schedule.vp_sigmas[800]), rtol=1e-3)
