@@ -38,13 +38,13 @@ def test_learning_rate_is_constant_or_a_cosine_over_the_given_steps():
 
 
 def test_ablation_runs_each_seed_and_summarizes_mean_and_spread(tmp_path):
-  """A tiny --ablate high_noise run: one forked below-σ_n variant, two seeds."""
-  toy_exactness.main(["--out", str(tmp_path), "--ablate", "high_noise", "--variants", "posterior_sample",
+  """A tiny --ablate high_noise run: one forked below-σ_n variant (both below-σ_n terms at once), two seeds."""
+  toy_exactness.main(["--out", str(tmp_path), "--ablate", "high_noise", "--variants", "consistency_cov_plus_em",
                       "--seeds", "0", "1", "--steps", "500", "--batch", "64", "--train_size", "512",
                       "--num_samples", "256", "--width", "16"])
   result = json.loads((tmp_path / "ablation_high_noise_2d_sigma0.2.json").read_text())
   assert [r["dataset"] for r in result["seeds"]] == ["2d_four_clusters"] * 2
-  assert set(result["summary"]) == {"ambient", "posterior_sample"}
+  assert set(result["summary"]) == {"ambient", "consistency_cov_plus_em"}
   for variant, metrics in result["summary"].items():
     below = [r["methods"][variant]["denoiser_rel_error_below_sigma_n"] for r in result["seeds"]]
     np.testing.assert_allclose(metrics["denoiser_rel_error_below_sigma_n"], [np.mean(below), np.std(below)],
@@ -52,4 +52,4 @@ def test_ablation_runs_each_seed_and_summarizes_mean_and_spread(tmp_path):
   # the seeds differ, and the forked variant trained on from the ambient run
   first = result["seeds"][0]["methods"]
   assert result["summary"]["ambient"]["denoiser_rel_error_below_sigma_n"][1] > 0
-  assert first["posterior_sample"]["errors_by_sigma"] != first["ambient"]["errors_by_sigma"]
+  assert first["consistency_cov_plus_em"]["errors_by_sigma"] != first["ambient"]["errors_by_sigma"]
