@@ -4,7 +4,8 @@
 
 Times one jitted step (forward + backward + Adam) with `edm_loss`, `ambient_loss`, and
 `ambient_loss + consistency_loss` (K = 1 chain step and the default K = 4; on the full
-batch and on a 1/8 slice), prints each median, the ratio to `edm_loss`, and XLA's
+batch and on a 1/8 slice; K = 1 on configs/default.py's 1/4 slice with plain and with
+`posterior_cov` chains), prints each median, the ratio to `edm_loss`, and XLA's
 compiled memory figures (temp + argument bytes) as the peak-memory measure on CPU.
 """
 
@@ -74,6 +75,10 @@ def main(argv=None):
       "ambient + consistency K=1, 1/8 slice": ("ambient", {"chain_steps": 1}, 1 / 8),
       "ambient + consistency K=4 (default), full batch": ("ambient", {}, 1.0),
       "ambient + consistency K=4 (default), 1/8 slice": ("ambient", {}, 1 / 8),
+      # configs/default.py's term (K = 1 on a 1/4 slice), plain and exact-variance chains
+      "ambient + consistency K=1, 1/4 slice": ("ambient", {"chain_steps": 1}, 1 / 4),
+      "ambient + consistency K=1 posterior_cov, 1/4 slice": (
+          "ambient", {"chain_steps": 1, "step": "posterior_cov"}, 1 / 4),
   }
   print(f"devices: {jax.devices()[0].platform} x{jax.device_count()}; DDPM++ {n_params:,} params; "
         f"batch {shape}; median of {args.repeats} steps after warm-up", flush=True)
