@@ -284,6 +284,8 @@ def finetune_config(method: str, t_n: int, pretrained: str, dataset: str, args):
   c.optim.lr = args.lr
   c.optim.warmup_steps = 0
   c.consistency.start_step = int(args.steps * args.consistency_start)
+  if getattr(args, "consistency_step", None):  # the chains' step kind (default: the loss's own)
+    c.consistency.kwargs.step = args.consistency_step
   c.consistency.batch_fraction = 0.25
   c.ema.halflife_kimg = (args.batch * args.steps / 1000 / 20,)
   c.mesh.fsdp, c.mesh.data = 1, -1
@@ -561,6 +563,9 @@ def main(argv=None):
                  help="λ_c (default: configs/sdxl.py's, the paper's: 0.01, 1e-4 at t_n = 800)")
   p.add_argument("--consistency_start", type=float, default=0.5,
                  help="fraction of the fine-tuning run after which consistency is on")
+  p.add_argument("--consistency_step", choices=("posterior", "posterior_cov"), default=None,
+                 help="the consistency chains' steps (default: plain posterior steps; "
+                      "posterior_cov draws Var[x0 | x] too, docs/results_toy.md)")
   p.add_argument("--num_samples", type=int, default=None)
   p.add_argument("--sample_steps", type=int, default=25)
   p.add_argument("--guidance_scale", type=float, default=2.0)

@@ -103,3 +103,20 @@ def test_miniature_runs_end_to_end_through_the_project_path(tmp_path, monkeypatc
   data = dataset_lib.open_latent_dataset(str(tmp_path / "work" / "latents_t800"))
   assert data.num_examples == 8 and data.latent_shape == (8, 8, 4)
   np.testing.assert_allclose(data.sigma_n, float(pipe.schedule.vp_sigmas[800]), rtol=1e-3)
+
+
+def test_consistency_step_reaches_the_fine_tune_config():
+  """--consistency_step sets the consistency chains' step kind of the ambient + consistency
+  fine-tunes (unset: the loss's own default, plain posterior steps), and the config it makes
+  validates."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  from ambient_jax.training import config_validation  # pylint: disable=g-import-not-at-top
+  bench = _benchmark()
+  args = argparse.Namespace(consistency_weight=None, lora_rank=0, steps=40, batch=8, lr=2e-4,
+                            consistency_start=0.5, seed=0, consistency_step="posterior_cov")
+  config = bench.finetune_config("ambient_consistency", 500, "pretrained", "latents", args)
+  assert config.consistency.kwargs.step == "posterior_cov"
+  config_validation.validate(config, num_devices=1)
+  args.consistency_step = None
+  config = bench.finetune_config("ambient_consistency", 500, "pretrained", "latents", args)
+  assert config.consistency.kwargs.step is None
