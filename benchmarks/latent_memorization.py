@@ -284,7 +284,7 @@ def finetune_config(method: str, t_n: int, pretrained: str, dataset: str, args):
   c.optim.lr = args.lr
   c.optim.warmup_steps = 0
   c.consistency.start_step = int(args.steps * args.consistency_start)
-  if getattr(args, "consistency_step", None):  # the chains' step kind (default: the loss's own)
+  if args.consistency_step:  # the chains' step kind (default: the loss's own)
     c.consistency.kwargs.step = args.consistency_step
   c.consistency.batch_fraction = 0.25
   c.ema.halflife_kimg = (args.batch * args.steps / 1000 / 20,)
@@ -359,8 +359,8 @@ class Evaluator:
     """The reference row: held-out real nines [n, 16, 16, 3] as if they were samples."""
     _, index = self.fine_tuning_set(run)
     self.copy_rmse = memorization.heldout_baseline(index, self.heldout)["copy_rmse"]
-    res = sample_measures(real, self, index, self.copy_rmse)
-    return res, real, index.query(real)["pixel_index"]
+    res, nn_idx = sample_measures(real, self, index, self.copy_rmse)
+    return res, real, nn_idx
 
 
 def attack_folder(target, folder, out, t, args):
@@ -487,12 +487,13 @@ def from_uint8(images: np.ndarray) -> np.ndarray:
   return images.astype(np.float32) / 127.5 - 1.0
 
 
-def sample_measures(samples, ev, index, copy_rmse) -> dict:
+def sample_measures(samples, ev, index, copy_rmse) -> tuple[dict, np.ndarray]:
   """A row's sample measures [n, 16, 16, 3]: FD to the held-out nines and the nearest
-  fine-tuning image of each sample (copies below `copy_rmse`)."""
-  summary, _ = memorization.nearest_neighbours(samples, index=index, copy_rmse=copy_rmse)
-  return dict(fd=frechet.fd_from_features(ev.features(samples), ev.ref_features),
-              samples_nn=summary)
+  fine-tuning image of each sample (copies below `copy_rmse`); and those images' indices."""
+  nearest = index.query(samples)
+  measures = dict(fd=frechet.fd_from_features(ev.features(samples), ev.ref_features),
+                  samples_nn=memorization.summarize(nearest, copy_rmse=copy_rmse))
+  return measures, nearest["pixel_index"]
 
 
 def recompute(out: str) -> None:
@@ -516,11 +517,11 @@ def recompute(out: str) -> None:
   with np.load(npz_path) as arrays:
     for i, r in enumerate(saved["results"]):
       samples = from_uint8(arrays[f"row_{i}"])
-      r.update(sample_measures(samples, ev, index, copy_rmse))
+      measures, nn_idx = sample_measures(samples, ev, index, copy_rmse)
+      r.update(measures)
       rows.append(fmt_row(r["name"], r["t_n"], r["sampling"], r, r["train_seconds"]))
       pictures.append((f"{r['name']} t_n={r['t_n']} ({r['sampling']}): FD {r['fd']:.1f}, "
-                       f"copies {r['samples_nn']['frac_copies']:.2f}", samples[..., :1],
-                       index.query(samples)["pixel_index"]))
+                       f"copies {r['samples_nn']['frac_copies']:.2f}", samples[..., :1], nn_idx))
   saved["copy_rmse"] = copy_rmse
   saved["recomputed"] = time.strftime("%Y-%m-%d %H:%M:%S")
   with open(json_path, "w") as f:

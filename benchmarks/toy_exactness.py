@@ -94,14 +94,15 @@ def _chunk_runner(graphdef, rest, objective, batch, lr, consistency_weight,
     if consistency_weight:  # the term below σ_n: consistency, or kind="posterior_sample" (EM)
       options = dict(consistency_options)
       plus = options.pop("plus", None)  # a second below-σ_n term, {"weight": w, "kind": ..., ...}
-      below_loss = losses.BELOW_SIGMA_N_LOSSES[options.pop("kind", "consistency")]
-      cons, _ = below_loss(fn, x, sn, k_cons, **options)
-      total = total + consistency_weight * jnp.mean(cons)
+      terms = [(1.0, options, k_cons)]
       if plus:
         plus = dict(plus)
-        weight, plus_loss = plus.pop("weight"), losses.BELOW_SIGMA_N_LOSSES[plus.pop("kind")]
-        more, _ = plus_loss(fn, x, sn, jax.random.fold_in(k_cons, 1), **plus)
-        total = total + consistency_weight * weight * jnp.mean(more)
+        terms.append((plus.pop("weight"), plus, jax.random.fold_in(k_cons, 1)))
+      for weight, term_options, term_key in terms:
+        term_options = dict(term_options)
+        below_loss = losses.BELOW_SIGMA_N_LOSSES[term_options.pop("kind", "consistency")]
+        term, _ = below_loss(fn, x, sn, term_key, **term_options)
+        total = total + consistency_weight * weight * jnp.mean(term)
     return total
 
   def one_step(carry, step, data, sigma_n, seed):
