@@ -11,6 +11,7 @@ the benchmark prints every file it wrote or changed there, one `wrote PATH` line
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 
@@ -26,6 +27,17 @@ def add_out_flags(parser: argparse.ArgumentParser, name: str, *, stem: bool = Fa
   if stem:
     parser.add_argument("--name", default=None,
                         help=f"file-name stem in --out (default {name}, {name}_quick with --quick)")
+
+
+def saved_run(out: str) -> tuple[dict, str]:
+  """A finished run's OUT.json (read) and the path of its OUT_samples.npz, for --recompute;
+  a one-line exit when either is missing."""
+  json_path, npz_path = out + ".json", out + "_samples.npz"
+  for path in (json_path, npz_path):
+    if not os.path.exists(path):
+      raise SystemExit(f"--recompute: {path} is missing (a run with this --out/--name writes it).")
+  with open(json_path) as f:
+    return json.load(f), npz_path
 
 
 def _snapshot(folder: str) -> dict[str, tuple[int, int]]:

@@ -14,11 +14,8 @@ import time
 
 import numpy as np
 
+from ambient_jax.evaluation.common import quantize
 from ambient_jax.metrics import digit_features, frechet
-
-
-def _quantize(images: np.ndarray) -> np.ndarray:
-  return np.clip(np.rint((images + 1.0) * 127.5), 0, 255) / 127.5 - 1.0
 
 
 def main():
@@ -38,7 +35,7 @@ def main():
         f"{net.test_accuracy:.4f}; {args.num} images vs all {len(digits)}")
   for draw in range(args.draws):
     chosen = digits[rng.choice(len(digits), args.num, replace=False)]
-    noisy = _quantize(chosen + args.sigma_n * rng.standard_normal(chosen.shape))
+    noisy = quantize(chosen + args.sigma_n * rng.standard_normal(chosen.shape))
     for name, images in (("real", chosen), (f"noisy σ_n={args.sigma_n:g}", noisy)):
       features = net.features(images.astype(np.float32))
       fd = frechet.fd_from_features(features, reference)

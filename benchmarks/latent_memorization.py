@@ -96,6 +96,7 @@ from ambient_jax.evaluation import attack, common, latent as evaluation, restora
 from ambient_jax.latent import configs as latent_configs  # noqa: E402
 from ambient_jax.latent.schedule import NoiseSchedule  # noqa: E402
 from ambient_jax.metrics import digit_features, frechet, memorization  # noqa: E402
+from ambient_jax.runtime import images as images_lib  # noqa: E402
 import _output  # noqa: E402  (benchmarks/, beside this file)
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -457,7 +458,7 @@ def write_images(folder: str, images: np.ndarray) -> str:
   os.makedirs(folder, exist_ok=True)
   lines = []
   for i, x in enumerate(images):
-    Image.fromarray(to_uint8(x)).save(os.path.join(folder, f"{i:04d}.png"))
+    Image.fromarray(images_lib.to_uint8(x)).save(os.path.join(folder, f"{i:04d}.png"))
     lines.append(json.dumps({"file_name": f"{i:04d}.png", "text": caption(HELD_CLASS)}) + "\n")
   with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
     f.write("".join(lines))
@@ -478,15 +479,6 @@ def fmt_row(name, t_n, mode, res, train_s):
   return row + (f" {train_s:.0f} |" if train_s else " – |")
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  """[-1, 1] floats -> uint8 (how samples are saved; they are measured on this grid)."""
-  return np.clip(np.rint((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def from_uint8(images: np.ndarray) -> np.ndarray:
-  return images.astype(np.float32) / 127.5 - 1.0
-
-
 def sample_measures(samples, ev, index, copy_rmse) -> tuple[dict, np.ndarray]:
   """A row's sample measures [n, 16, 16, 3]: FD to the held-out nines and the nearest
   fine-tuning image of each sample (copies below `copy_rmse`); and those images' indices."""
@@ -501,12 +493,7 @@ def recompute(out: str) -> None:
   their held-out calibration) from OUT_samples.npz with today's metric code, no model run.
   The attack's and the paper's instruments' figures are kept as recorded (they need the
   models). Updates OUT.json, appends the new table to OUT.txt, redraws OUT_samples.png."""
-  json_path, npz_path = out + ".json", out + "_samples.npz"
-  for path in (json_path, npz_path):
-    if not os.path.exists(path):
-      raise SystemExit(f"--recompute: {path} is missing (a run with this --out/--name writes it).")
-  with open(json_path) as f:
-    saved = json.load(f)
+  saved, npz_path = _output.saved_run(out)
   a = argparse.Namespace(**saved["args"])
   _, _, x_train, heldout = split_digits(a.train_size, a.seed)
   x_train = common.quantize(x_train)  # as the fine-tuning set's PNG files hold it
@@ -516,7 +503,7 @@ def recompute(out: str) -> None:
   rows, pictures = [], []
   with np.load(npz_path) as arrays:
     for i, r in enumerate(saved["results"]):
-      samples = from_uint8(arrays[f"row_{i}"])
+      samples = images_lib.from_uint8(arrays[f"row_{i}"])
       measures, nn_idx = sample_measures(samples, ev, index, copy_rmse)
       r.update(measures)
       rows.append(fmt_row(r["name"], r["t_n"], r["sampling"], r, r["train_seconds"]))
@@ -524,7 +511,7 @@ def recompute(out: str) -> None:
                        f"copies {r['samples_nn']['frac_copies']:.2f}", samples[..., :1], nn_idx))
   saved["copy_rmse"] = copy_rmse
   saved["recomputed"] = time.strftime("%Y-%m-%d %H:%M:%S")
-  with open(json_path, "w") as f:
+  with open(out + ".json", "w") as f:
     json.dump(saved, f, indent=1, default=float)
   block = [f"\nrecomputed from {os.path.basename(npz_path)} on {saved['recomputed']} "
            f"(copies: pixel RMSE < {copy_rmse:.3f}; attack columns as recorded):",
@@ -640,7 +627,7 @@ def main(argv=None):
     rows.append(fmt_row(name, t_n, mode, res, train_s))
     pictures.append((f"{name} t_n={t_n} ({mode}): FD {res['fd']:.1f}, "
                      f"copies {res['samples_nn']['frac_copies']:.2f}", samples[..., :1], nn_idx))
-    saved_samples[f"row_{len(results)}"] = to_uint8(samples)
+    saved_samples[f"row_{len(results)}"] = images_lib.to_uint8(samples)
     results.append(dict(name=name, t_n=t_n, sampling=mode, train_seconds=train_s, **res))
     log(rows[-1])
 

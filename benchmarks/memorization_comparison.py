@@ -47,7 +47,9 @@ and second-nearest *noisy* training image, below the copy quantile of held-out d
 noised afresh at σ_n (`seen_copies`). The paper's
 feature-similarity thresholds (> 0.9, > 0.95) are reported too, with the held-out row as
 their yardstick. Writes OUT/memorization_comparison{_quick}.{json,md}, similarity
-histograms and a picture of samples beside their nearest training images; OUT is --out
+histograms, a picture of samples beside their nearest training images and _samples.npz
+(every row's samples, uint8: `--recompute` re-measures them with today's metric code, no
+model run; the attack columns and histograms stay as recorded); OUT is --out
 (default ./benchmark_results/memorization_comparison, --quick: a temporary folder;
 `--out benchmarks/results` updates the committed results), the stem --name.
 """
@@ -91,6 +93,7 @@ from ambient_jax import losses, sampling  # noqa: E402
 from ambient_jax.evaluation.common import quantize  # noqa: E402  (samples are judged as saved: 8-bit)
 from ambient_jax.metrics import digit_features, frechet, memorization  # noqa: E402
 from ambient_jax.models import build_model, count_params  # noqa: E402
+from ambient_jax.runtime import images as images_lib  # noqa: E402
 import _output  # noqa: E402  (benchmarks/, beside this file)
 
 METHODS = ("clean", "noisy_edm", "ambient", "ambient_consistency")
@@ -258,30 +261,53 @@ def generate(kind, denoiser_of, params, stop_level, shape, args) -> np.ndarray:
   return quantize(samples)
 
 
-def measure(samples, y: Yardsticks, args, denoise=None, output_noise: float = 0.0):
-  """(results, similarities for the histogram, nearest training image of each sample):
-  FD / KID, the samples' nearest training images (copies by pixels and, calibrated for
-  outputs carrying `output_noise`, after the fixed blur) and, given `denoise`, the attack
-  at each --attack_sigma."""
-  t0 = time.time()
+def sample_measures(samples, y: Yardsticks, args, method: str = "", sigma_n: float = 0.0):
+  """(measures, similarities to the nearest training image, its indices) of one row's
+  samples [n, 16, 16, 1]: FD / KID and the nearest training images (copies by pixels and,
+  after the fixed blur, calibrated for the noise the outputs carry). A trained `method`'s
+  row records that noise (noisy_edm: σ̂ of its samples, else 0), and noisy_edm's row whether
+  it reproduced the noisy images it saw. Needs no model: --recompute runs it on saved samples."""
+  output_noise = 0.0
+  if method == "noisy_edm":  # it samples the noisy data: judged against held-out digits as noisy
+    output_noise = memorization.matching_noise_sigma(samples, y.heldout, 2 * sigma_n,
+                                                     as_output=quantize, seed=args.seed)
   f_s = y.net.features(samples)
   fd = frechet.fd_from_features(f_s, y.ref_features)
   kid, kid_std = frechet.kernel_inception_distance(f_s, y.ref_features, num_subsets=50,
                                                    subset_size=min(500, len(samples)))
-  nn, sims = y.index.query(samples), {}
-  attacks = {}
-  for sigma in (args.attack_sigma if denoise is not None else ()):
+  nn = y.index.query(samples)
+  samples_nn = memorization.summarize(
+      nn, copy_rmse=y.copy_rmse, copy_rmse_denoised=y.copy_rmse_denoised(output_noise))
+  if method in METHODS:
+    samples_nn["output_noise_sigma"] = output_noise
+  if method == "noisy_edm":
+    samples_nn.update(seen_copies(samples, noisy_training_set(y.x_train, sigma_n, args.seed),
+                                  y.heldout, sigma_n, args.copy_quantile, args.seed))
+  return dict(fd=fd, kid=kid, kid_std=kid_std, samples_nn=samples_nn), nn["similarity"], \
+      nn["pixel_index"]
+
+
+def attack_measures(denoise, y: Yardsticks, args):
+  """(summary per --attack_sigma, posterior similarities per histogram label): the attack on
+  every training image through `denoise`."""
+  attacks, sims = {}, {}
+  for sigma in args.attack_sigma:
     attack = memorization.memorization_attack(
         denoise, y.x_train, sigma=sigma, key=jax.random.key(args.seed + 7), index=y.index,
         posterior_steps=args.posterior_steps, batch_size=100, copy_rmse=y.copy_rmse)
     attacks[f"{sigma:g}"] = attack.summary
     sims[f"attack σ={sigma:g}, posterior"] = attack.similarities["posterior"]
-  sims["samples"] = nn["similarity"]
-  samples_nn = memorization.summarize(
-      nn, copy_rmse=y.copy_rmse, copy_rmse_denoised=y.copy_rmse_denoised(output_noise))
-  res = dict(fd=fd, kid=kid, kid_std=kid_std, attack=attacks, samples_nn=samples_nn,
-             eval_seconds=time.time() - t0)
-  return res, sims, nn["pixel_index"]
+  return attacks, sims
+
+
+def measure(samples, y: Yardsticks, args, denoise=None, method: str = "", sigma_n: float = 0.0):
+  """(results, similarities for the histogram, nearest training image of each sample): the
+  sample measures and, given `denoise`, the attack at each --attack_sigma."""
+  t0 = time.time()
+  attacks, sims = attack_measures(denoise, y, args) if denoise is not None else ({}, {})
+  res, sims["samples"], nn_idx = sample_measures(samples, y, args, method, sigma_n)
+  res.update(attack=attacks, eval_seconds=time.time() - t0)
+  return res, sims, nn_idx
 
 
 def pairs_png(path, rows, x_train, columns=12):
@@ -305,7 +331,100 @@ def pairs_png(path, rows, x_train, columns=12):
   plt.close(fig)
 
 
-def main():
+def build_yardsticks(args) -> tuple[Yardsticks, dict]:
+  """The training subset, its held-out digits, the feature net, the nearest-neighbour index and
+  the copy calibration of a run with these args; and the held-out baseline."""
+  all_digits, x_train, heldout = training_set(args.train_size, 16, args.seed)
+  heldout = heldout[:args.num_samples]
+  net = digit_features.get_digit_feature_net(16, log=log)
+  index = memorization.NearestNeighbourIndex(
+      x_train, net.features, denoise=functools.partial(memorization.gaussian_blur,
+                                                       sigma_px=args.copy_blur))
+  baseline = memorization.heldout_baseline(index, heldout, args.copy_quantile)
+  return Yardsticks(net, net.features(all_digits), index, baseline["copy_rmse"], x_train, heldout,
+                    args.copy_quantile), baseline
+
+
+def write_results(out, saved: dict, samples: dict) -> None:
+  """OUT.json (args, yardsticks, one entry per row) and OUT_samples.npz (each row's samples,
+  uint8 [n, 16, 16, 1], what --recompute re-measures); rewritten after every row."""
+  with open(out + ".json", "w") as f:
+    json.dump(saved, f, indent=1, default=float)
+  np.savez_compressed(out + "_samples.npz", **samples)
+
+
+def write_table(out, saved: dict, y: Yardsticks, note: str = "") -> None:
+  """OUT.md: a header paragraph (+ `note`) and one table line per row; printed too."""
+  args, rows = argparse.Namespace(**saved["args"]), saved["rows"]
+
+  def cells(d, keys):
+    return " / ".join(f"{d[k]:.2f}" for k in keys)
+
+  attack_sigmas = list(rows[-1]["attack"])
+  head = ["model", "σ_n", "sampling", "FD ↓", "KID ↓",
+          "samples: copies / denoised copies / sim>0.9 / >0.95", "samples' noise σ̂",
+          "copies of the noisy images seen"] + [
+      f"attack σ={k}, posterior: copies / sim>0.95 / self" for k in attack_sigmas] + ["train s"]
+  lines = [
+      f"`python benchmarks/memorization_comparison.py{' --quick' if args.quick else ''}` — 16x16 "
+      f"digits, {args.train_size} training images, {args.steps} steps x batch {args.batch}, U-Net "
+      f"{saved['params']:,} params, {args.num_samples} samples, attack on all training images "
+      f"({args.posterior_steps} posterior steps); copies = pixel RMSE to the nearest training "
+      f"image < {y.copy_rmse:.3f} (held-out digits' {args.copy_quantile:g} quantile); denoised "
+      f"copies = the same after a {args.copy_blur:g}-px Gaussian blur of both, calibrated on "
+      f"held-out digits noised as the outputs (noisy_edm: at σ̂, the noise whose high-pass "
+      f"power its samples carry; else clean) and stored as they are (clipped, 8-bit); copies of the "
+      f"noisy images seen (noisy_edm) = nearest / second-nearest pixel distance to the noisy "
+      f"training images below the {args.copy_quantile:g} quantile of freshly noised held-out digits'; "
+      f"digit-feature net test acc {y.net.test_accuracy:.3f}; total "
+      f"{saved.get('seconds', 0.0) / 60:.1f} min.", "",
+      "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    nn = r["samples_nn"]
+    row = [r["method"], f"{r['sigma_n']:g}", r["sampling"], f"{r['fd']:.2f}", f"{r['kid']:.3f}",
+           cells(nn, ("frac_copies", "frac_copies_denoised", "frac_sim_above_0.9",
+                      "frac_sim_above_0.95")),
+           f"{nn['output_noise_sigma']:.2f}" if "output_noise_sigma" in nn else "—",
+           f"{nn['frac_seen_copies']:.2f}" if "frac_seen_copies" in nn else "—"]
+    for k in attack_sigmas:
+      a = r["attack"].get(k)
+      row.append(cells(a["posterior"], ("frac_copies", "frac_sim_above_0.95",
+                                        "self_match_features")) if a else "—")
+    lines.append("| " + " | ".join(row + [f"{r['train_seconds']:.0f}"]) + " |")
+  lines[0] += note
+  with open(out + ".md", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  log("\n".join(lines))
+
+
+def row_title(r: dict) -> str:
+  return f"{r['method']} (σ_n = {r['sigma_n']:g}, {r['sampling']})"
+
+
+def recompute(out: str) -> None:
+  """--recompute: every row's sample measures (FD, KID, nearest training images, copies and
+  their calibration) from OUT_samples.npz with today's metric code, no model run. The
+  attack's figures and the histograms are kept as recorded (they need the models). Updates
+  OUT.json, rewrites OUT.md and redraws OUT_samples.png."""
+  saved, npz_path = _output.saved_run(out)
+  args = argparse.Namespace(**saved["args"])
+  y, saved["heldout_baseline"] = build_yardsticks(args)
+  pictures = []
+  with np.load(npz_path) as arrays:
+    for i, r in enumerate(saved["rows"]):
+      samples = images_lib.from_uint8(arrays[f"row_{i}"])
+      measures, _, nn_idx = sample_measures(samples, y, args, r["method"], r["sigma_n"])
+      r.update(measures)
+      pictures.append((row_title(r), samples, nn_idx))
+  saved["recomputed"] = time.strftime("%Y-%m-%d %H:%M:%S")
+  with open(out + ".json", "w") as f:
+    json.dump(saved, f, indent=1, default=float)
+  write_table(out, saved, y, f" Sample measures recomputed from {os.path.basename(npz_path)} on "
+                           f"{saved['recomputed']}; attack columns as recorded.")
+  pairs_png(f"{out}_samples.png", pictures, y.x_train)
+
+
+def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true", help="σ_n = 0.2 only, fewer steps and images")
   p.add_argument("--steps", type=int, default=None)
@@ -329,7 +448,13 @@ def main():
   p.add_argument("--cpu_devices", type=int, default=2,
                  help="XLA CPU devices the training batch is split over (read before jax starts)")
   _output.add_out_flags(p, "memorization_comparison", stem=True)
-  args = p.parse_args()
+  p.add_argument("--recompute", action="store_true",
+                 help="no model run: recompute every row's sample measures (FD, KID, copies) "
+                      "from the samples a run saved (OUT_samples.npz); give that run's --out, "
+                      "--name and --quick")
+  args = p.parse_args(argv)
+  if args.recompute and not args.out:
+    p.error("--recompute reads a finished run's files: give its --out (and --name if set)")
   q = args.quick
   args.steps = args.steps or (300 if q else 4000)
   args.train_size = args.train_size or (200 if q else 100)
@@ -339,27 +464,26 @@ def main():
     args.posterior_steps = min(args.posterior_steps, 8)
   outputs = _output.OutputFolder(args.out, "memorization_comparison", quick=q)
   out = outputs.prefix(args.name)
+  if args.recompute:
+    recompute(out)
+    outputs.report()
+    return
   t_all = time.time()
-  all_digits, x_train, heldout = training_set(args.train_size, 16, args.seed)
-  heldout = heldout[:args.num_samples]
-  net = digit_features.get_digit_feature_net(16, log=log)
-  index = memorization.NearestNeighbourIndex(
-      x_train, net.features, denoise=functools.partial(memorization.gaussian_blur,
-                                                       sigma_px=args.copy_blur))
-  baseline = memorization.heldout_baseline(index, heldout, args.copy_quantile)
-  y = Yardsticks(net, net.features(all_digits), index, baseline["copy_rmse"], x_train, heldout,
-                 args.copy_quantile)
+  y, baseline = build_yardsticks(args)
   model_cfg = dict(MODEL, model_channels=args.model_channels)
   n_params = count_params(build_model(model_cfg, rngs=nnx.Rngs(0)))
   log(f"16x16 digits, training subset {args.train_size}, U-Net {n_params:,} params, {args.steps} "
-      f"steps x batch {args.batch} each; feature net test accuracy {net.test_accuracy:.4f}; "
+      f"steps x batch {args.batch} each; feature net test accuracy {y.net.test_accuracy:.4f}; "
       f"copy threshold: pixel RMSE < {y.copy_rmse:.3f} (held-out {args.copy_quantile:g} quantile)")
-  rows, pictures = [], []
+  saved = dict(args=vars(args), model=model_cfg, params=n_params,
+               feature_net_test_accuracy=y.net.test_accuracy, heldout_baseline=baseline, rows=[])
+  pictures, samples_by_row = [], {}
 
   def record(res, name, sigma_n, sampling_mode, train_s, sims, samples, nn_idx):
     res.update(method=name, sigma_n=sigma_n, train_seconds=train_s, sampling=sampling_mode)
-    rows.append(res)
-    pictures.append((f"{name} (σ_n = {sigma_n:g}, {sampling_mode})", samples, nn_idx))
+    samples_by_row[f"row_{len(saved['rows'])}"] = images_lib.to_uint8(samples)
+    saved["rows"].append(res)
+    pictures.append((row_title(res), samples, nn_idx))
     tag = name.replace(" ", "_")
     memorization.similarity_histogram_png(f"{out}_{tag}_s{sigma_n:g}_hist.png", sims,
                                           f"{name} σ_n={sigma_n:g}: NN similarity (digit features)")
@@ -369,80 +493,34 @@ def main():
     log(f"   FD {res['fd']:.3f}  KID {res['kid']:.4f}  samples: copies "
         f"{res['samples_nn']['frac_copies']:.3f} >0.95 {res['samples_nn']['frac_sim_above_0.95']:.3f}"
         f"  attack {att}  train {train_s:.0f} s")
-    with open(out + ".json", "w") as f:
-      json.dump(dict(args=vars(args), model=model_cfg, params=n_params,
-                     feature_net_test_accuracy=net.test_accuracy, heldout_baseline=baseline,
-                     rows=rows), f, indent=1, default=float)
+    write_results(out, saved, samples_by_row)
 
   log("== held-out real digits (not in the training set), standing in for samples")
-  res, sims, nn_idx = measure(heldout, y, args)
-  record(res, "held-out real", 0.0, "—", 0.0, sims, heldout, nn_idx)
+  res, sims, nn_idx = measure(y.heldout, y, args)
+  record(res, "held-out real", 0.0, "—", 0.0, sims, y.heldout, nn_idx)
   log("== memorizer (exact empirical denoiser of the clean training set)")
-  memorizer = memorization.empirical_denoiser(x_train)
-  samples = generate("memorizer", lambda _: memorizer, jnp.zeros(()), 0.0, x_train.shape[1:], args)
+  memorizer = memorization.empirical_denoiser(y.x_train)
+  shape = y.x_train.shape[1:]
+  samples = generate("memorizer", lambda _: memorizer, jnp.zeros(()), 0.0, shape, args)
   res, sims, nn_idx = measure(samples, y, args, memorizer)
   record(res, "memorizer", 0.0, "full", 0.0, sims, samples, nn_idx)
   runs = ([("clean", 0.0)] if "clean" in args.methods else []) + [
       (m, s) for s in args.sigma_n for m in METHODS[1:] if m in args.methods]
   for method, sigma_n in runs:
     log(f"== {method} (σ_n = {sigma_n:g})")
-    ema, graphdef, train_s = train(method, x_train, sigma_n, model_cfg, steps=args.steps,
+    ema, graphdef, train_s = train(method, y.x_train, sigma_n, model_cfg, steps=args.steps,
                                    batch=args.batch, lr=args.lr, seed=args.seed,
                                    cons_weight=args.consistency_weight)
     ema = jax.device_get(ema)  # evaluate on one device: sampling is not batch-split here
     denoiser_of = lambda params, g=graphdef: (lambda x, s: nnx.merge(g, params)(x, s))
     stop = sigma_n if method == "ambient" else 0.0  # truncated at σ_n, else full sampling
-    samples = generate("net", denoiser_of, ema, stop, x_train.shape[1:], args)
-    # noisy_edm samples the noisy data (up to σ_n noise in its outputs): its noisy copies
-    # are judged against held-out digits as noisy as its samples; the others target clean data.
-    output_noise = 0.0
-    if method == "noisy_edm":
-      output_noise = memorization.matching_noise_sigma(samples, heldout, 2 * sigma_n,
-                                                       as_output=quantize, seed=args.seed)
-    res, sims, nn_idx = measure(samples, y, args, denoiser_of(ema), output_noise=output_noise)
-    res["samples_nn"]["output_noise_sigma"] = output_noise
-    if method == "noisy_edm":  # it samples the noisy data: did it reproduce the noisy images it saw?
-      res["samples_nn"].update(seen_copies(samples, noisy_training_set(x_train, sigma_n, args.seed),
-                                           heldout, sigma_n, args.copy_quantile, args.seed))
+    samples = generate("net", denoiser_of, ema, stop, shape, args)
+    res, sims, nn_idx = measure(samples, y, args, denoiser_of(ema), method, sigma_n)
     record(res, method, sigma_n, "truncated" if stop else "full", train_s, sims, samples, nn_idx)
-  pairs_png(f"{out}_samples.png", pictures, x_train)
-
-  def cells(d, keys):
-    return " / ".join(f"{d[k]:.2f}" for k in keys)
-
-  head = ["model", "σ_n", "sampling", "FD ↓", "KID ↓",
-          "samples: copies / denoised copies / sim>0.9 / >0.95", "samples' noise σ̂",
-          "copies of the noisy images seen"] + [
-      f"attack σ={k}, posterior: copies / sim>0.95 / self" for k in rows[-1]["attack"]] + [
-      "train s"]
-  lines = [
-      f"`python benchmarks/memorization_comparison.py{' --quick' if q else ''}` — 16x16 digits, "
-      f"{args.train_size} training images, {args.steps} steps x batch {args.batch}, U-Net "
-      f"{n_params:,} params, {args.num_samples} samples, attack on all training images "
-      f"({args.posterior_steps} posterior steps); copies = pixel RMSE to the nearest training "
-      f"image < {y.copy_rmse:.3f} (held-out digits' {args.copy_quantile:g} quantile); denoised "
-      f"copies = the same after a {args.copy_blur:g}-px Gaussian blur of both, calibrated on "
-      f"held-out digits noised as the outputs (noisy_edm: at σ̂, the noise whose high-pass "
-      f"power its samples carry; else clean) and stored as they are (clipped, 8-bit); copies of the "
-      f"noisy images seen (noisy_edm) = nearest / second-nearest pixel distance to the noisy "
-      f"training images below the {args.copy_quantile:g} quantile of freshly noised held-out digits'; "
-      f"digit-feature net test acc {net.test_accuracy:.3f}; total "
-      f"{(time.time() - t_all) / 60:.1f} min.", "",
-      "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for r in rows:
-    row = [r["method"], f"{r['sigma_n']:g}", r["sampling"], f"{r['fd']:.2f}", f"{r['kid']:.3f}",
-           cells(r["samples_nn"], ("frac_copies", "frac_copies_denoised", "frac_sim_above_0.9",
-                                   "frac_sim_above_0.95")),
-           f"{r['samples_nn']['output_noise_sigma']:.2f}" if "output_noise_sigma" in r["samples_nn"] else "—",
-           f"{r['samples_nn']['frac_seen_copies']:.2f}" if "frac_seen_copies" in r["samples_nn"] else "—"]
-    for k in rows[-1]["attack"]:
-      a = r["attack"].get(k)
-      row.append(cells(a["posterior"], ("frac_copies", "frac_sim_above_0.95",
-                                        "self_match_features")) if a else "—")
-    lines.append("| " + " | ".join(row + [f"{r['train_seconds']:.0f}"]) + " |")
-  with open(out + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  log("\n".join(lines))
+  pairs_png(f"{out}_samples.png", pictures, y.x_train)
+  saved["seconds"] = time.time() - t_all
+  write_results(out, saved, samples_by_row)
+  write_table(out, saved, y)
   outputs.report()
 
 

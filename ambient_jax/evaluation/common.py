@@ -15,6 +15,7 @@ import numpy as np
 
 from ambient_jax import errors
 from ambient_jax.evaluation.run import log_message
+from ambient_jax.runtime import images as images_lib
 from ambient_jax.runtime import storage
 
 METRICS = ("fd", "kid", "fid", "memorization")
@@ -65,13 +66,11 @@ def generate(sample_fn, params, num_samples: int, *, seed: int = 0, batch_size: 
 
 def quantize(images: np.ndarray) -> np.ndarray:
   """[-1, 1] floats -> the uint8 grid and back (samples are evaluated as saved images)."""
-  q = np.clip(np.rint((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255)
-  return q / 127.5 - 1.0
+  return images_lib.from_uint8(images_lib.to_uint8(images))
 
 
 def save_grid(path: str, images: np.ndarray, title: str) -> str:
   """The first 64 images as a titled PNG (process 0 writes; every process gets the path)."""
-  from ambient_jax.runtime import images as images_lib  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
     images_lib.save_png(path, [("", images_lib.tile(images[:64]))], title)
   return path

@@ -14,6 +14,16 @@ import numpy as np
 from ambient_jax.runtime import storage
 
 
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """[-1, 1] floats -> uint8 pixels (rounded, clipped): how images are saved."""
+  return np.clip(np.rint((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def from_uint8(pixels: np.ndarray) -> np.ndarray:
+  """uint8 pixels -> float32 in [-1, 1]."""
+  return np.asarray(pixels).astype(np.float32) / 127.5 - 1.0
+
+
 def tile(images: np.ndarray, pad: int = 1, cols: int | None = None) -> np.ndarray:
   """[n, H, W, C] in [-1, 1] -> one uint8 [rows·(H+pad), cols·(W+pad), C] mosaic
   (square by default)."""
@@ -21,7 +31,7 @@ def tile(images: np.ndarray, pad: int = 1, cols: int | None = None) -> np.ndarra
   cols = cols or int(math.ceil(math.sqrt(n)))
   rows = int(math.ceil(n / cols))
   out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
-  pixels = np.clip(np.rint((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+  pixels = to_uint8(images)
   for k in range(n):
     r, q = divmod(k, cols)
     out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = pixels[k]
