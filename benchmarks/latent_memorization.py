@@ -36,7 +36,10 @@ loss share the step through a per-run XLA compilation cache). --quick (100 VAE /
      ambient               ambient_loss_vp, t uniform above t_n; truncated sampling
                            (Euler to σ_n, one Tweedie step)
      ambient_consistency   ambient + λ_c consistency from --consistency_start of the run;
-                           full sampling
+                           full sampling (the paper's), and truncated as a second row
+   A fine-tune that an earlier run with the same --workdir finished with the same config is
+   reused (WORKDIR/runs/METHOD_tT_N/finetune_done.json holds its config and seconds), so an
+   interrupted or extended run redoes no training.
 3. Measured on the decoded samples (--num_samples, guided Euler, --sample_steps steps, the
    fine-tuning prompt): FD of the digit classifier's features (`metrics.digit_features`,
    16×16) to held-out nines (not in the fine-tuning set); the share of samples that are
@@ -102,6 +105,10 @@ import _output  # noqa: E402  (benchmarks/, beside this file)
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 HELD_CLASS = 9
 METHODS = ("clean", "naive", "ambient", "ambient_consistency")
+# How each is sampled: ambient truncated at σ_n (below it its network is untrained); ambient +
+# consistency full (the paper's) and truncated too (the same model's Tweedie step at σ_n).
+SAMPLING = dict(clean=("full",), naive=("full",), ambient=("truncated",),
+                ambient_consistency=("full", "truncated"))
 RES = 16
 
 VAE_CONFIG = dict(_class_name="AutoencoderKL", in_channels=3, out_channels=3,
@@ -298,13 +305,30 @@ def finetune_config(method: str, t_n: int, pretrained: str, dataset: str, args):
   return c
 
 
+FINISHED = "finetune_done.json"  # in a fine-tune's workdir: its config and seconds
+
+
 def finetune(method, t_n, pretrained, dataset, workdir, args) -> float:
-  """Runs the ordinary Trainer (checkpoint at the end); returns its seconds."""
+  """Runs the ordinary Trainer (checkpoint at the end); returns its seconds. A fine-tune
+  that an earlier run with this --workdir finished with the same config is reused (its
+  recorded seconds returned), so an interrupted or extended benchmark redoes no training."""
   from ambient_jax.training import trainer as train_lib  # pylint: disable=g-import-not-at-top
   config = finetune_config(method, t_n, pretrained, dataset, args)
+  done = os.path.join(workdir, FINISHED)
+  if os.path.exists(done):
+    with open(done) as f:
+      finished = json.load(f)
+    if finished["config"] != config.to_json(sort_keys=True):
+      raise SystemExit(f"{workdir} holds a finished fine-tune with another config: give "
+                       "another --workdir, or remove that folder to train it again.")
+    log(f"  reusing the finished fine-tune in {workdir}")
+    return finished["seconds"]
   t0 = time.time()
   train_lib.train_and_evaluate(config, workdir)
-  return time.time() - t0
+  seconds = time.time() - t0
+  with open(done, "w") as f:
+    json.dump(dict(config=config.to_json(sort_keys=True), seconds=seconds), f)
+  return seconds
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -645,8 +669,8 @@ def main(argv=None):
       record("held-out real nines", "–", "–", ev.measure_real(run, real), 0)
       log(f"copy threshold: pixel RMSE < {ev.copy_rmse:.3f} (1 % of held-out nines are closer)")
       record("pretrained (no fine-tune)", "–", "full", ev.measure(run.initial(), "full"), 0)
-    mode = "truncated" if method == "ambient" else "full"
-    record(method, t_n, mode, ev.measure(run, mode), secs)
+    for mode in SAMPLING[method]:
+      record(method, t_n, mode, ev.measure(run, mode), secs)
 
   # The paper's three measurements (python -m ambient_jax.attack's library path).
   seen = np.random.default_rng(args.seed).choice(len(x_pre), args.train_size, replace=False)

@@ -3,6 +3,7 @@ tiny pretrained folder it writes is a diffusers SD folder that the project's loa
 opens, prepares latents from and samples with the right shapes; and a --quick run at toy
 sizes from the repository root leaves the repository as it was and says where it wrote."""
 
+import argparse
 import importlib.util
 import json
 import pathlib
@@ -74,6 +75,8 @@ def test_miniature_runs_end_to_end_through_the_project_path(tmp_path, monkeypatc
   table = result["restoration"]["ambient t_n=800"]
   assert sorted(table) == ["100", "500", "800", "900"] and table["900"]["count"] == 8
   assert "| ambient | 800 | truncated |" in out.with_suffix(".txt").read_text()
+  finished = json.loads((tmp_path / "work" / "runs" / "ambient_t800" / bench.FINISHED).read_text())
+  assert finished["seconds"] == ambient["train_seconds"]  # what a later run would reuse
 
   # --recompute re-measures the saved samples (uint8, one array per row) without a model:
   # today's code on the same samples gives the run's own figures.
@@ -103,6 +106,21 @@ def test_miniature_runs_end_to_end_through_the_project_path(tmp_path, monkeypatc
   data = dataset_lib.open_latent_dataset(str(tmp_path / "work" / "latents_t800"))
   assert data.num_examples == 8 and data.latent_shape == (8, 8, 4)
   np.testing.assert_allclose(data.sigma_n, float(pipe.schedule.vp_sigmas[800]), rtol=1e-3)
+
+
+def test_a_finished_fine_tune_is_reused_and_one_with_another_config_is_refused(tmp_path):
+  """A fine-tune the same --workdir finished with the same config is not trained again (here
+  the pretrained folder and dataset do not even exist); a different config is an error."""
+  bench = _benchmark()
+  args = argparse.Namespace(consistency_weight=None, consistency_start=0.5, consistency_step=None,
+                            lora_rank=0, steps=2, batch=8, lr=2e-4, seed=0)
+  config = bench.finetune_config("ambient", 800, "no/folder", "no/dataset", args)
+  (tmp_path / bench.FINISHED).write_text(json.dumps(dict(config=config.to_json(sort_keys=True),
+                                                         seconds=12.5)))
+  assert bench.finetune("ambient", 800, "no/folder", "no/dataset", str(tmp_path), args) == 12.5
+  args.lr = 1e-3
+  with pytest.raises(SystemExit, match="another config"):
+    bench.finetune("ambient", 800, "no/folder", "no/dataset", str(tmp_path), args)
 
 
 def test_consistency_step_reaches_the_fine_tune_config():
