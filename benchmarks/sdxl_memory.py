@@ -21,7 +21,9 @@ is already there): nothing runs, nothing is allocated.
 
 The table's axes (each flag repeatable; every combination is one compile per phase):
 --attention (config.latent.attention: xla = whole score maps, chunked = blockwise online
-softmax), --remat (config.latent.remat, per-block jax.checkpoint), --accum (k =
+softmax), --remat (config.latent.remat, per-block jax.checkpoint), --scan
+(config.latent.scan_layers: each stack of transformer blocks as one lax.scan, its FSDP
+weights gathered layer by layer inside the loop), --accum (k =
 config.optim.grad_accum_steps: the step runs the batch as k micro-batches in a lax.scan,
 as on GPU/TPU: config.optim.grad_accum_loop = "scan" whatever the backend),
 --batch (global; per device = batch / devices, per micro-batch = that / k), --resolution,
@@ -69,7 +71,7 @@ QUICK_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=8
                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
                   cross_attention_dim=32, attention_head_dim=(2, 4),
-                  transformer_layers_per_block=(1, 1), use_linear_projection=True,
+                  transformer_layers_per_block=(1, 2), use_linear_projection=True,
                   addition_embed_type="text_time", addition_time_embed_dim=8,
                   projection_class_embeddings_input_dim=16 + 6 * 8, norm_num_groups=8)
 QUICK_RESOLUTION = 64
@@ -114,7 +116,7 @@ def build(config, *, batch: int | None = None, resolution: int | None = None,
           fsdp: int | None = None, unet_config: dict | None = None,
           scheduler_config: dict | None = None, tokens: int = 77, devices=None,
           attention: str | None = None, remat: bool | None = None,
-          accum: int | None = None) -> dict:
+          scan: bool | None = None, accum: int | None = None) -> dict:
   """The jitted latent training step and abstract (state, batch, frozen) for the config.
 
   unet_config / scheduler_config: default the bundled ones of the config's family (SDXL;
@@ -122,8 +124,8 @@ def build(config, *, batch: int | None = None, resolution: int | None = None,
   (SDXL) or 512 (SD 1.5). batch / fsdp default to the config's (16 and 8 for
   configs/sdxl.py); the mesh is data x fsdp with data = devices // fsdp. Returns a dict
   with "step", "args" (state, batch, frozen; the consistency flag goes between batch and
-  frozen), "mesh", "config", and parameter counts / bytes. attention / remat / accum
-  override config.latent.attention, config.latent.remat and config.optim.grad_accum_steps
+  frozen), "mesh", "config", and parameter counts / bytes. attention / remat / scan / accum
+  override config.latent.attention, .remat, .scan_layers and config.optim.grad_accum_steps
   (the latter only where the config has the field: gradient accumulation).
   """
   import jax  # pylint: disable=g-import-not-at-top
@@ -149,6 +151,8 @@ def build(config, *, batch: int | None = None, resolution: int | None = None,
       config.latent.attention = str(attention)
     if remat is not None:
       config.latent.remat = bool(remat)
+    if scan is not None:
+      config.latent.scan_layers = bool(scan)
     if accum is not None and "grad_accum_steps" in config.optim:
       config.optim.grad_accum_steps = int(accum)
     if "grad_accum_loop" in config.optim:  # the accelerators' lax.scan, not CPU's unrolled
@@ -171,7 +175,8 @@ def build(config, *, batch: int | None = None, resolution: int | None = None,
 
   def factory():
     model = unet.UNet2DConditionModel(unet_config, dtype=dtype, param_dtype=param_dtype,
-                                      remat=bool(lc.remat), attention=attention_name,
+                                      remat=bool(lc.remat), scan_layers=bool(lc.get("scan_layers", False)),
+                                      attention=attention_name,
                                       rngs=nnx.Rngs(0))
     if rank > 0:
       lora.add_lora(model, rank=rank, alpha=float(lc.lora_alpha) or None,
@@ -219,7 +224,8 @@ def build(config, *, batch: int | None = None, resolution: int | None = None,
   _, state_b = _nbytes(state)
   return dict(step=step, step_fn=step_fn, args=(state, batch_tree, frozen), mesh=mesh,
               config=config, batch=b, resolution=resolution, latent_side=side,
-              attention=attention_name, remat=bool(lc.remat), accum=accum_steps,
+              attention=attention_name, remat=bool(lc.remat),
+              scan=bool(lc.get("scan_layers", False)), accum=accum_steps,
               frozen_params=frozen_n, frozen_bytes=frozen_b, trainable_params=train_n,
               trainable_bytes=train_b, state_bytes=state_b,
               state_shard_bytes=_shard_bytes(state), frozen_shard_bytes=_shard_bytes(frozen),
@@ -271,7 +277,7 @@ def verdict(total: int) -> str:
   return "; ".join(parts)
 
 
-HEADER = (f"{'variant':14} {'attention':>9} {'remat':>5} {'k':>2} {'batch':>5} {'/dev':>4} "
+HEADER = (f"{'variant':14} {'attention':>9} {'remat':>5} {'scan':>4} {'k':>2} {'batch':>5} {'/dev':>4} "
           f"{'micro':>5} {'res':>5} {'mesh':>5} {'phase':>11} {'args':>8} {'outputs':>8} "
           f"{'aliased':>8} {'temps':>8} {'code':>8} {'total':>8}  {'compile s':>9}  "
           f"(GiB per device)")
@@ -283,8 +289,9 @@ def row(built: dict, variant: str, r: dict) -> str:
   device per micro-batch (what the activations scale with)."""
   mesh = built["mesh"]
   per_device = built["batch"] // (mesh.shape["data"] * mesh.shape["fsdp"])
-  return (f"{variant:14} {built['attention']:>9} {'on' if built['remat'] else 'off':>5} "
-          f"{built['accum']:2d} {built['batch']:5d} {per_device:4d} "
+  onoff = lambda flag: "on" if flag else "off"
+  return (f"{variant:14} {built['attention']:>9} {onoff(built['remat']):>5} "
+          f"{onoff(built['scan']):>4} {built['accum']:2d} {built['batch']:5d} {per_device:4d} "
           f"{per_device // built['accum']:5d} {built['resolution']:5d} "
           f"{mesh.shape['data']}x{mesh.shape['fsdp']:<3d} {r['phase']:>11} {_gib(r['arguments'])} "
           f"{_gib(r['outputs'])} {_gib(r['aliased'])} {_gib(r['temporaries'])} {_gib(r['code'])} "
@@ -339,6 +346,9 @@ def main(argv=None) -> int:
   p.add_argument("--remat", action="append", choices=("on", "off"),
                  help="per-block remat; repeatable (default the config's). With remat on, "
                       "XLA:CPU compiles with its concurrency-optimized scheduler off")
+  p.add_argument("--scan", action="append", choices=("on", "off"),
+                 help="transformer stacks as lax.scan (config.latent.scan_layers); repeatable "
+                      "(default the config's)")
   p.add_argument("--accum", type=int, action="append",
                  help="gradient-accumulation micro-batches k (config.optim.grad_accum_steps); "
                       "repeatable (default the config's)")
@@ -384,11 +394,13 @@ def main(argv=None) -> int:
         for b in args.batch or [None]:
           for attention in args.attention or [None]:
             for remat in args.remat or [None]:
-              for accum in args.accum or [None]:
-                built = build(config, batch=b, resolution=res, fsdp=fsdp, attention=attention,
-                              remat=None if remat is None else remat == "on", accum=accum,
-                              unet_config=QUICK_UNET if args.quick else None)
-                report(built, variant, phases, say)
+              for scan in args.scan or [None]:
+                for accum in args.accum or [None]:
+                  built = build(config, batch=b, resolution=res, fsdp=fsdp, attention=attention,
+                                remat=None if remat is None else remat == "on",
+                                scan=None if scan is None else scan == "on", accum=accum,
+                                unet_config=QUICK_UNET if args.quick else None)
+                  report(built, variant, phases, say)
   outputs = _output.OutputFolder(args.out, "sdxl_memory", quick=args.quick)
   outputs.append("sdxl_memory.txt", lines)
   outputs.report()

@@ -95,6 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.latent.param_dtype = "bfloat16"  # frozen base weights ("float32" for exactness)
   c.latent.dtype = "bfloat16"     # UNet compute dtype; adapters and the loss stay float32
   c.latent.remat = False          # recompute UNet blocks in the backward pass (memory for speed).
+  c.latent.scan_layers = False    # each stack of transformer blocks as one lax.scan (memory, compile time).
                                   # XLA:CPU's concurrency-optimized scheduler starts every
                                   # recomputation early, which undoes most of the saving on CPU;
                                   # CPU runs that need it add XLA_FLAGS=--xla_cpu_enable_

@@ -15,8 +15,10 @@ a v5e-8 / v4-8 slice or an 8-GPU box); on one GPU add --config.mesh.fsdp=1, and 
 the batch of 16 there run it as micro-batches: `:accum=4` (--config.optim.grad_accum_steps;
 each micro-batch needs 1/batch_fraction = 4 examples for the consistency term).
 Memory: every UNet block is recomputed in the backward pass (latent.remat; `:remat=False`
-turns it off) and attention is memory-efficient (latent.attention = "auto": cuDNN flash on
-GPU, Pallas flash on TPU, chunked elsewhere); what fits where: docs/latent.md "What fits".
+turns it off), each stack of transformer blocks runs as one lax.scan that gathers its FSDP
+weights layer by layer (latent.scan_layers), and attention is memory-efficient
+(latent.attention = "auto": cuDNN flash on GPU, Pallas flash on TPU, chunked elsewhere);
+what fits where: docs/latent.md "What fits".
 """
 
 import importlib.util
@@ -69,6 +71,8 @@ def get_config(arg=None):
   c.latent.param_dtype = "float32" if a["full_finetune"] else "bfloat16"
   c.latent.dtype = "bfloat16"
   c.latent.remat = a["remat"]             # per-block remat: the activation memory of 1024²
+  c.latent.scan_layers = True             # stacks of transformer blocks as lax.scan: with remat
+                                          # and FSDP, one layer's weights gathered at a time
   c.latent.attention = "auto"             # cudnn (GPU) / pallas (TPU) / chunked flash attention
   c.latent.timesteps = "uniform"
   c.latent.sample_steps = 25

@@ -47,11 +47,12 @@ def test_tiny_unet_compiles_abstractly_and_reports_memory():
 def test_quick_command_line_writes_the_table(tmp_path, capsys):
   if jax.device_count() < 8:
     pytest.skip("needs the 8 fake CPU devices of tests/conftest.py")
-  assert sdxl_memory.main(["--quick", "--attention=chunked", "--remat=on", "--accum=2",
-                           f"--out={tmp_path}"]) == 0
+  assert sdxl_memory.main(["--quick", "--attention=chunked", "--remat=on", "--scan=on",
+                           "--accum=2", f"--out={tmp_path}"]) == 0
   text = (tmp_path / "sdxl_memory.txt").read_text()
   (line,) = [l for l in text.splitlines() if l.startswith("default ")]
-  # attention, remat, k, global batch, per device, per micro-batch, resolution, mesh, phase
-  assert line.split()[1:10] == ["chunked", "on", "2", "16", "2", "1", "64", "1x8", "ambient"]
+  # attention, remat, scan, k, global batch, per device, per micro-batch, resolution, mesh, phase
+  assert line.split()[1:11] == ["chunked", "on", "on", "2", "16", "2", "1", "64", "1x8",
+                                "ambient"]
   assert "compiled with xla_cpu_enable_concurrency_optimized_scheduler=False" in text
   assert f"wrote {tmp_path / 'sdxl_memory.txt'}" in capsys.readouterr().out

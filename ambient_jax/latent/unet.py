@@ -12,9 +12,10 @@ diffusers'; `unet_config.resolve_unet_config` rejects what is not implemented.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,24 +31,69 @@ from ambient_jax.latent.unet_config import resolve_unet_config
 Dtype = Any
 
 
-def call(module: nnx.Module, remat: bool, *args):
-  """module(*args); with `remat`, its activations are recomputed in the backward pass
-  instead of stored (jax.checkpoint over a pure split/merge of the module, so that nothing
-  of the caller's trace is mutated: the module may be a merge inside a jitted step).
+@dataclasses.dataclass(frozen=True)
+class BlockCall:
+  """How the UNet runs its modules: `run(module, *args)` is module(*args), with
 
-  What it saves is up to the XLA scheduler. The jaxpr's residuals do shrink (SDXL shapes,
-  1/1/1 transformer layers, 512², batch 2, f32: 3.5 GiB of saved activations -> 0.3 GiB,
-  jax's saved_residuals), but XLA:CPU's default concurrency-optimized scheduler starts
-  every block's recomputation as soon as its saved inputs exist, long before its
+  remat   each resnet / transformer block recomputed in the backward pass instead of its
+          activations stored (jax.checkpoint over a pure split/merge of the module, so
+          that nothing of the caller's trace is mutated: the module may be a merge inside
+          a jitted step). `run(m, ..., remat=False)` for the small pieces between blocks.
+  scan    `run.stack(blocks, x, ...)` runs a stack of identical transformer blocks as one
+          lax.scan over their stacked weights (SDXL: 60 of its 70 blocks, 81 % of its
+          weights, are in stacks of 10) instead of one after another.
+  gather  FSDP: replicates a module's sharded weights (`sharding.replicate_for_use`) right
+          before it runs. Inside a scanned stack it runs in the loop body, under remat:
+          one layer's gathered weights are live at a time, forward and backward (the
+          backward gathers again). Elsewhere the gathered weights are the block's inputs and
+          live from the forward pass to the backward, as if gathered once per step.
+
+  What remat saves is up to the XLA scheduler: nothing orders a recomputation, or an
+  all-gather, after the work that needs it except a loop. The jaxpr's residuals do shrink
+  (SDXL shapes, 1/1/1 transformer layers, 512², batch 2, f32: 3.5 GiB of saved activations
+  -> 0.3 GiB, jax's saved_residuals), but XLA:CPU's default concurrency-optimized scheduler
+  starts every block's recomputation as soon as its saved inputs exist, long before its
   cotangent arrives, so the recomputed activations of all blocks are live together and the
   plan does not move (4.67 -> 4.66 GiB). With xla_cpu_enable_concurrency_optimized_scheduler
-  =false the same programs plan 2.96 -> 2.54 GiB. Attention's score maps, the bulk of a
-  block, are better removed by "chunked" / flash attention (latent.attention) than by remat.
+  =false the same programs plan 2.96 -> 2.54 GiB; the scan removes the rest for the stacks.
   """
-  if not remat:
-    return module(*args)
-  graphdef, state = nnx.split(module)
-  return jax.checkpoint(lambda st, *a: nnx.merge(graphdef, st)(*a))(state, *args)
+  remat: bool = False
+  scan: bool = False
+  gather: Callable[[Any], Any] | None = None
+
+  def __call__(self, module: nnx.Module, *args, remat: bool | None = None):
+    remat = self.remat if remat is None else remat
+    if not remat and self.gather is None:
+      return module(*args)
+    graphdef, state = nnx.split(module)
+    if self.gather is not None:
+      state = self.gather(state)
+    run = lambda st, *a: nnx.merge(graphdef, st)(*a)
+    return (jax.checkpoint(run) if remat else run)(state, *args)
+
+  def stack(self, blocks: Sequence[nnx.Module], x: jax.Array, *args) -> jax.Array:
+    """x through `blocks` in order (each block(x, *args) -> x of the same shape): a
+    lax.scan over their stacked weights when `scan` is on and there are several
+    identical blocks, else one `run` per block."""
+    if not self.scan or len(blocks) < 2:
+      for block in blocks:
+        x = self(block, x, *args)
+      return x
+    graphdef, states = None, []
+    for block in blocks:
+      block_graphdef, state = nnx.split(block)
+      if graphdef is not None and block_graphdef != graphdef:
+        raise ValueError("scan: the stacked blocks differ in structure")
+      graphdef = block_graphdef
+      states.append(state)
+    gather = self.gather or (lambda st: st)
+
+    def layer(h, state):
+      return nnx.merge(graphdef, gather(state))(h, *args), None
+
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+    x, _ = jax.lax.scan(jax.checkpoint(layer) if self.remat else layer, x, stacked)
+    return x
 
 
 def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool,
@@ -138,12 +184,11 @@ class Transformer2DModel(nnx.Module):
         for _ in range(num_layers)])
     self.proj_out = project(channels, channels)
 
-  def __call__(self, x: jax.Array, context: jax.Array, remat: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, context: jax.Array, run: BlockCall = BlockCall()) -> jax.Array:
     b, h, w, c = x.shape
-    tokens = self.proj_in(self.norm(x)).reshape(b, h * w, c)
-    for block in self.transformer_blocks:
-      tokens = call(block, remat, tokens, context)
-    return self.proj_out(tokens.reshape(b, h, w, c)) + x.astype(tokens.dtype)
+    tokens = run(self.proj_in, run(self.norm, x, remat=False), remat=False).reshape(b, h * w, c)
+    tokens = run.stack(self.transformer_blocks, tokens, context)
+    return run(self.proj_out, tokens.reshape(b, h, w, c), remat=False) + x.astype(tokens.dtype)
 
 
 def transformers(count: int, channels: int, heads: int, depth: int, cross_attention_dim: int,
@@ -177,15 +222,15 @@ class DownBlock(nnx.Module):
     self.downsamplers = nnx.data(nnx.List([Downsample2D(
         out_channels, padding=cfg["downsample_padding"], **kw)]) if add_downsample else None)
 
-  def __call__(self, x, temb, context, remat: bool = False):
+  def __call__(self, x, temb, context, run: BlockCall = BlockCall()):
     skips = []
     for i, resnet in enumerate(self.resnets):
-      x = call(resnet, remat, x, temb)
+      x = run(resnet, x, temb)
       if self.attentions is not None:
-        x = self.attentions[i](x, context, remat)
+        x = self.attentions[i](x, context, run)
       skips.append(x)
     if self.downsamplers is not None:
-      x = self.downsamplers[0](x)
+      x = run(self.downsamplers[0], x, remat=False)
       skips.append(x)
     return x, skips
 
@@ -210,13 +255,13 @@ class UpBlock(nnx.Module):
                                if has_attention else None)
     self.upsamplers = nnx.data(nnx.List([Upsample2D(out_channels, **kw)]) if add_upsample else None)
 
-  def __call__(self, x, skips, temb, context, remat: bool = False):
+  def __call__(self, x, skips, temb, context, run: BlockCall = BlockCall()):
     for i, resnet in enumerate(self.resnets):
-      x = call(resnet, remat, jnp.concatenate([x, skips[-1 - i].astype(x.dtype)], axis=-1), temb)
+      x = run(resnet, jnp.concatenate([x, skips[-1 - i].astype(x.dtype)], axis=-1), temb)
       if self.attentions is not None:
-        x = self.attentions[i](x, context, remat)
+        x = self.attentions[i](x, context, run)
     if self.upsamplers is not None:
-      x = self.upsamplers[0](x)
+      x = run(self.upsamplers[0], x, remat=False)
     return x
 
 
@@ -231,9 +276,9 @@ class MidBlock(nnx.Module):
                                    cfg, attention, **kw)
     self.resnets = nnx.List([ResnetBlock2D(channels, channels, **rkw) for _ in range(2)])
 
-  def __call__(self, x, temb, context, remat: bool = False):
-    x = call(self.resnets[0], remat, x, temb)
-    return call(self.resnets[1], remat, self.attentions[0](x, context, remat), temb)
+  def __call__(self, x, temb, context, run: BlockCall = BlockCall()):
+    x = run(self.resnets[0], x, temb)
+    return run(self.resnets[1], self.attentions[0](x, context, run), temb)
 
 
 class UNet2DConditionModel(nnx.Module):
@@ -242,16 +287,23 @@ class UNet2DConditionModel(nnx.Module):
   `config`: the unet/config.json dict (validated by `resolve_unet_config`). `dtype` is the
   compute dtype (e.g. bfloat16), `param_dtype` the storage dtype. `remat`: recompute every
   resnet and transformer block in the backward pass (same numbers; how much memory it saves
-  depends on the XLA scheduler, see `call`).
+  depends on the XLA scheduler, see `BlockCall`). `scan_layers`: each Transformer2DModel's
+  stack of blocks as one lax.scan (same numbers; with remat and FSDP, the memory of one
+  layer's gathered weights and activations at a time; faster compiles). `gather_weights` (an
+  attribute, set on a model merged from FSDP-sharded weights): see `BlockCall.gather`.
   `attention`: the self- and cross-attention implementation (latent.attention's
   ATTENTION_IMPLEMENTATIONS; "auto" is the best one the backend has).
   """
 
   def __init__(self, config: Mapping[str, Any], *, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, remat: bool = False, attention: str = "auto",
-               rngs: nnx.Rngs):
+               param_dtype: Dtype = jnp.float32, remat: bool = False, scan_layers: bool = False,
+               attention: str = "auto", rngs: nnx.Rngs):
     cfg = resolve_unet_config(config)
     self.remat = bool(remat)  # recompute each resnet / transformer block in the backward pass
+    self.scan_layers = bool(scan_layers)  # each stack of transformer blocks as one lax.scan
+    # FSDP: replicates a module's weights right before it runs (BlockCall.gather); set by
+    # the training step on the model it merges from sharded frozen weights. None: as they are.
+    self.gather_weights: Callable[[Any], Any] | None = None
     self.config = freeze(dict(config))  # the folder's config.json, saved back unchanged
     self.cfg = freeze(cfg)
     self.dtype = dtype
@@ -293,12 +345,12 @@ class UNet2DConditionModel(nnx.Module):
     self.conv_out = Conv2d(channels[0], cfg["out_channels"], 3, padding=1, **kw)
 
   def embed(self, timesteps: jax.Array, text_embeds: jax.Array | None,
-            time_ids: jax.Array | None) -> jax.Array:
+            time_ids: jax.Array | None, run: BlockCall = BlockCall()) -> jax.Array:
     """Time (+ SDXL's pooled-text and size) embedding: [B] (, [B, P], [B, 6]) -> [B, 4·C0]."""
     cfg = self.cfg
     t = timestep_embedding(timesteps, cfg["block_out_channels"][0], cfg["flip_sin_to_cos"],
                            cfg["freq_shift"])
-    emb = self.time_embedding(t.astype(self.dtype))
+    emb = run(self.time_embedding, t.astype(self.dtype), remat=False)
     if self.add_embedding is None:
       if text_embeds is not None or time_ids is not None:
         raise ValueError("text_embeds/time_ids were given but the UNet config has no "
@@ -316,7 +368,7 @@ class UNet2DConditionModel(nnx.Module):
                        f"[{time_emb.shape[-1]}] give {added.shape[-1]} features; the config's "
                        f"projection_class_embeddings_input_dim is "
                        f"{cfg['projection_class_embeddings_input_dim']}.")
-    return emb + self.add_embedding(added.astype(self.dtype))
+    return emb + run(self.add_embedding, added.astype(self.dtype), remat=False)
 
   def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array, *,
                text_embeds: jax.Array | None = None,
@@ -329,38 +381,41 @@ class UNet2DConditionModel(nnx.Module):
       raise ValueError(f"latent size {h}x{w} is not a multiple of {factor} (the UNet halves it "
                        f"{len(self.down_blocks) - 1} times).")
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (b,))
-    temb = self.embed(timesteps, text_embeds, time_ids)
+    run = BlockCall(self.remat, self.scan_layers, self.gather_weights)
+    temb = self.embed(timesteps, text_embeds, time_ids, run)
     context = context.astype(self.dtype)
-    x = self.conv_in(sample)
+    x = run(self.conv_in, sample, remat=False)
     skips = [x]
     for block in self.down_blocks:
-      x, block_skips = block(x, temb, context, self.remat)
+      x, block_skips = block(x, temb, context, run)
       skips += block_skips
-    x = self.mid_block(x, temb, context, self.remat)
+    x = self.mid_block(x, temb, context, run)
     for block in self.up_blocks:
       used = len(block.resnets)
-      x = block(x, skips[-used:], temb, context, self.remat)
+      x = block(x, skips[-used:], temb, context, run)
       skips = skips[:-used]
-    x = self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+    x = run(self.conv_out, jax.nn.silu(run(self.conv_norm_out, x, remat=False)), remat=False)
     return x.astype(jnp.float32)
 
 
 def load_unet(folder: str, *, dtype: Dtype = None, param_dtype: Dtype = None,
               shardings: Any = None, variant: str | None = None, remat: bool = False,
-              attention: str = "auto", with_weights: bool = True) -> tuple[UNet2DConditionModel, dict[str, Any]]:
+              scan_layers: bool = False, attention: str = "auto",
+              with_weights: bool = True) -> tuple[UNet2DConditionModel, dict[str, Any]]:
   """A diffusers `unet/` folder -> (UNet2DConditionModel with its weights, config.json dict).
 
   `param_dtype`: storage dtype (default: float32); `dtype`: compute dtype (default:
   `param_dtype`). `shardings`: see `weights.load_params` (e.g. FSDP over a mesh); each
   tensor goes straight from the memory-mapped file into its device shards.
   with_weights=False: the module with ShapeDtypeStruct parameters, nothing read (enough
-  to restore and export adapters, which never run the base). `remat`, `attention`: as
-  UNet2DConditionModel's.
+  to restore and export adapters, which never run the base). `remat`,
+  `scan_layers`, `attention`: as UNet2DConditionModel's.
   """
   param_dtype = param_dtype or jnp.float32
   config = weights.read_config(folder)
   abstract = weights.build_abstract(lambda: UNet2DConditionModel(
       config, dtype=dtype or param_dtype, param_dtype=param_dtype, remat=remat,
+      scan_layers=scan_layers,
       attention=attention, rngs=nnx.Rngs(0)))
   if not with_weights:
     return abstract, config

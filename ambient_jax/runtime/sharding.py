@@ -156,6 +156,30 @@ def gather_for_use(param_shardings: Any = None) -> Callable[[Any], Any]:
   return lambda params: jax.tree.map(lambda g, p: g(p), gathers, params)
 
 
+def replicate_for_use(param_shardings: Any = None) -> Callable[[Any], Any] | None:
+  """tree -> the same tree replicated over the mesh, for weights gathered block by block.
+
+  The per-block form of `gather_for_use` for weights that take no gradient (a frozen FSDP
+  base): the UNet applies it to each block's weights right before the block runs, inside
+  its rematerialized region (`latent.unet.BlockCall`), so that one block's gathered weights
+  are live at a time, and the backward pass gathers them again instead of keeping the
+  whole gathered model alive from the forward pass. A custom JVP passes tangents through
+  unconstrained (forward mode, as in `posterior_cov` chains, and its transpose both work).
+  None when `param_shardings` shard nothing (nothing to gather).
+  """
+  leaves = jax.tree.leaves(param_shardings)
+  if not leaves or all(all(p is None for p in s.spec) for s in leaves):
+    return None
+  full = replicated(leaves[0].mesh)
+
+  @jax.custom_jvp
+  def gather(x):
+    return jax.lax.with_sharding_constraint(x, full)
+
+  gather.defjvp(lambda primals, tangents: (gather(primals[0]), tangents[0]))
+  return lambda tree: jax.tree.map(gather, tree)
+
+
 def host_rows(sharding: NamedSharding, global_batch: int) -> tuple[int, int]:
   """[start, stop) rows of the global batch whose shards live on this process.
 

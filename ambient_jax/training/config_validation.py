@@ -198,6 +198,7 @@ def _check_latent(c: "_Checker") -> None:
     c.one_of(field, ("float32", "bfloat16"))
   c.one_of("latent.timesteps", ("uniform", "lognormal"))
   c.one_of("latent.remat", (True, False))
+  c.one_of("latent.scan_layers", (True, False))
   _check_attention(c)
   c.number("latent.cfg_dropout", 0.0, 1.0, high_open=True)
   c.number("latent.guidance_scale", 0.0)

@@ -123,6 +123,7 @@ class LatentTask:
     model, self.unet_config = unet.load_unet(
         os.path.join(self.pretrained, "unet"), param_dtype=param_dtype,
         dtype=DTYPES[lc.dtype], shardings=shard, remat=bool(lc.remat),
+        scan_layers=bool(lc.scan_layers),
         attention=str(lc.get("attention", "auto")), with_weights=self.base_weights)
     self._check_dataset_fits()
     if lc.lora_rank > 0:
@@ -203,9 +204,16 @@ def make_latent_step(config: Any, graphdef: Any, schedule: NoiseSchedule, uncond
   sigma_schedule = vp_sigmas if lc.timesteps == "uniform" else None
   cfg_dropout = float(lc.cfg_dropout)
   gather_params = sharding_lib.gather_for_use(state_shardings.params)
-  gather_frozen = sharding_lib.gather_for_use(frozen_shardings)
+  # The frozen base is gathered block by block inside the UNet (unet.BlockCall.gather): one
+  # block's weights live at a time, gathered again in the backward pass under remat.
+  gather_in_blocks = sharding_lib.replicate_for_use(frozen_shardings)
   sched = schedule
-  merge = lambda params, frozen: nnx.merge(graphdef, params, frozen, copy=True)
+
+  def merge(params, frozen):
+    """The UNet on gathered trainable weights and block-gathered frozen ones."""
+    model = nnx.merge(graphdef, gather_params(params), frozen, copy=True)
+    model.gather_weights = gather_in_blocks
+    return model
 
   def conditioning(batch: dict, keys: jax.Array) -> guidance.Conditioning:
     """The batch's prompts, each replaced by the unconditional one with probability
@@ -231,7 +239,7 @@ def make_latent_step(config: Any, graphdef: Any, schedule: NoiseSchedule, uncond
       batch, loss_keys, cons_keys, drop_keys = micro
       x_n, sigma_n = batch["latent"], batch["sigma_n"]
       cond = conditioning(batch, drop_keys)
-      model = merge(gather_params(params), gather_frozen(frozen))
+      model = merge(params, frozen)
       model_fn = lambda x_t, t: _expand_cond(cond, x_t.shape[0]).apply(model, x_t, t)
       # ε̂(x_t, σ_t) for the VP losses: σ_t -> VE σ -> the (fractional) training step.
       eps_fn = lambda x_t, sigma_t: model_fn(x_t, sched.timestep(precond.vp_to_ve_sigma(sigma_t)))
