@@ -321,6 +321,9 @@ def finetune(method, t_n, pretrained, dataset, workdir, args) -> float:
     if finished["config"] != config.to_json(sort_keys=True):
       raise SystemExit(f"{workdir} holds a finished fine-tune with another config: give "
                        "another --workdir, or remove that folder to train it again.")
+    if not os.path.isdir(os.path.join(workdir, "checkpoints", str(config.num_train_steps))):
+      raise SystemExit(f"{workdir} has {FINISHED} but not its step-{config.num_train_steps} "
+                       "checkpoint: remove that folder to train it again.")
     log(f"  reusing the finished fine-tune in {workdir}")
     return finished["seconds"]
   t0 = time.time()

@@ -3,20 +3,25 @@
     python benchmarks/latent_speed.py                  # tiny + mid UNet, batch 2, counts
     python benchmarks/latent_speed.py --quick          # tiny UNet, few iterations (< 1 min)
     python benchmarks/latent_speed.py --configs mid --batch 4 --iters 3 --rounds 3
+    python benchmarks/latent_speed.py --configs mid64 --attention xla,chunked,auto
 
 For each UNet config, diffusers builds a random `UNet2DConditionModel` (seeded), saves it
 with `save_pretrained` to a temporary folder and ambient_jax loads that folder
 (`latent.unet.load_unet`): both frameworks run the same weights on the same inputs (fp32,
-NHWC for JAX, NCHW for torch). Measured: forward, and forward + backward (loss = mean
+NHWC for JAX, NCHW for torch); JAX once per `--attention` implementation
+(`latent.attention.ATTENTION_IMPLEMENTATIONS` that this backend runs; "auto" is labelled
+with what it resolves to), diffusers with its default attention (SDPA). Measured: forward,
+and forward + backward (loss = mean
 square of the output, gradients w.r.t. every parameter). JAX: `nnx.split` once, one
 jitted pure function that merges; its first call (trace + compile + run) is reported as
 "compile". PyTorch: eval mode, `torch.set_num_threads(--threads)`, `torch.no_grad()` for
 the forward, OMP_WAIT_POLICY=PASSIVE (`--omp_wait_policy`; set before torch loads): with
 libgomp's default active spin-waiting, 2 torch threads on 2 cores that other processes
 also use ran the mid forward 5-25x slower (3-11 s instead of 0.4 s), which would measure
-the machine's load, not the framework. After one warm-up call each, the frameworks alternate `--rounds` rounds of
-`--iters` timed calls (so that load from other processes falls on both alike); the figure
-is the median over all timed calls, and "torch/jax" > 1 means JAX is faster.
+the machine's load, not the framework. After one warm-up call each, the contenders (each
+JAX attention and torch) take turns, `--rounds` rounds of `--iters` timed calls in a
+rotating order (so that load from other processes falls on all alike); the figure is the
+median over all timed calls, and "torch/jax" > 1 means JAX is faster.
 
 Parameter counts of the public SDXL / SD-1.5 configs (`ambient_jax/latent/model_configs/`)
 come from `nnx.eval_shape` (nothing allocated) and are checked against the published
@@ -34,12 +39,14 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ambient_jax.latent import attention as attention_lib
 from ambient_jax.latent import clip, configs, unet, vae, weights
 from ambient_jax.models import count_params
 import _output  # benchmarks/, beside this file
@@ -68,6 +75,9 @@ CONFIGS = {
                   projection_class_embeddings_input_dim=128 + 6 * 32, norm_num_groups=32),
         size=32, tokens=77, pooled=128),
 }
+# The mid UNet at 64x64 latents (a 512² image): 1,024 tokens at its first attention level
+# and 256 at its second (SDXL at 1024²: 4,096 and 1,024), where attention's share grows.
+CONFIGS["mid64"] = dict(CONFIGS["mid"], size=64)
 
 # (label, family, component, published parameter count)
 PUBLISHED = [
@@ -113,10 +123,11 @@ def unet_inputs(case: dict, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
               time_ids=np.tile(np.array([[res, res, 0, 0, res, res]], np.float32), (batch, 1)))
 
 
-def jax_functions(folder: str, inputs: dict[str, np.ndarray]):
+def jax_functions(folder: str, inputs: dict[str, np.ndarray], attention: str = "auto"):
   """(forward, forward+backward, parameter count): zero-argument callables on the UNet
-  that `load_unet(folder)` gives; each is one jitted pure function of (params, rest, inputs)."""
-  model = unet.load_unet(folder)
+  that `load_unet(folder, attention=attention)` gives; each is one jitted pure function of
+  (params, rest, inputs)."""
+  model = unet.load_unet(folder, attention=attention)
   if isinstance(model, tuple):  # (module, config.json dict), like load_vae
     model = model[0]
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -162,20 +173,20 @@ def _call(fn, framework: str) -> float:
   return time.perf_counter() - t0
 
 
-def compare(jax_fn, torch_fn, iters: int, rounds: int) -> dict[str, float]:
-  """JAX first call (compile), torch first call, then one warm-up call each and `rounds`
-  alternating rounds of `iters` timed calls per framework -> medians in seconds."""
-  first = {"jax": _call(jax_fn, "jax"), "torch": _call(torch_fn, "torch")}
-  _call(jax_fn, "jax")
-  _call(torch_fn, "torch")
-  times = {"jax": [], "torch": []}
+def compare(fns: dict[str, Any], iters: int, rounds: int) -> dict[str, dict[str, float]]:
+  """fns: name -> zero-argument callable ("torch" is PyTorch, the others JAX). Each one's
+  first call (JAX: trace + compile), then one warm-up call each and `rounds` rounds of
+  `iters` timed calls per contender, in an order that rotates every round -> per name
+  {"first": s, "median": s}."""
+  framework = lambda name: "torch" if name == "torch" else "jax"
+  first = {name: _call(fn, framework(name)) for name, fn in fns.items()}
+  for name, fn in fns.items():
+    _call(fn, framework(name))
+  names, times = list(fns), {name: [] for name in fns}
   for r in range(rounds):
-    order = ("jax", "torch") if r % 2 == 0 else ("torch", "jax")
-    for framework in order:
-      fn = jax_fn if framework == "jax" else torch_fn
-      times[framework] += [_call(fn, framework) for _ in range(iters)]
-  return dict(jax_first=first["jax"], torch_first=first["torch"],
-              jax=statistics.median(times["jax"]), torch=statistics.median(times["torch"]))
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      times[name] += [_call(fns[name], framework(name)) for _ in range(iters)]
+  return {name: dict(first=first[name], median=statistics.median(times[name])) for name in fns}
 
 
 def check_outputs_agree(jax_forward, torch_forward) -> float:
@@ -186,23 +197,40 @@ def check_outputs_agree(jax_forward, torch_forward) -> float:
   return float(np.max(np.abs(ours - ref)) / max(np.max(np.abs(ref)), 1e-12))
 
 
-def bench_case(name: str, batch: int, iters: int, rounds: int, seed: int = 0) -> list[dict]:
-  """Builds the diffusers UNet, loads it into JAX, times forward and forward+backward."""
+def bench_case(name: str, batch: int, iters: int, rounds: int, seed: int = 0,
+               attentions: tuple[str, ...] = ("auto",)) -> list[dict]:
+  """Builds the diffusers UNet, loads it into JAX once per attention implementation, times
+  forward and forward+backward of each beside torch's; one row per (mode, attention)."""
   import torch  # pylint: disable=g-import-not-at-top
   from diffusers import UNet2DConditionModel  # pylint: disable=g-import-not-at-top
   case = CONFIGS[name]
   torch.manual_seed(seed)
   reference = UNet2DConditionModel(**case["unet"]).eval()
   inputs = unet_inputs(case, batch, seed)
+  jax_fns = {}
   with tempfile.TemporaryDirectory() as folder:
     reference.save_pretrained(folder)
-    jax_fwd, jax_grad, n_params = jax_functions(folder, inputs)
-  torch_fwd, torch_grad = torch_functions(reference, inputs)
-  rows = [dict(config=name, mode=mode, params=n_params, **compare(jax_fn, torch_fn, iters, rounds))
-          for mode, jax_fn, torch_fn in (("forward", jax_fwd, torch_fwd),
-                                         ("fwd+bwd", jax_grad, torch_grad))]
-  rel = check_outputs_agree(jax_fwd, torch_fwd)  # after timing: the first calls are timed
-  return [dict(row, rel=rel) for row in rows]
+    for attention in attentions:
+      jax_fns[attention] = jax_functions(folder, inputs, attention)
+  torch_fns = torch_functions(reference, inputs)
+  rows = []
+  for i, mode in enumerate(("forward", "fwd+bwd")):
+    timed = compare(dict({a: fns[i] for a, fns in jax_fns.items()}, torch=torch_fns[i]),
+                    iters, rounds)
+    for attention, fns in jax_fns.items():
+      rows.append(dict(config=name, mode=mode, attention=attention_label(attention),
+                       params=fns[2], jax=timed[attention]["median"],
+                       jax_first=timed[attention]["first"], torch=timed["torch"]["median"],
+                       torch_first=timed["torch"]["first"]))
+  # After timing (the first calls are timed): every implementation equals diffusers.
+  rel = {attention_label(a): check_outputs_agree(fns[0], torch_fns[0]) for a, fns in jax_fns.items()}
+  return [dict(row, rel=rel[row["attention"]]) for row in rows]
+
+
+def attention_label(name: str) -> str:
+  """The implementation's name; "auto" as "auto=chunked" (what it runs as on this backend
+  for float32 queries)."""
+  return name if name != "auto" else f"auto={attention_lib.resolve_implementation(name)}"
 
 
 def load_average() -> str:
@@ -238,6 +266,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--configs", default="tiny,mid",
                       help=f"comma-separated UNet configs from {sorted(CONFIGS)}")
   parser.add_argument("--batch", type=int, default=2, help="batch size (both frameworks)")
+  parser.add_argument("--attention", default="auto",
+                      help="comma-separated JAX attention implementations, each timed beside "
+                      "torch (xla, chunked, auto; cudnn / pallas on GPU / TPU)")
   parser.add_argument("--iters", type=int, default=5, help="timed calls per round")
   parser.add_argument("--rounds", type=int, default=3, help="alternating JAX / torch rounds")
   parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
@@ -251,6 +282,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   if args.quick:
     args.configs, args.batch, args.iters, args.rounds = "tiny", 1, 2, 2
   args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+  args.attention = tuple(a.strip() for a in args.attention.split(",") if a.strip())
+  try:
+    for name in args.attention:
+      attention_lib.resolve_implementation(name)
+  except ValueError as e:
+    parser.error(f"--attention: {e}")
   unknown = [c for c in args.configs if c not in CONFIGS]
   if unknown:
     parser.error(f"unknown --configs {unknown}; choose from {sorted(CONFIGS)}")
@@ -278,12 +315,12 @@ def main(argv: list[str] | None = None):
   report(f"batch {args.batch}; fp32; median of {args.rounds} alternating rounds x "
          f"{args.iters} calls after one warm-up call")
   report()
-  header = (f"{'config':<6} {'params':>11} {'mode':<8} {'jax s/it':>9} {'torch s/it':>10} "
+  header = (f"{'config':<6} {'params':>11} {'mode':<8} {'attention':<12} {'jax s/it':>9} {'torch s/it':>10} "
             f"{'torch/jax':>9} {'jax compile':>11} {'torch 1st':>9} {'rel diff':>9}")
   report(header)
   for name in args.configs:
-    for row in bench_case(name, args.batch, args.iters, args.rounds):
-      report(f"{row['config']:<6} {row['params']:>11,} {row['mode']:<8} {row['jax']:>9.4f} "
+    for row in bench_case(name, args.batch, args.iters, args.rounds, attentions=args.attention):
+      report(f"{row['config']:<6} {row['params']:>11,} {row['mode']:<8} {row['attention']:<12} {row['jax']:>9.4f} "
              f"{row['torch']:>10.4f} {row['torch'] / row['jax']:>9.2f} "
              f"{row['jax_first']:>10.2f}s {row['torch_first']:>8.2f}s {row['rel']:>9.1e}")
   for name in args.configs:

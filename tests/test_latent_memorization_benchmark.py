@@ -110,13 +110,17 @@ def test_miniature_runs_end_to_end_through_the_project_path(tmp_path, monkeypatc
 
 def test_a_finished_fine_tune_is_reused_and_one_with_another_config_is_refused(tmp_path):
   """A fine-tune the same --workdir finished with the same config is not trained again (here
-  the pretrained folder and dataset do not even exist); a different config is an error."""
+  the pretrained folder and dataset do not even exist); a different config, or a finished
+  record whose checkpoint is gone, is a one-line error."""
   bench = _benchmark()
   args = argparse.Namespace(consistency_weight=None, consistency_start=0.5, consistency_step=None,
                             lora_rank=0, steps=2, batch=8, lr=2e-4, seed=0)
   config = bench.finetune_config("ambient", 800, "no/folder", "no/dataset", args)
   (tmp_path / bench.FINISHED).write_text(json.dumps(dict(config=config.to_json(sort_keys=True),
                                                          seconds=12.5)))
+  with pytest.raises(SystemExit, match="not its step-2 checkpoint"):  # deleted checkpoints
+    bench.finetune("ambient", 800, "no/folder", "no/dataset", str(tmp_path), args)
+  (tmp_path / "checkpoints" / "2").mkdir(parents=True)
   assert bench.finetune("ambient", 800, "no/folder", "no/dataset", str(tmp_path), args) == 12.5
   args.lr = 1e-3
   with pytest.raises(SystemExit, match="another config"):
