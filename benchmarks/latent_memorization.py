@@ -351,6 +351,7 @@ class Evaluator:
     self.ref_features = self.features(heldout)
     self.copy_rmse = None
     self._fine_tuning_set = {}  # dataset path -> (clean images, their NearestNeighbourIndex)
+    self._attacks = {}  # (workdir, step) -> the attack's figures: one per model, whatever sampling
 
   def fine_tuning_set(self, run):
     """The run's clean fine-tuning images and their index, read and built once per dataset."""
@@ -370,16 +371,23 @@ class Evaluator:
                                        num_steps=a.sample_steps, guidance_scale=a.guidance_scale,
                                        sigma_stop=stop, batch_size=a.num_samples)
     clean, index = self.fine_tuning_set(run)
-    report = evaluation.memorization_report(
-        run, clean, samples, "digits", self.features, self.heldout,
-        run.root / "eval" / str(run.step), attack_t=a.attack_t, key=jax.random.key(a.seed + 7),
-        num_attacked=None, posterior_steps=a.posterior_steps,
-        batch_size=len(clean), guidance_scale=1.0, index=index)["memorization"]
-    self.copy_rmse = report["heldout"]["copy_rmse"]
+    model = (str(run.root), run.step)
+    if model in self._attacks:  # the same model sampled another way: its attack is the same
+      self.copy_rmse = self._attacks[model]["copy_rmse"]
+      samples_nn, _ = memorization.nearest_neighbours(samples, index=index,
+                                                      copy_rmse=self.copy_rmse)
+    else:
+      report = evaluation.memorization_report(
+          run, clean, samples, "digits", self.features, self.heldout,
+          run.root / "eval" / str(run.step), attack_t=a.attack_t,
+          key=jax.random.key(a.seed + 7), num_attacked=None, posterior_steps=a.posterior_steps,
+          batch_size=len(clean), guidance_scale=1.0, index=index)["memorization"]
+      self.copy_rmse, samples_nn = report["heldout"]["copy_rmse"], report["samples"]
+      self._attacks[model] = dict(copy_rmse=self.copy_rmse, attack=dict(
+          {m: report[m] for m in ("mmse", "posterior")}, t=a.attack_t,
+          sigma_ve=report["attack_sigma_ve"]))
     fd = frechet.fd_from_features(self.features(samples), self.ref_features)
-    attack = {m: report[m] for m in ("mmse", "posterior")}
-    res = dict(fd=fd, samples_nn=report["samples"],
-               attack=dict(attack, t=a.attack_t, sigma_ve=report["attack_sigma_ve"]))
+    res = dict(fd=fd, samples_nn=samples_nn, attack=dict(self._attacks[model]["attack"]))
     nn_idx = index.query(samples)["pixel_index"]
     return res, samples, nn_idx
 

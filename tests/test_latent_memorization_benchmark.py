@@ -127,6 +127,42 @@ def test_a_finished_fine_tune_is_reused_and_one_with_another_config_is_refused(t
     bench.finetune("ambient", 800, "no/folder", "no/dataset", str(tmp_path), args)
 
 
+def test_a_model_sampled_two_ways_is_attacked_once(monkeypatch, tmp_path):
+  """ambient + consistency is measured with full and with truncated sampling: the attack
+  (the same model, the same images) runs once, its figures serve both rows, and the second
+  row's sample copies are measured on its own samples with the first row's calibration."""
+  bench = _benchmark()
+  from ambient_jax.metrics import memorization  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  clean = rng.uniform(-1, 1, (6, 16, 16, 3)).astype(np.float32)
+  features = lambda x: np.asarray(x).reshape(len(x), -1)
+  ev = object.__new__(bench.Evaluator)
+  ev.args = argparse.Namespace(num_samples=4, seed=0, sample_steps=2, guidance_scale=1.0,
+                               attack_t=800, posterior_steps=1)
+  ev.features, ev.ref_features, ev.heldout, ev.copy_rmse = features, features(clean), clean, None
+  ev._attacks, index = {}, memorization.NearestNeighbourIndex(clean, features)
+  ev._fine_tuning_set = {"data": (clean, index)}
+  run = argparse.Namespace(root=tmp_path, step=2, sigma_n_max=0.9,
+                           config=argparse.Namespace(latent=argparse.Namespace(dataset="data")))
+  samples = {"full": clean[:4] + 0.01, "truncated": clean[2:6] * 0.5}
+  monkeypatch.setattr(bench.evaluation, "sample_images", lambda r, mode, *a, **k: samples[mode])
+  calls = []
+
+  def report(run, clean, samples, *args, **kwargs):
+    calls.append(samples)
+    nn, _ = memorization.nearest_neighbours(samples, index=index, copy_rmse=0.05)
+    return {"memorization": dict(heldout={"copy_rmse": 0.05}, samples=nn, attack_sigma_ve=3.0,
+                                 mmse={"frac_copies": 0.5}, posterior={"frac_copies": 0.25})}
+
+  monkeypatch.setattr(bench.evaluation, "memorization_report", report)
+  full, _, _ = ev.measure(run, "full")
+  truncated, _, _ = ev.measure(run, "truncated")
+  assert len(calls) == 1 and truncated["attack"] == full["attack"]
+  assert full["attack"]["posterior"] == {"frac_copies": 0.25}
+  expected, _ = memorization.nearest_neighbours(samples["truncated"], index=index, copy_rmse=0.05)
+  assert truncated["samples_nn"] == expected and full["samples_nn"] != expected
+
+
 def test_consistency_step_reaches_the_fine_tune_config():
   """--consistency_step sets the consistency chains' step kind of the ambient + consistency
   fine-tunes (unset: the loss's own default, plain posterior steps), and the config it makes
