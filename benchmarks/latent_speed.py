@@ -4,6 +4,7 @@
     python benchmarks/latent_speed.py --quick          # tiny UNet, few iterations (< 1 min)
     python benchmarks/latent_speed.py --configs mid --batch 4 --iters 3 --rounds 3
     python benchmarks/latent_speed.py --configs mid64 --attention xla,chunked,auto
+    python benchmarks/latent_speed.py --configs tiny --attention xla,chunked --ops  # op by op
 
 For each UNet config, diffusers builds a random `UNet2DConditionModel` (seeded), saves it
 with `save_pretrained` to a temporary folder and ambient_jax loads that folder
@@ -233,6 +234,62 @@ def attention_label(name: str) -> str:
   return name if name != "auto" else f"auto={attention_lib.resolve_implementation(name)}"
 
 
+# The mid64 UNet's largest operations (batch 2, fp32): self-attention at its first attention
+# level (1,024 tokens, 2 heads of 64), cross-attention there (77 keys), self-attention at its
+# second (256 tokens, 4 heads), and its 3x3 convolutions at full and half resolution.
+ATTENTION_OPS = ((1024, 2, 64, 1024), (1024, 2, 64, 77), (256, 4, 64, 256))  # T, N, D, S
+CONV_OPS = ((64, 64), (128, 32))  # channels in = out, side
+
+
+def op_timings(attentions: tuple[str, ...], iters: int) -> list[str]:
+  """Where a UNet's time goes, op by op, JAX beside torch: each ATTENTION_OPS shape forward
+  and gradient (of the output's sum of squares w.r.t. q, k, v) per JAX implementation
+  against torch's scaled_dot_product_attention, and each CONV_OPS 3x3 convolution forward
+  against torch's conv2d. Medians of `iters` calls after a warm-up, in ms."""
+  import torch  # pylint: disable=g-import-not-at-top
+  sdpa = torch.nn.functional.scaled_dot_product_attention
+  rng = np.random.default_rng(0)
+
+  def ms(fn):
+    fn()
+    return 1e3 * statistics.median(_call(fn, "jax") for _ in range(iters))
+
+  lines = []
+  for t, n, d, s in ATTENTION_OPS:
+    q, k, v = (rng.standard_normal((2, size, n, d)).astype(np.float32) for size in (t, s, s))
+    tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(a.transpose(0, 2, 1, 3))) for a in (q, k, v))
+    grads = [a.clone().requires_grad_() for a in (tq, tk, tv)]
+
+    def torch_grad():
+      sdpa(*grads).square().sum().backward()
+
+    with torch.no_grad():
+      torch_fwd = ms(lambda: sdpa(tq, tk, tv))
+    cells = []
+    for name in attentions:
+      attend = lambda q, k, v, name=name: attention_lib.dot_product_attention(
+          q, k, v, implementation=name)
+      fwd, grad = jax.jit(attend), jax.jit(jax.grad(
+          lambda q, k, v, f=attend: jnp.sum(jnp.square(f(q, k, v))), (0, 1, 2)))
+      cells.append(f"{attention_label(name)} {ms(lambda: fwd(q, k, v)):.2f} / "
+                   f"{ms(lambda: grad(q, k, v)):.2f}")
+    lines.append(f"attention {t} queries x {s} keys, {n} heads of {d}: fwd / grad ms: "
+                 f"{'; '.join(cells)}; torch sdpa {torch_fwd:.2f} / {ms(torch_grad):.2f}")
+  for c, side in CONV_OPS:
+    x = rng.standard_normal((2, side, side, c)).astype(np.float32)
+    w = (0.05 * rng.standard_normal((3, 3, c, c))).astype(np.float32)
+    conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    tx = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    tw = torch.from_numpy(np.ascontiguousarray(w.transpose(3, 2, 0, 1)))
+    with torch.no_grad():
+      torch_ms = ms(lambda: torch.nn.functional.conv2d(tx, tw, padding=1))
+    jax_ms = ms(lambda: conv(x, w))
+    lines.append(f"conv 3x3 {c}->{c} at {side}x{side}, forward ms: jax {jax_ms:.2f}, torch "
+                 f"{torch_ms:.2f} (torch/jax {torch_ms / jax_ms:.2f})")
+  return lines
+
+
 def load_average() -> str:
   """The 1/5/15-minute load averages, e.g. '1.92 2.76 1.65'."""
   return " ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -275,6 +332,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--omp_wait_policy", default="PASSIVE",
                       help="OMP_WAIT_POLICY for torch's OpenMP threads ('' = leave as is); an "
                       "OMP_WAIT_POLICY already in the environment wins")
+  parser.add_argument("--ops", action="store_true",
+                      help="also time the mid64 UNet's attention and convolution ops one by "
+                      "one beside torch's (where the time goes)")
   parser.add_argument("--skip_counts", action="store_true",
                       help="skip the eval_shape parameter counts of the real configs")
   _output.add_out_flags(parser, "latent_speed")
@@ -335,6 +395,11 @@ def main(argv: list[str] | None = None):
            f"{os.getloadavg()[0]:.2f} now) exceeded the {os.cpu_count()} CPUs: other processes "
            "shared the cores, so the s/it figures are upper bounds; the ratios are fairer "
            "(the frameworks alternate rounds) but still noisy.")
+  if args.ops:
+    report()
+    report(f"op by op (batch 2, fp32, median of {max(args.iters, 5)} calls):")
+    for line in op_timings(args.attention, max(args.iters, 5)):
+      report("  " + line)
   if not args.skip_counts:
     report()
     report(f"{'component (eval_shape, nothing allocated)':<42} {'params':>15} "

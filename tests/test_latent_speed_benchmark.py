@@ -40,7 +40,8 @@ def test_flags():
   assert (quick.configs, quick.batch, quick.iters, quick.rounds) == (["tiny"], 1, 2, 2)
   full = latent_speed.parse_args(["--configs", "mid,tiny", "--batch", "4", "--skip_counts"])
   assert full.configs == ["mid", "tiny"] and full.batch == 4 and full.skip_counts
-  assert quick.attention == ("auto",)
+  assert quick.attention == ("auto",) and not quick.ops
+  assert latent_speed.parse_args(["--ops"]).ops
   assert latent_speed.parse_args(["--attention", "xla, chunked"]).attention == ("xla", "chunked")
   with pytest.raises(SystemExit):
     latent_speed.parse_args(["--configs", "huge"])
