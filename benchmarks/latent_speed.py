@@ -224,7 +224,8 @@ def bench_case(name: str, batch: int, iters: int, rounds: int, seed: int = 0,
                        jax_first=timed[attention]["first"], torch=timed["torch"]["median"],
                        torch_first=timed["torch"]["first"]))
   # After timing (the first calls are timed): every implementation equals diffusers.
-  rel = {attention_label(a): check_outputs_agree(fns[0], torch_fns[0]) for a, fns in jax_fns.items()}
+  rel = {attention_label(a): check_outputs_agree(fns[0], torch_fns[0])
+         for a, fns in jax_fns.items()}
   return [dict(row, rel=rel[row["attention"]]) for row in rows]
 
 
@@ -257,7 +258,8 @@ def op_timings(attentions: tuple[str, ...], iters: int) -> list[str]:
   lines = []
   for t, n, d, s in ATTENTION_OPS:
     q, k, v = (rng.standard_normal((2, size, n, d)).astype(np.float32) for size in (t, s, s))
-    tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(a.transpose(0, 2, 1, 3))) for a in (q, k, v))
+    tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(a.transpose(0, 2, 1, 3)))
+                  for a in (q, k, v))
     grads = [a.clone().requires_grad_() for a in (tq, tk, tv)]
 
     def torch_grad():
@@ -375,12 +377,14 @@ def main(argv: list[str] | None = None):
   report(f"batch {args.batch}; fp32; median of {args.rounds} alternating rounds x "
          f"{args.iters} calls after one warm-up call")
   report()
-  header = (f"{'config':<6} {'params':>11} {'mode':<8} {'attention':<12} {'jax s/it':>9} {'torch s/it':>10} "
+  header = (f"{'config':<6} {'params':>11} {'mode':<8} {'attention':<12} {'jax s/it':>9} "
+            f"{'torch s/it':>10} "
             f"{'torch/jax':>9} {'jax compile':>11} {'torch 1st':>9} {'rel diff':>9}")
   report(header)
   for name in args.configs:
     for row in bench_case(name, args.batch, args.iters, args.rounds, attentions=args.attention):
-      report(f"{row['config']:<6} {row['params']:>11,} {row['mode']:<8} {row['attention']:<12} {row['jax']:>9.4f} "
+      report(f"{row['config']:<6} {row['params']:>11,} {row['mode']:<8} {row['attention']:<12} "
+             f"{row['jax']:>9.4f} "
              f"{row['torch']:>10.4f} {row['torch'] / row['jax']:>9.2f} "
              f"{row['jax_first']:>10.2f}s {row['torch_first']:>8.2f}s {row['rel']:>9.1e}")
   for name in args.configs:

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import os
 import re
 import sys
@@ -172,12 +173,12 @@ def build(config, *, batch: int | None = None, resolution: int | None = None,
   param_dtype, dtype = training.DTYPES[lc.param_dtype], training.DTYPES[lc.dtype]
   rank = int(lc.lora_rank)
   attention_name = str(lc.get("attention", "auto"))
+  scan_layers = bool(lc.get("scan_layers", False))
 
   def factory():
     model = unet.UNet2DConditionModel(unet_config, dtype=dtype, param_dtype=param_dtype,
-                                      remat=bool(lc.remat), scan_layers=bool(lc.get("scan_layers", False)),
-                                      attention=attention_name,
-                                      rngs=nnx.Rngs(0))
+                                      remat=bool(lc.remat), scan_layers=scan_layers,
+                                      attention=attention_name, rngs=nnx.Rngs(0))
     if rank > 0:
       lora.add_lora(model, rank=rank, alpha=float(lc.lora_alpha) or None,
                     targets=tuple(lc.lora_targets), key=jax.random.key(0))
@@ -224,8 +225,8 @@ def build(config, *, batch: int | None = None, resolution: int | None = None,
   _, state_b = _nbytes(state)
   return dict(step=step, step_fn=step_fn, args=(state, batch_tree, frozen), mesh=mesh,
               config=config, batch=b, resolution=resolution, latent_side=side,
-              attention=attention_name, remat=bool(lc.remat),
-              scan=bool(lc.get("scan_layers", False)), accum=accum_steps,
+              attention=attention_name, remat=bool(lc.remat), scan=scan_layers,
+              accum=accum_steps,
               frozen_params=frozen_n, frozen_bytes=frozen_b, trainable_params=train_n,
               trainable_bytes=train_b, state_bytes=state_b,
               state_shard_bytes=_shard_bytes(state), frozen_shard_bytes=_shard_bytes(frozen),
@@ -277,8 +278,9 @@ def verdict(total: int) -> str:
   return "; ".join(parts)
 
 
-HEADER = (f"{'variant':14} {'attention':>9} {'remat':>5} {'scan':>4} {'k':>2} {'batch':>5} {'/dev':>4} "
-          f"{'micro':>5} {'res':>5} {'mesh':>5} {'phase':>11} {'args':>8} {'outputs':>8} "
+HEADER = (f"{'variant':14} {'attention':>9} {'remat':>5} {'scan':>4} {'k':>2} {'batch':>5} "
+          f"{'/dev':>4} {'micro':>5} {'res':>5} {'mesh':>5} {'phase':>11} {'args':>8} "
+          f"{'outputs':>8} "
           f"{'aliased':>8} {'temps':>8} {'code':>8} {'total':>8}  {'compile s':>9}  "
           f"(GiB per device)")
 
@@ -387,20 +389,16 @@ def main(argv=None) -> int:
   say(f"# jax {jax.__version__}, {len(jax.devices())} {jax.devices()[0].platform} devices"
       f"{' (forced ' + m.group(1) + ')' if m else ''}, config {os.path.relpath(config_path, here)}")
   say(HEADER)
+  on = lambda flag: None if flag is None else flag == "on"
   for variant in args.variant or ["default"]:
     config = load_config(config_path + ("" if variant == "default" else ":" + variant))
-    for fsdp in args.fsdp or [None]:
-      for res in args.resolution or [None]:
-        for b in args.batch or [None]:
-          for attention in args.attention or [None]:
-            for remat in args.remat or [None]:
-              for scan in args.scan or [None]:
-                for accum in args.accum or [None]:
-                  built = build(config, batch=b, resolution=res, fsdp=fsdp, attention=attention,
-                                remat=None if remat is None else remat == "on",
-                                scan=None if scan is None else scan == "on", accum=accum,
-                                unet_config=QUICK_UNET if args.quick else None)
-                  report(built, variant, phases, say)
+    for fsdp, res, b, attention, remat, scan, accum in itertools.product(
+        *(getattr(args, name) or [None] for name in (
+            "fsdp", "resolution", "batch", "attention", "remat", "scan", "accum"))):
+      built = build(config, batch=b, resolution=res, fsdp=fsdp, attention=attention,
+                    remat=on(remat), scan=on(scan), accum=accum,
+                    unet_config=QUICK_UNET if args.quick else None)
+      report(built, variant, phases, say)
   outputs = _output.OutputFolder(args.out, "sdxl_memory", quick=args.quick)
   outputs.append("sdxl_memory.txt", lines)
   outputs.report()

@@ -95,12 +95,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.latent.param_dtype = "bfloat16"  # frozen base weights ("float32" for exactness)
   c.latent.dtype = "bfloat16"     # UNet compute dtype; adapters and the loss stay float32
   c.latent.remat = False          # recompute UNet blocks in the backward pass (memory for speed).
-  c.latent.scan_layers = False    # each stack of transformer blocks as one lax.scan (memory, compile time).
                                   # XLA:CPU's concurrency-optimized scheduler starts every
                                   # recomputation early, which undoes most of the saving on CPU;
                                   # CPU runs that need it add XLA_FLAGS=--xla_cpu_enable_
                                   # concurrency_optimized_scheduler=false (benchmarks/sdxl_memory.py
                                   # compiles so). Not set by cpu_xla_flags="auto"
+  c.latent.scan_layers = False    # each stack of identical transformer blocks as one lax.scan,
+                                  # FSDP weights gathered layer by layer in the loop: with remat,
+                                  # one layer's weights and activations live at a time; faster
+                                  # compiles (docs/latent.md "Why the scan")
   c.latent.attention = "auto"     # UNet / VAE attention (latent/attention.py), same function:
                                   # "xla": einsum + softmax, the whole score map kept for the
                                   # backward pass; "chunked": pure-JAX blockwise online softmax

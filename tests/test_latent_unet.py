@@ -196,4 +196,5 @@ def test_scanned_stack_with_fsdp_gathers_equals_the_plain_loop_and_keeps_one_lay
   scan_run = unet.BlockCall(remat=True, scan=True)
   assert temporaries(6, scan_run) - temporaries(2, scan_run) < 4 * 0.4 * layer_bytes
   with pytest.raises(ValueError, match="differ in structure"):
-    unet.BlockCall(scan=True).stack([_transformer_stack(1)[0], unet.TimestepEmbedding(4, 4, rngs=nnx.Rngs(0))], x)
+    unet.BlockCall(scan=True).stack(
+        [_transformer_stack(1)[0], unet.TimestepEmbedding(4, 4, rngs=nnx.Rngs(0))], x)
