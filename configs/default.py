@@ -77,7 +77,10 @@ def base_config() -> ml_collections.ConfigDict:
                                   # σ/noise is the same for any k; dropout masks (> 0) are not
   c.optim.grad_accum_loop = "auto"  # "scan" (one while loop: least memory, GPU/TPU), "unrolled"
                                   # (k traced copies: XLA:CPU runs conv weight gradients in a
-                                  # loop ~35x slower) or "auto" (unrolled on CPU, else scan)
+                                  # loop ~35x slower) or "auto" (unrolled on CPU, else scan).
+                                  # It also runs the loss's terms (ambient, consistency): one
+                                  # per loop iteration ("scan", each term's memory alone) or
+                                  # in turn in straight-line code ("unrolled")
 
   c.ema = ml_collections.ConfigDict()
   c.ema.halflife_kimg = (500.0,)  # EDM half-lives in thousands of images; several allowed

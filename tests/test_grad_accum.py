@@ -91,7 +91,8 @@ def test_accumulate_gradients_is_the_mean_and_k1_is_the_plain_gradient(loop):
   params = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "b": jnp.array([0.1, -0.2, 0.3])}
   x = jax.random.normal(jax.random.key(0), (8, 2))
 
-  def loss_fn(p, xb):
+  def loss_fn(p, xb, frozen=None):
+    del frozen
     loss = jnp.mean(jnp.tanh(xb @ p["w"] + p["b"]) ** 2)
     return loss, {"loss": loss}
 
@@ -109,6 +110,44 @@ def test_accumulate_gradients_is_the_mean_and_k1_is_the_plain_gradient(loop):
   assert ("while" in four.lower(params, x.reshape(4, 2, 2)).as_text()) == (loop == "scan")
   with pytest.raises(ValueError, match="must be one of"):
     step_lib.accumulate_gradients(loss_fn, params, x[None], 1, loop="auto")
+
+
+@pytest.mark.parametrize("loop", ["scan", "unrolled"])
+def test_loss_terms_taken_in_turn_give_the_joint_gradient_and_metrics(loop):
+  """Two loss terms (the ambient and consistency terms' shape): their gradients, taken one
+  term per loop iteration ("scan": a while loop with a conditional picking the term, so
+  each term's activations live alone) or traced in turn ("unrolled"), sum to the joint
+  loss's gradient, alone and over 2 micro-batches; both read the frozen weights; metrics
+  are the union (the later term wins a shared key) with "loss" the sum."""
+  params = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "b": jnp.array([0.1, -0.2, 0.3])}
+  x = jax.random.normal(jax.random.key(1), (8, 2))
+  frozen = jnp.float32(0.7)
+
+  def main_term(p, xb, scale):
+    loss = scale * jnp.mean(jnp.tanh(xb @ p["w"] + p["b"]) ** 2)
+    return loss, {"main": loss, "shared": jnp.float32(1.0)}
+
+  def second_term(p, xb, scale):
+    loss = 0.3 * jnp.mean((xb[::2] @ p["w"] * scale) ** 4)
+    return loss, {"second": loss, "shared": jnp.float32(2.0)}
+
+  joint = lambda p, xb: main_term(p, xb, frozen)[0] + second_term(p, xb, frozen)[0]
+  want_loss, want = jax.value_and_grad(joint)(params, x)
+  terms = (main_term, second_term)
+  one = jax.jit(lambda p, xb: step_lib.sum_of_term_gradients(terms, p, xb, frozen, loop))
+  got, metrics = one(params, x)
+  assert_same_gradients(got, want)
+  np.testing.assert_allclose(metrics["loss"], want_loss, rtol=1e-6)
+  np.testing.assert_allclose(metrics["main"], main_term(params, x, frozen)[0], rtol=1e-6)
+  np.testing.assert_allclose(metrics["second"], second_term(params, x, frozen)[0], rtol=1e-6)
+  assert metrics["shared"] == 2.0
+  text = one.lower(params, x).as_text()
+  assert ("while" in text and "case" in text) == (loop == "scan"), loop
+  two = jax.jit(lambda p, xs: step_lib.accumulate_gradients(terms, p, xs, 2, loop=loop,
+                                                            frozen=frozen))
+  got, metrics = two(params, x.reshape(2, 4, 2))
+  want_halves = [jax.grad(joint)(params, half) for half in x.reshape(2, 4, 2)]
+  assert_same_gradients(got, jax.tree.map(lambda a, b: (a + b) / 2, *want_halves))
 
 
 def test_auto_loop_is_unrolled_on_cpu_only():

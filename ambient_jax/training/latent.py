@@ -233,46 +233,52 @@ def make_latent_step(config: Any, graphdef: Any, schedule: NoiseSchedule, uncond
     key = step_key(seed, state.step)
     k_loss, k_cons, k_drop = jax.random.split(key, 3)
 
-    def loss_fn(params, micro):
-      """The loss of one micro-batch: its mean main loss + λ_c × the mean consistency loss
-      of its every stride-th example."""
-      batch, loss_keys, cons_keys, drop_keys = micro
+    def prepare(params, micro, frozen):
+      """The micro-batch, its (dropped-out) prompts and the UNet on these weights."""
+      batch, _, _, drop_keys = micro
+      return batch, conditioning(batch, drop_keys), merge(params, frozen)
+
+    def main_term(params, micro, frozen):
+      """The mean main loss (ambient, or DDPM for the baselines) of one micro-batch."""
+      batch, cond, model = prepare(params, micro, frozen)
       x_n, sigma_n = batch["latent"], batch["sigma_n"]
-      cond = conditioning(batch, drop_keys)
-      model = merge(params, frozen)
       model_fn = lambda x_t, t: _expand_cond(cond, x_t.shape[0]).apply(model, x_t, t)
       # ε̂(x_t, σ_t) for the VP losses: σ_t -> VE σ -> the (fractional) training step.
       eps_fn = lambda x_t, sigma_t: model_fn(x_t, sched.timestep(precond.vp_to_ve_sigma(sigma_t)))
       if naive:
-        per_example, _ = losses.ddpm_loss(eps_fn, x_n, loss_keys, vp_sigmas)
+        per_example, _ = losses.ddpm_loss(eps_fn, x_n, micro[1], vp_sigmas)
       else:
-        per_example, _ = losses.ambient_loss_vp(eps_fn, x_n, sigma_n, loss_keys, prediction="eps",
+        per_example, _ = losses.ambient_loss_vp(eps_fn, x_n, sigma_n, micro[1], prediction="eps",
                                                 sigma_schedule=sigma_schedule)
       main = jnp.mean(per_example)
-      metrics = {"ambient_loss": main}
-      total = main
-      cons = jnp.zeros((), jnp.float32)
-      if cons_weight > 0 and consistency:
-        # VE view of the data: x_n / √(1 − σ_n²) = z0 + σ_n^VE ε.
-        sub_cond = jax.tree.map(lambda a: a[::stride], cond)
-        sub_fn = lambda x_t, t: _expand_cond(sub_cond, x_t.shape[0]).apply(model, x_t, t)
-        denoise = ve_denoiser(sub_fn, sched)
-        x_sub, s_sub = x_n[::stride], sigma_n[::stride]
-        x_ve = x_sub / precond.expand(precond.vp_scale(s_sub), x_sub)
-        loss_c, _ = below_loss(denoise, x_ve, precond.vp_to_ve_sigma(s_sub), cons_keys[::stride],
-                               **cons_kwargs)
-        cons = jnp.mean(loss_c)
-        total = total + cons_weight * cons
-      metrics.update(consistency_loss=cons, loss=total,
-                     consistency_weight=jnp.asarray(cons_weight if consistency else 0.0))
-      return total, metrics
+      return main, {"ambient_loss": main, "consistency_loss": jnp.zeros((), jnp.float32),
+                    "consistency_weight": jnp.asarray(cons_weight if consistency else 0.0)}
 
+    def consistency_term(params, micro, frozen):
+      """λ_c × the mean below-σ_n loss of the micro-batch's every stride-th example, on
+      the VE view of the data: x_n / √(1 − σ_n²) = z0 + σ_n^VE ε."""
+      batch, cond, model = prepare(params, micro, frozen)
+      sub_cond = jax.tree.map(lambda a: a[::stride], cond)
+      sub_fn = lambda x_t, t: _expand_cond(sub_cond, x_t.shape[0]).apply(model, x_t, t)
+      denoise = ve_denoiser(sub_fn, sched)
+      x_sub, s_sub = batch["latent"][::stride], batch["sigma_n"][::stride]
+      x_ve = x_sub / precond.expand(precond.vp_scale(s_sub), x_sub)
+      loss_c, _ = below_loss(denoise, x_ve, precond.vp_to_ve_sigma(s_sub), micro[2][::stride],
+                             **cons_kwargs)
+      cons = jnp.mean(loss_c)
+      return cons_weight * cons, {"consistency_loss": cons}
+
+    # Each term's gradient is taken on its own (`step.sum_of_term_gradients`): with
+    # optim.grad_accum_loop "scan" one term per loop iteration, so the consistency phase's
+    # peak is the larger term's, not both terms' at once.
+    terms = (main_term,) + ((consistency_term,) if cons_weight > 0 and consistency else ())
     micro = (micro_batches(batch, num_micro, num_shards),
              micro_example_keys(k_loss, batch_size, num_micro),
              micro_example_keys(k_cons, batch_size, num_micro),
              micro_example_keys(jax.random.fold_in(k_drop, _DROP_SALT), batch_size, num_micro))
-    grads, metrics = accumulate_gradients(loss_fn, state.params, micro, num_micro,
-                                          state_shardings.params, grad_accum_loop(config))
+    grads, metrics = accumulate_gradients(terms, state.params, micro, num_micro,
+                                          state_shardings.params, grad_accum_loop(config),
+                                          frozen=frozen)
     return apply_gradients(state, grads, metrics, tx, batch_size, halflives,
                            float(config.ema.rampup_ratio), schedule_lr)
 

@@ -12,6 +12,8 @@ loss.kind="naive" passes σ_n = 0 (plain EDM on the noisy images: the baseline).
 of the batch draws from fold_in(key', p) (one key per example). With
 optim.grad_accum_steps = k the loss is computed on k micro-batches of B/k in turn and
 their gradients averaged (`step.accumulate_gradients`; the same gradient, less memory).
+The ambient and consistency terms are two loss terms, each differentiated on its own
+(`step.sum_of_term_gradients`; in a loop, one at a time, with grad_accum_loop "scan").
 Then Adam (warm-up, clipping) and the EMAs (`step.apply_gradients`).
 """
 
@@ -77,9 +79,8 @@ def make_train_step(config: Any, model_def: ts.ModelDef, tx: optax.GradientTrans
     key = step_key(seed, state.step)
     k_ambient, k_cons, k_dropout = jax.random.split(key, 3)
 
-    def loss_fn(params, micro):
-      """The loss of one micro-batch (b examples): its mean ambient loss + λ_c × the mean
-      consistency loss of its every stride-th example."""
+    def prepare(params, micro):
+      """The micro-batch's noisy images, levels, labels, dropout key and its denoiser."""
       batch, ambient_keys, cons_keys, index = micro
       k_drop = jax.random.fold_in(k_dropout, index)
       x0 = corruption.uint8_to_float(batch["image"])
@@ -87,32 +88,38 @@ def make_train_step(config: Any, model_def: ts.ModelDef, tx: optax.GradientTrans
       x_n = corruption.corrupt(x0, batch["index"], sigma_n, corruption_seed)
       sigma_loss = jnp.zeros_like(sigma_n) if naive else sigma_n
       labels = batch["label"] if use_labels else None
-      params = gather_params(params)
+      return x_n, sigma_loss, labels, k_drop, gather_params(params)
+
+    def ambient_term(params, micro, frozen):
+      """The mean ambient loss of one micro-batch (b examples)."""
+      del frozen
+      x_n, sigma_loss, labels, k_drop, params = prepare(params, micro)
       denoise = model_def.denoiser(params, train=True, key=k_drop, labels=labels)
-      per_example, aux = losses.ambient_loss(denoise, x_n, sigma_loss, ambient_keys,
+      per_example, aux = losses.ambient_loss(denoise, x_n, sigma_loss, micro[1],
                                              **ambient_kwargs)
       ambient_loss = jnp.mean(per_example)
-      metrics = {"ambient_loss": ambient_loss, "sigma_mean": jnp.mean(aux["sigma"])}
-      total = ambient_loss
-      if cons_weight > 0 and consistency:
-        sub_labels = None if labels is None else labels[::stride]
-        d = model_def.denoiser(params, train=True, key=jax.random.fold_in(k_drop, 1 << 20),
-                               labels=sub_labels)
-        loss_c, _ = below_loss(d, x_n[::stride], sigma_loss[::stride], cons_keys[::stride],
-                               **cons_kwargs)
-        cons = jnp.mean(loss_c)
-        total = total + cons_weight * cons
-      else:
-        cons = jnp.zeros((), jnp.float32)
-      metrics["consistency_loss"] = cons
-      metrics["consistency_weight"] = jnp.asarray(cons_weight if consistency else 0.0)
-      metrics["loss"] = total
-      return total, metrics
+      return ambient_loss, {
+          "ambient_loss": ambient_loss, "sigma_mean": jnp.mean(aux["sigma"]),
+          "consistency_loss": jnp.zeros((), jnp.float32),
+          "consistency_weight": jnp.asarray(cons_weight if consistency else 0.0)}
 
+    def consistency_term(params, micro, frozen):
+      """λ_c × the mean consistency loss of the micro-batch's every stride-th example."""
+      del frozen
+      x_n, sigma_loss, labels, k_drop, params = prepare(params, micro)
+      sub_labels = None if labels is None else labels[::stride]
+      d = model_def.denoiser(params, train=True, key=jax.random.fold_in(k_drop, 1 << 20),
+                             labels=sub_labels)
+      loss_c, _ = below_loss(d, x_n[::stride], sigma_loss[::stride], micro[2][::stride],
+                             **cons_kwargs)
+      cons = jnp.mean(loss_c)
+      return cons_weight * cons, {"consistency_loss": cons}
+
+    terms = (ambient_term,) + ((consistency_term,) if cons_weight > 0 and consistency else ())
     micro = (micro_batches(batch, num_micro, num_shards),
              micro_example_keys(k_ambient, batch_size, num_micro),
              micro_example_keys(k_cons, batch_size, num_micro), jnp.arange(num_micro))
-    grads, metrics = accumulate_gradients(loss_fn, state.params, micro, num_micro,
+    grads, metrics = accumulate_gradients(terms, state.params, micro, num_micro,
                                           param_shardings, grad_accum_loop(config))
     return apply_gradients(state, grads, metrics, tx, batch_size, halflives, rampup, schedule)
 

@@ -3,7 +3,10 @@ accumulation over micro-batches with per-example keys, the optimizer + EMA updat
 over the mesh, the consistency phase and what a model was trained with.
 
 A task (`training.pixel`, `training.latent`) writes its pure step from these; the Trainer
-jits it once per consistency phase with `jit_train_step`.
+jits it once per consistency phase with `jit_train_step`. A step's loss is a sum of terms
+(the main loss; λ_c × the below-σ_n loss once consistency is on), each a function
+(params, micro-batch, frozen weights) -> (loss, metrics) whose gradient is taken on its
+own (`sum_of_term_gradients`).
 
 Gradient accumulation (config.optim.grad_accum_steps = k): inside the one jitted step the
 global batch B is cut into k micro-batches of b = B/k, `lax.scan` runs forward + backward
@@ -22,12 +25,15 @@ k copies to compile, and XLA may overlap them). "auto" is "scan" on GPU/TPU and
 "unrolled" on CPU: XLA:CPU leaves a convolution's weight gradient inside a while loop in
 its non-canonical form, which it runs as a naive loop nest, ~35× slower (the default
 pixel step: 0.47 s plain, 10 s in a length-1 scan; docs/training.md). k = 1 is
-always the plain gradient, no loop.
+always the plain gradient, no loop. The same setting decides how the terms run: "scan" takes
+them one per loop iteration (each term's activations live alone: the SDXL step's consistency
+phase plans 1.01× its ambient phase instead of 1.24×), "unrolled" one after the other in
+straight-line code.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +44,9 @@ from ambient_jax import losses, random_draws
 from ambient_jax.runtime import sharding as sharding_lib
 from ambient_jax.training import ema
 from ambient_jax.training import state as ts
+
+# A term of the training loss: (params, micro-batch inputs, frozen weights) -> (loss, metrics).
+LossTerm = Callable[[Any, Any, Any], tuple[jax.Array, dict]]
 
 STEP_SALT = 0x57E9  # key of step s: fold_in(fold_in(key(seed), STEP_SALT), s)
 
@@ -98,27 +107,84 @@ def micro_example_keys(key: jax.Array, batch_size: int, num_micro: int) -> jax.A
   return keys.reshape((num_micro, batch_size // num_micro))
 
 
-def accumulate_gradients(loss_fn: Callable[[Any, Any], tuple[jax.Array, dict]], params: Any,
+def sum_of_term_gradients(loss_terms: Sequence[LossTerm], params: Any, inputs: Any,
+                          frozen: Any = None, loop: str = "unrolled") -> tuple[Any, dict]:
+  """(Σ_t ∇ term_t(params, inputs, frozen), metrics): the gradient of a loss made of terms.
+
+  loop="unrolled": the terms' gradients traced one after the other in one program (XLA may
+  interleave them). loop="scan" (and more than one term): one `lax.scan` iteration per term,
+  a `lax.switch` picking it, so each term's forward and backward run alone and the peak is
+  the largest term's, not the terms' together (the SDXL step's consistency phase: README
+  "What fits"). Straight-line programs cannot be ordered so: XLA:CPU drops
+  `optimization_barrier`s before it schedules, and its scheduler starts a remat block's
+  recomputation whenever its saved inputs exist. The sum equals the joint loss's gradient
+  up to summation order. Metrics: the union of the terms' dicts (a later term's value wins
+  on a shared key), plus "loss": the sum of the terms' values.
+  """
+  loss_terms = tuple(loss_terms)
+  grad_fns = [jax.value_and_grad(term, has_aux=True) for term in loss_terms]
+  if loop == "unrolled" or len(loss_terms) == 1:
+    grads, metrics, total = None, {}, jnp.zeros((), jnp.float32)
+    for grad_fn in grad_fns:
+      (value, term_metrics), term_grads = grad_fn(params, inputs, frozen)
+      grads = term_grads if grads is None else jax.tree.map(jnp.add, grads, term_grads)
+      metrics.update(term_metrics)
+      total = total + value
+    metrics["loss"] = total
+    return grads, metrics
+
+  shapes = [jax.eval_shape(term, params, inputs, frozen)[1] for term in loss_terms]
+  names = sorted(set().union(*(s.keys() for s in shapes)))
+  zeros = {k: jnp.zeros((), jnp.float32) for k in names}
+
+  def branch(index):
+    def run(operand):
+      (value, term_metrics), grads = grad_fns[index](*operand)
+      full = {k: jnp.asarray(term_metrics.get(k, zeros[k]), jnp.float32) for k in names}
+      defined = {k: jnp.asarray(k in term_metrics) for k in names}
+      grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+      return grads, jnp.asarray(value, jnp.float32), full, defined
+    return run
+
+  def body(carry, index):
+    grads, total, metrics = carry
+    term_grads, value, term_metrics, defined = jax.lax.switch(
+        index, [branch(i) for i in range(len(loss_terms))], (params, inputs, frozen))
+    metrics = {k: jnp.where(defined[k], term_metrics[k], metrics[k]) for k in names}
+    return (jax.tree.map(jnp.add, grads, term_grads), total + value, metrics), None
+
+  start = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+           jnp.zeros((), jnp.float32), zeros)
+  (grads, total, metrics), _ = jax.lax.scan(body, start, jnp.arange(len(loss_terms)))
+  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+  return grads, {**metrics, "loss": total}
+
+
+def accumulate_gradients(loss_terms: Union[LossTerm, Sequence[LossTerm]], params: Any,
                          micro_inputs: Any, num_micro: int,
                          shardings: Optional[Any] = None,
-                         loop: str = "scan") -> tuple[Any, dict]:
-  """(mean gradient, mean metrics) of `loss_fn(params, inputs) -> (loss, metrics)` over
-  the k micro-batches of `micro_inputs` (leaves [k, ...]), one at a time: in a `lax.scan`
+                         loop: str = "scan", frozen: Any = None) -> tuple[Any, dict]:
+  """(mean gradient, mean metrics) of the loss Σ_t term_t(params, inputs, frozen) over the
+  k micro-batches of `micro_inputs` (leaves [k, ...]), one at a time: in a `lax.scan`
   (loop="scan") or traced one after the other (loop="unrolled"; see the module docstring).
 
+  loss_terms: one function `(params, inputs, frozen) -> (loss, metrics)` or several, whose
+  gradients are taken in turn (`sum_of_term_gradients`); frozen: weights every term reads
+  but none trains (the latent task's base UNet), not split into micro-batches.
   The gradients are summed in float32 (a tree like `params`, laid out by `shardings`, the
-  parameters' own: FSDP shards stay sharded) and divided by k; metrics (scalars) are
-  averaged. k = 1 is the plain gradient of the one micro-batch, whatever `loop` says.
+  parameters' own: FSDP shards stay sharded) and divided by k; metrics (scalars, "loss"
+  the terms' sum) are averaged. k = 1 is the plain gradient of the one micro-batch,
+  whatever `loop` says.
   """
   if loop not in GRAD_ACCUM_LOOPS[1:]:
     raise ValueError(f"loop={loop!r}: must be one of {GRAD_ACCUM_LOOPS[1:]}")
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  loss_terms = (loss_terms,) if callable(loss_terms) else tuple(loss_terms)
   total = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
   if shardings is not None:
     total = jax.lax.with_sharding_constraint(total, shardings)
 
   def body(total, inputs):
-    (_, metrics), grads = grad_fn(params, inputs)
+    grads, metrics = sum_of_term_gradients(loss_terms, params, inputs, frozen, loop)
     return jax.tree.map(lambda t, g: t + g.astype(jnp.float32), total, grads), metrics
 
   if loop == "scan" and num_micro > 1:
