@@ -107,8 +107,15 @@ def micro_example_keys(key: jax.Array, batch_size: int, num_micro: int) -> jax.A
   return keys.reshape((num_micro, batch_size // num_micro))
 
 
+def _zeros_like_f32(params: Any, shardings: Optional[Any]) -> Any:
+  """float32 zeros shaped like `params`, laid out by `shardings` when given."""
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  return zeros if shardings is None else jax.lax.with_sharding_constraint(zeros, shardings)
+
+
 def sum_of_term_gradients(loss_terms: Sequence[LossTerm], params: Any, inputs: Any,
-                          frozen: Any = None, loop: str = "unrolled") -> tuple[Any, dict]:
+                          frozen: Any = None, loop: str = "unrolled",
+                          shardings: Optional[Any] = None) -> tuple[Any, dict]:
   """(Σ_t ∇ term_t(params, inputs, frozen), metrics): the gradient of a loss made of terms.
 
   loop="unrolled": the terms' gradients traced one after the other in one program (XLA may
@@ -119,7 +126,8 @@ def sum_of_term_gradients(loss_terms: Sequence[LossTerm], params: Any, inputs: A
   `optimization_barrier`s before it schedules, and its scheduler starts a remat block's
   recomputation whenever its saved inputs exist. The sum equals the joint loss's gradient
   up to summation order. Metrics: the union of the terms' dicts (a later term's value wins
-  on a shared key), plus "loss": the sum of the terms' values.
+  on a shared key), plus "loss": the sum of the terms' values. shardings: the parameters'
+  own, for the loop's float32 gradient sum (FSDP shards stay sharded).
   """
   loss_terms = tuple(loss_terms)
   grad_fns = [jax.value_and_grad(term, has_aux=True) for term in loss_terms]
@@ -153,8 +161,7 @@ def sum_of_term_gradients(loss_terms: Sequence[LossTerm], params: Any, inputs: A
     metrics = {k: jnp.where(defined[k], term_metrics[k], metrics[k]) for k in names}
     return (jax.tree.map(jnp.add, grads, term_grads), total + value, metrics), None
 
-  start = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
-           jnp.zeros((), jnp.float32), zeros)
+  start = (_zeros_like_f32(params, shardings), jnp.zeros((), jnp.float32), zeros)
   (grads, total, metrics), _ = jax.lax.scan(body, start, jnp.arange(len(loss_terms)))
   grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
   return grads, {**metrics, "loss": total}
@@ -173,18 +180,16 @@ def accumulate_gradients(loss_terms: Union[LossTerm, Sequence[LossTerm]], params
   but none trains (the latent task's base UNet), not split into micro-batches.
   The gradients are summed in float32 (a tree like `params`, laid out by `shardings`, the
   parameters' own: FSDP shards stay sharded) and divided by k; metrics (scalars, "loss"
-  the terms' sum) are averaged. k = 1 is the plain gradient of the one micro-batch,
-  whatever `loop` says.
+  the terms' sum) are averaged. k = 1 runs no micro-batch loop, whatever `loop` says (one
+  term: the plain gradient).
   """
   if loop not in GRAD_ACCUM_LOOPS[1:]:
     raise ValueError(f"loop={loop!r}: must be one of {GRAD_ACCUM_LOOPS[1:]}")
   loss_terms = (loss_terms,) if callable(loss_terms) else tuple(loss_terms)
-  total = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-  if shardings is not None:
-    total = jax.lax.with_sharding_constraint(total, shardings)
+  total = _zeros_like_f32(params, shardings)
 
   def body(total, inputs):
-    grads, metrics = sum_of_term_gradients(loss_terms, params, inputs, frozen, loop)
+    grads, metrics = sum_of_term_gradients(loss_terms, params, inputs, frozen, loop, shardings)
     return jax.tree.map(lambda t, g: t + g.astype(jnp.float32), total, grads), metrics
 
   if loop == "scan" and num_micro > 1:
