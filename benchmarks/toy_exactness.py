@@ -381,6 +381,13 @@ def high_noise_variants(args, sigma_n):
           "step": "posterior_cov", "weighting": "edm"}),
       "consistency_cov_plus_em": dict(base, consistency_weight=10.0, consistency_options={
           "step": "posterior_cov", "plus": {**em_cov, "weight": 0.1}}),
+      # after 16 steps met the error target but not sliced W2: still longer chains, and 16
+      # steps trained three times as long
+      "consistency_cov_32_steps": dict(base, consistency_weight=10.0, consistency_options={
+          "step": "posterior_cov", "chain_steps": 32}),
+      "consistency_cov_16_steps_6k_steps": dict(base, consistency_weight=10.0,
+                                                consistency_steps=6000, consistency_options={
+                                                    "step": "posterior_cov", "chain_steps": 16}),
   }
 
 
