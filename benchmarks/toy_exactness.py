@@ -388,6 +388,9 @@ def high_noise_variants(args, sigma_n):
       "consistency_cov_16_steps_6k_steps": dict(base, consistency_weight=10.0,
                                                 consistency_steps=6000, consistency_options={
                                                     "step": "posterior_cov", "chain_steps": 16}),
+      # ... and 8 chains per example instead of 2 (the estimator's variance)
+      "consistency_cov_16_steps_8_chains": dict(base, consistency_weight=10.0, consistency_options={
+          "step": "posterior_cov", "chain_steps": 16, "num_samples": 8}),
   }
 
 
