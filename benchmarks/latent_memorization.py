@@ -29,8 +29,8 @@ loss share the step through a per-run XLA compilation cache). --quick (100 VAE /
    (LatentTask: frozen base + LoRA adapters, or the whole UNet), and evaluation through
    `latent.evaluation` (`LatentRun`, `sample_images`, `memorization_report`).
 2. Fine-tuning set: --train_size digits of class 9 (never seen in pretraining), caption
-   "a handwritten digit nine"; prepared once clean (t_n = 0) and once per corruption level
-   (noisy latents only). Four ways, same model, steps, batch, lr and seed:
+   "a handwritten digit nine"; prepared clean (t_n = 0, for the clean fine-tune) and once per
+   corruption level (noisy latents only). Four ways, same model, steps, batch, lr and seed:
      clean                 plain ε loss on the clean latents (ordinary fine-tuning)
      naive                 plain ε loss on the noisy latents as if clean
      ambient               ambient_loss_vp, t uniform above t_n; truncated sampling
@@ -39,7 +39,9 @@ loss share the step through a per-run XLA compilation cache). --quick (100 VAE /
                            full sampling (the paper's), and truncated as a second row
    A fine-tune that an earlier run with the same --workdir finished with the same config is
    reused (WORKDIR/runs/METHOD_tT_N/finetune_done.json holds its config and seconds), so an
-   interrupted or extended run redoes no training.
+   interrupted or extended run redoes no training. Fine-tunes and their evaluation run on one
+   device: on several (the tests' 8 CPU devices) the attacks, which do not split their batch,
+   would compute all of it on each, and the tiny UNet gains nothing from a split batch.
 3. Measured on the decoded samples (--num_samples, guided Euler, --sample_steps steps, the
    fine-tuning prompt): FD of the digit classifier's features (`metrics.digit_features`,
    16×16) to held-out nines (not in the fine-tuning set); the share of samples that are
@@ -327,7 +329,7 @@ def finetune(method, t_n, pretrained, dataset, workdir, args) -> float:
     log(f"  reusing the finished fine-tune in {workdir}")
     return finished["seconds"]
   t0 = time.time()
-  train_lib.train_and_evaluate(config, workdir)
+  train_lib.train_and_evaluate(config, workdir, devices=run_devices())
   seconds = time.time() - t0
   with open(done, "w") as f:
     json.dump(dict(config=config.to_json(sort_keys=True), seconds=seconds), f)
@@ -474,6 +476,17 @@ def pairs_png(path, rows, x_train):
 
 
 # ----------------------------------------------------------------------------- main
+
+
+def runs_of(args) -> list[tuple[str, int]]:
+  """The fine-tunes as (method, t_n), in order: clean (on t_n = 0), then per t_n the others."""
+  runs = [("clean", 0)] if "clean" in args.methods else []
+  return runs + [(m, t) for t in args.t_n for m in args.methods if m != "clean"]
+
+
+def run_devices() -> list:
+  """Where the fine-tunes train and are evaluated: one device (module docstring, 2)."""
+  return jax.local_devices()[:1]
 
 
 def split_digits(train_size: int, seed: int):
@@ -645,7 +658,7 @@ def main(argv=None):
 
   images_dir = write_images(os.path.join(work, "finetune_images"), x_train)
   datasets = {}
-  for t_n in sorted({0, *args.t_n}):
+  for t_n in sorted({t_n for _, t_n in runs_of(args)}):
     datasets[t_n] = prepare_latents.prepare(prepare_latents.Args(
         images=images_dir, pretrained=folder, out=os.path.join(work, f"latents_t{t_n}"),
         resolution=RES, t_n=t_n, batch_size=50), log=lambda m: None)
@@ -666,15 +679,12 @@ def main(argv=None):
     results.append(dict(name=name, t_n=t_n, sampling=mode, train_seconds=train_s, **res))
     log(rows[-1])
 
-  finetuned = {}  # (method, t_n) -> workdir
-  runs = [("clean", 0)] if "clean" in args.methods else []
-  runs += [(m, t) for t in args.t_n for m in args.methods if m != "clean"]
-  for method, t_n in runs:
+  finetuned = {}  # (method, t_n) -> its restored LatentRun
+  for method, t_n in runs_of(args):
     workdir = os.path.join(work, "runs", f"{method}_t{t_n}")
     log(f"fine-tuning {method} on latents_t{t_n} ({args.steps} steps)")
     secs = finetune(method, t_n, folder, datasets[t_n], workdir, args)
-    finetuned[(method, t_n)] = workdir
-    run = evaluation.LatentRun(workdir)
+    run = finetuned[(method, t_n)] = evaluation.LatentRun(workdir, devices=run_devices())
     if not rows:  # the two reference rows, through the first run's evaluation path
       real = common.quantize(heldout_real[:args.num_samples])  # on the samples' grid
       record("held-out real nines", "–", "–", ev.measure_real(run, real), 0)
@@ -692,8 +702,9 @@ def main(argv=None):
   fig8_models = [k for k in finetuned if k[0] == "clean" or (
       k[1] == 500 and k[0].startswith("ambient"))] or list(finetuned)
   table_models = [k for k in finetuned if k[1] in (0, 500, 800)]
-  # One attack target per fine-tune: Fig. 8 and the table share its compiled denoiser.
-  targets = {k: attack.load_target(workdir=finetuned[k]) for k in finetuned
+  # One attack target per fine-tune, its run as evaluated above: Fig. 8 and the table share
+  # its compiled denoiser (with the evaluation's attack too).
+  targets = {k: attack.load_target(workdir=run.workdir, run=run) for k, run in finetuned.items()
              if k in fig8_models or k in table_models}
   fig8_summary = fig8(out + "_fig8.png", {k: targets[k] for k in fig8_models}, images_dir,
                       work, args)

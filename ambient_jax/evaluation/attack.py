@@ -65,10 +65,12 @@ class Target:
 
 def load_target(pretrained: Optional[str] = None, workdir: Optional[str] = None, *,
                 step: Optional[int] = None, ema: int = 0, devices=None,
-                inpainting: bool = False) -> Target:
+                inpainting: bool = False, run: Any = None) -> Target:
   """The model of a diffusers folder or of a fine-tuning workdir (exactly one); a folder that
   is not a diffusers SD / SDXL folder (`inpainting`: an SD / SDXL inpainting folder), or a
-  workdir that is not a latent run, is one line."""
+  workdir that is not a latent run, is one line. `run`: the workdir's already restored
+  `evaluation.latent.LatentRun` (not restored again; the target shares its compiled attack
+  functions)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from ambient_jax.latent import pipeline  # pylint: disable=g-import-not-at-top
   from ambient_jax.training import latent as training  # pylint: disable=g-import-not-at-top
@@ -79,7 +81,7 @@ def load_target(pretrained: Optional[str] = None, workdir: Optional[str] = None,
     raise errors.UsageError(_INPAINT_NEEDS_FOLDER)
   if workdir is not None:
     from ambient_jax.evaluation.latent import LatentRun, attack_model  # pylint: disable=g-import-not-at-top
-    run = LatentRun(workdir, step, ema, devices=devices)
+    run = run if run is not None else LatentRun(workdir, step, ema, devices=devices)
     pipe = _load_pipeline(pipeline, run.task.pretrained, with_unet=False)
     about = dict(workdir=run.workdir, step=run.step, weights=run.weights,
                  pretrained=run.task.pretrained, objective=run.objective())

@@ -282,8 +282,10 @@ def _format_seconds(seconds: float) -> str:
   return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def train_and_evaluate(config: Any, workdir: str) -> ts.TrainState:
-  """Trains `config` in `workdir` (resuming whatever is there); returns the final state.
+def train_and_evaluate(config: Any, workdir: str,
+                       devices: Optional[Sequence[jax.Device]] = None) -> ts.TrainState:
+  """Trains `config` in `workdir` (resuming whatever is there) on `devices` (default: all);
+  returns the final state.
 
   A run that fails before its first step (a dataset not prepared, a compile error) removes
   the workdir when this call created it, so a failed start leaves nothing behind; a
@@ -292,7 +294,7 @@ def train_and_evaluate(config: Any, workdir: str) -> ts.TrainState:
   created = not storage.resolve(workdir).exists()
   trainer = None
   try:
-    trainer = Trainer(config, workdir)
+    trainer = Trainer(config, workdir, devices)
     return trainer.run()
   except BaseException:
     if trainer is not None:
