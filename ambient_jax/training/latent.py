@@ -241,14 +241,14 @@ def make_latent_step(config: Any, graphdef: Any, schedule: NoiseSchedule, uncond
     def main_term(params, micro, frozen):
       """The mean main loss (ambient, or DDPM for the baselines) of one micro-batch."""
       batch, cond, model = prepare(params, micro, frozen)
-      x_n, sigma_n = batch["latent"], batch["sigma_n"]
+      x_n, sigma_n, loss_keys = batch["latent"], batch["sigma_n"], micro[1]
       model_fn = lambda x_t, t: _expand_cond(cond, x_t.shape[0]).apply(model, x_t, t)
       # ε̂(x_t, σ_t) for the VP losses: σ_t -> VE σ -> the (fractional) training step.
       eps_fn = lambda x_t, sigma_t: model_fn(x_t, sched.timestep(precond.vp_to_ve_sigma(sigma_t)))
       if naive:
-        per_example, _ = losses.ddpm_loss(eps_fn, x_n, micro[1], vp_sigmas)
+        per_example, _ = losses.ddpm_loss(eps_fn, x_n, loss_keys, vp_sigmas)
       else:
-        per_example, _ = losses.ambient_loss_vp(eps_fn, x_n, sigma_n, micro[1], prediction="eps",
+        per_example, _ = losses.ambient_loss_vp(eps_fn, x_n, sigma_n, loss_keys, prediction="eps",
                                                 sigma_schedule=sigma_schedule)
       main = jnp.mean(per_example)
       return main, {"ambient_loss": main, "consistency_loss": jnp.zeros((), jnp.float32),
@@ -263,7 +263,8 @@ def make_latent_step(config: Any, graphdef: Any, schedule: NoiseSchedule, uncond
       denoise = ve_denoiser(sub_fn, sched)
       x_sub, s_sub = batch["latent"][::stride], batch["sigma_n"][::stride]
       x_ve = x_sub / precond.expand(precond.vp_scale(s_sub), x_sub)
-      loss_c, _ = below_loss(denoise, x_ve, precond.vp_to_ve_sigma(s_sub), micro[2][::stride],
+      cons_keys = micro[2]  # [b]: one per example (micro = batch, loss, cons, dropout keys)
+      loss_c, _ = below_loss(denoise, x_ve, precond.vp_to_ve_sigma(s_sub), cons_keys[::stride],
                              **cons_kwargs)
       cons = jnp.mean(loss_c)
       return cons_weight * cons, {"consistency_loss": cons}

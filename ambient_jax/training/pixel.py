@@ -81,7 +81,7 @@ def make_train_step(config: Any, model_def: ts.ModelDef, tx: optax.GradientTrans
 
     def prepare(params, micro):
       """The micro-batch's noisy images, levels, labels, dropout key and its denoiser."""
-      batch, ambient_keys, cons_keys, index = micro
+      batch, _, _, index = micro
       k_drop = jax.random.fold_in(k_dropout, index)
       x0 = corruption.uint8_to_float(batch["image"])
       sigma_n = batch["sigma_n"]
@@ -95,7 +95,8 @@ def make_train_step(config: Any, model_def: ts.ModelDef, tx: optax.GradientTrans
       del frozen
       x_n, sigma_loss, labels, k_drop, params = prepare(params, micro)
       denoise = model_def.denoiser(params, train=True, key=k_drop, labels=labels)
-      per_example, aux = losses.ambient_loss(denoise, x_n, sigma_loss, micro[1],
+      ambient_keys = micro[1]  # [b]: one per example (micro = batch, ambient, cons keys, index)
+      per_example, aux = losses.ambient_loss(denoise, x_n, sigma_loss, ambient_keys,
                                              **ambient_kwargs)
       ambient_loss = jnp.mean(per_example)
       return ambient_loss, {
@@ -110,7 +111,8 @@ def make_train_step(config: Any, model_def: ts.ModelDef, tx: optax.GradientTrans
       sub_labels = None if labels is None else labels[::stride]
       d = model_def.denoiser(params, train=True, key=jax.random.fold_in(k_drop, 1 << 20),
                              labels=sub_labels)
-      loss_c, _ = below_loss(d, x_n[::stride], sigma_loss[::stride], micro[2][::stride],
+      cons_keys = micro[2]  # [b]
+      loss_c, _ = below_loss(d, x_n[::stride], sigma_loss[::stride], cons_keys[::stride],
                              **cons_kwargs)
       cons = jnp.mean(loss_c)
       return cons_weight * cons, {"consistency_loss": cons}
