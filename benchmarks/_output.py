@@ -82,6 +82,13 @@ class OutputFolder:
       fh.write("\n".join(lines) + "\n")
     return self.path(filename)
 
+  def write_table(self, lines: list[str]) -> str:
+    """Writes `lines` to PREFIX.txt (see `prefix`), replacing it; returns its path."""
+    path = self.prefix() + ".txt"
+    with open(path, "w") as fh:
+      fh.write("\n".join(lines) + "\n")
+    return path
+
   def prefix(self, stem: str | None = None) -> str:
     """Path prefix for a benchmark writing STEM.json, STEM.txt, ...: --name, else NAME
     (NAME_quick for --quick runs, the names the committed results carry)."""

@@ -153,8 +153,7 @@ def main(argv=None) -> int:
         print(line, flush=True)
   lines.append(f"({time.time() - t0:.0f} s)")
   outputs = _output.OutputFolder(args.out, "chain_kernels", quick=q)
-  with open(outputs.prefix() + ".txt", "w") as fh:
-    fh.write("\n".join(lines) + "\n")
+  outputs.write_table(lines)
   outputs.report()
   return 0
 

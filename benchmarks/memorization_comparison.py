@@ -194,7 +194,7 @@ def train(method: str, x0: np.ndarray, sigma_n: float, model_cfg: dict, *, steps
   level = jnp.float32(0.0 if method in ("clean", "noisy_edm") else sigma_n)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(
       lambda c: lr * jnp.minimum(1.0, (c + 1.0) / 100.0)))
-  opt_state = tx.init(params)
+  opt_state = jax.device_put(tx.init(params), replicated)  # as the step returns it: one compile
   steps_by_phase = [_step_fn(graphdef, tx, x0.shape[0], batch, seed, c) for c in (False, True)]
   cons_start = steps // 3
   ema_beta = jnp.float32(0.5 ** (1.0 / ema_halflife_steps))

@@ -179,8 +179,16 @@ def sliced_wasserstein(a, b, key, num_projections=256):
   return float(jnp.sqrt(jnp.mean(jnp.square(pa - pb))))
 
 
+def split_denoiser(above, below, sigma_n):
+  """`above` at σ > σ_n and `below` at σ ≤ σ_n: (x [B, D], σ [B]) -> [B, D]. With the exact
+  E[x0 | x_σ] on one side, a model's samples show which side of σ_n limits them."""
+  return lambda x, s: jnp.where((s > sigma_n)[:, None], above(x, s), below(x, s))
+
+
 def evaluate(graphdef, rest, params, mixture, sigmas, key, num_samples, seed, sigma_n):
-  """(relative errors [S], full samples [N, D], truncated samples [N, D]) for one model."""
+  """(relative errors [S], full samples [N, D], truncated samples [N, D], diagnosis) for one
+  model; diagnosis: full samples [N, D] from the same latents with the exact denoiser
+  everywhere (the sampler's own error), below σ_n only, or above σ_n only."""
 
   @jax.jit
   def run(params, key, seed):
@@ -189,7 +197,11 @@ def evaluate(graphdef, rest, params, mixture, sigmas, key, num_samples, seed, si
     latents = sampling.latents_from_keys(jax.random.split(jax.random.key(seed), num_samples), (mixture.dim,))
     full = sampling.edm_sampler(fn, latents, num_steps=18)
     truncated = sampling.edm_sampler(fn, latents, num_steps=18, sigma_stop=jnp.full((num_samples,), sigma_n))
-    return errors, full, truncated
+    exact = mixture.denoise
+    diagnosis = {name: sampling.edm_sampler(f, latents, num_steps=18) for name, f in (
+        ("exact", exact), ("exact_below_sigma_n", split_denoiser(fn, exact, sigma_n)),
+        ("exact_above_sigma_n", split_denoiser(exact, fn, sigma_n)))}
+    return errors, full, truncated, diagnosis
 
   key_ = (graphdef, *(np.asarray(a).tobytes() for a in (mixture.means, mixture.stds,
                                                         mixture.weights, sigmas)),
@@ -228,7 +240,9 @@ def run_setting(name, mixture, sigma_n, args, plot_dir=None, variants=None):
     }
   results, first_halves = {}, {}
   for method, spec in variants.items():
-    spec = {"data": noisy, "sigma_n": sn, **spec}  # ablation variants train on the noisy data
+    spec = {"data": noisy, "sigma_n": sn, **spec}  # ablation variants train on the noisy data,
+    if spec.pop("clean_data", False):  # ... but for the clean oracle of a set
+      spec.update(data=clean, sigma_n=zeros)
     t0 = time.time()
     train_kw = dict(objective=spec["objective"], ambient_options=spec.get("ambient_options"), **common)
     if "fork" in spec:  # continue the ambient run's first half with the consistency term
@@ -244,10 +258,11 @@ def run_setting(name, mixture, sigma_n, args, plot_dir=None, variants=None):
       _, _, ema = train(graphdef, rest, state[0], spec["data"], spec["sigma_n"], steps=args.steps - half,
                         start_step=half, opt_state=state[1], ema=state[2], **train_kw)
     seconds = time.time() - t0
-    errors, full, truncated = evaluate(graphdef, rest, ema, mixture, sigmas, k_eval, args.num_samples,
-                                       args.seed + 2, sigma_n)
+    errors, full, truncated, diagnosis = evaluate(graphdef, rest, ema, mixture, sigmas, k_eval,
+                                                  args.num_samples, args.seed + 2, sigma_n)
     errors = np.asarray(errors)
     sw_full, sw_trunc = (sliced_wasserstein(s, reference, k_sw) for s in (full, truncated))
+    sw_diagnosis = {k: sliced_wasserstein(s, reference, k_sw) for k, s in diagnosis.items()}
     chosen = truncated if spec["stop"] is not None else full
     results[method] = {
         "denoiser_rel_error_above_sigma_n": float(np.mean(errors[sigmas > sigma_n])),
@@ -255,6 +270,8 @@ def run_setting(name, mixture, sigma_n, args, plot_dir=None, variants=None):
         "sliced_wasserstein": sw_trunc if spec["stop"] is not None else sw_full,
         "sliced_wasserstein_full_sampling": sw_full,
         "sliced_wasserstein_truncated_sampling": sw_trunc,
+        # full sampling with the exact denoiser everywhere / below σ_n only / above σ_n only
+        "sliced_wasserstein_with_exact_denoiser": sw_diagnosis,
         "sampling": "truncated" if spec["stop"] is not None else "full",
         "train_seconds": seconds,
         "errors_by_sigma": errors.tolist(),
@@ -262,6 +279,8 @@ def run_setting(name, mixture, sigma_n, args, plot_dir=None, variants=None):
     results[method]["_samples"] = np.asarray(chosen)
     print(f"  {name} σ_n={sigma_n:<5} {method:<22} above {results[method]['denoiser_rel_error_above_sigma_n']:.3f}"
           f"  below {results[method]['denoiser_rel_error_below_sigma_n']:.3f}  SW {results[method]['sliced_wasserstein']:.4f}"
+          f"  (exact below σ_n {sw_diagnosis['exact_below_sigma_n']:.4f}, exact above"
+          f" {sw_diagnosis['exact_above_sigma_n']:.4f}, exact {sw_diagnosis['exact']:.4f})"
           f"  ({seconds:.0f} s)", flush=True)
   if plot_dir is not None:
     plot_setting(plot_dir, name, sigma_n, mixture, noisy, reference, results, sigmas)
@@ -340,6 +359,7 @@ def high_noise_variants(args, sigma_n):
   em_cov = {**em, "step": "posterior_cov", "chain_steps": 16}
   return {
       "ambient": dict(objective="ambient", stop=sigma_n),
+      "clean_edm": dict(objective="edm", stop=None, clean_data=True),  # the oracle, same seed and budget
       "consistency": dict(base, consistency_weight=10.0),
       "consistency_lam1": dict(base, consistency_weight=1.0),
       "consistency_6k_steps": dict(base, consistency_weight=10.0, consistency_steps=6000),
@@ -391,6 +411,10 @@ def high_noise_variants(args, sigma_n):
       # ... and 8 chains per example instead of 2 (the estimator's variance)
       "consistency_cov_16_steps_8_chains": dict(base, consistency_weight=10.0, consistency_options={
           "step": "posterior_cov", "chain_steps": 16, "num_samples": 8}),
+      # the sampler's last steps (σ < 0.1 σ_n) use a denoiser no target level reaches: targets
+      # down to 0.01 σ_n (σ 0.002 at σ_n = 0.2, the sampler's σ_min)
+      "consistency_cov_16_steps_targets_to_sigma_min": dict(base, consistency_weight=10.0, consistency_options={
+          "step": "posterior_cov", "chain_steps": 16, "target_min_ratio": 0.01}),
   }
 
 

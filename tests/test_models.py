@@ -337,6 +337,35 @@ def test_dropout_only_in_train_mode(tiny28):
   assert float(jnp.abs(train1 - eval1).max()) > 1e-4
 
 
+def test_dropout_keys_are_the_streams_own_and_tracing_them_never_builds_an_error_message(monkeypatch):
+  """layers.next_key draws what `stream()` draws and counts alike; traced, it never reads
+  a tracer's `sharding` (flax's indexed write did, and that AttributeError's message walks
+  the whole trace: benchmarks/trace_cost.py)."""
+  ours, flax_own = (nnx.RngStream(jax.random.key(3), tag="dropout") for _ in range(2))
+  for _ in range(3):
+    np.testing.assert_array_equal(jax.random.key_data(layers.next_key(ours)),
+                                  jax.random.key_data(flax_own()))
+  assert int(ours.count[...]) == int(flax_own.count[...]) == 3
+
+  # A probe on the costly message (a private jax method: pinned jax, see setup.py).
+  from jax._src.interpreters import partial_eval  # pylint: disable=g-import-not-at-top
+  messages, real = [], partial_eval.DynamicJaxprTracer._origin_msg
+  monkeypatch.setattr(partial_eval.DynamicJaxprTracer, "_origin_msg",
+                      lambda self: messages.append(1) or real(self))
+
+  def three_draws(key):
+    stream = nnx.RngStream(key, tag="dropout")
+    return [layers.next_key(stream) for _ in range(3)], stream.count[...]
+  jax.make_jaxpr(three_draws)(jax.random.key(3))
+  assert not messages
+
+  def flax_draws(key):
+    stream = nnx.RngStream(key, tag="dropout")
+    return [stream() for _ in range(3)], stream.count[...]
+  jax.make_jaxpr(flax_draws)(jax.random.key(3))
+  assert messages  # the probe sees the cost next_key avoids
+
+
 def test_train_eval_toggle_all_dropouts():
   model = nnx.eval_shape(lambda: models.build_model(dict(TINY28, label_dropout=0.1),
                                                     rngs=nnx.Rngs(0)))

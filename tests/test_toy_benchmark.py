@@ -29,6 +29,15 @@ def test_sliced_wasserstein_is_zero_for_equal_sets_and_the_shift_for_a_translate
   np.testing.assert_allclose(toy_exactness.sliced_wasserstein(a, a + 0.3, jax.random.key(1)), 0.3, rtol=1e-4)
 
 
+def test_split_denoiser_takes_each_side_of_sigma_n_from_its_own_denoiser():
+  mix = gaussian_mixture.four_clusters_2d()
+  x = jax.random.normal(jax.random.key(0), (4, 2))
+  s = np.array([0.05, 0.2, 0.21, 3.0], np.float32)
+  split = np.asarray(toy_exactness.split_denoiser(lambda x, s: x, mix.denoise, 0.2)(x, s))
+  np.testing.assert_allclose(split[:2], np.asarray(mix.denoise(x, s))[:2], rtol=1e-6)  # σ ≤ σ_n: below
+  np.testing.assert_allclose(split[2:], np.asarray(x)[2:])  # σ > σ_n: above
+
+
 def test_learning_rate_is_constant_or_a_cosine_over_the_given_steps():
   constant = toy_exactness.learning_rate(1e-3)
   assert float(constant(0)) == float(constant(10_000)) == np.float32(1e-3)
@@ -53,3 +62,7 @@ def test_ablation_runs_each_seed_and_summarizes_mean_and_spread(tmp_path):
   first = result["seeds"][0]["methods"]
   assert result["summary"]["ambient"]["denoiser_rel_error_below_sigma_n"][1] > 0
   assert first["consistency_cov_plus_em"]["errors_by_sigma"] != first["ambient"]["errors_by_sigma"]
+  # the diagnosis samples: the exact denoiser everywhere is the same sampler run for every model
+  diagnosis = [first[m]["sliced_wasserstein_with_exact_denoiser"] for m in first]
+  assert diagnosis[0]["exact"] == diagnosis[1]["exact"]
+  assert diagnosis[0]["exact_below_sigma_n"] != diagnosis[1]["exact_below_sigma_n"]

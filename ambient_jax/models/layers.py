@@ -109,6 +109,28 @@ def dropout_stream(rngs: nnx.Rngs) -> nnx.RngStream:
   return nnx.RngStream(rngs["dropout"](), tag="dropout")
 
 
+def next_key(stream: nnx.RngStream) -> jax.Array:
+  """`stream()`: the key fold_in(key, count), and count + 1, written without an index.
+
+  flax's own `count[...] += 1` compares the new value's sharding with the old one; on a
+  tracer that raises an AttributeError whose message walks the whole trace so far, so a
+  traced step's cost grew with (dropout calls) × (trace length): 12 of 26 s of tracing
+  ffhq64's smoke step (`benchmarks/trace_cost.py`). Same keys, same counts.
+  """
+  stream.count._check_can_update()  # pylint: disable=protected-access
+  count = stream.count.get_value()
+  key = jax.random.fold_in(stream.key.get_value(), count)
+  stream.count.set_value(count + 1)
+  return key
+
+
+def dropout(layer: nnx.Dropout, x: jax.Array) -> jax.Array:
+  """layer(x), its mask key drawn by `next_key` (no draw when the layer is off)."""
+  if layer.deterministic or layer.rate == 0 or layer.rngs is None:
+    return layer(x)
+  return layer(x, rngs=next_key(layer.rngs))
+
+
 # ----------------------------------------------------------------------------- resampling
 
 
@@ -300,7 +322,7 @@ class LabelDropout(nnx.Module):
   def __call__(self, labels: jax.Array) -> jax.Array:
     if self.deterministic or self.rate == 0:
       return labels
-    keep = jax.random.uniform(self.rngs(), (labels.shape[0], 1)) >= self.rate
+    keep = jax.random.uniform(next_key(self.rngs), (labels.shape[0], 1)) >= self.rate
     return labels * keep.astype(labels.dtype)
 
   def set_view(self, deterministic: bool | None = None):
@@ -393,7 +415,7 @@ class UNetBlock(nnx.Module):
       x = jax.nn.silu(shift + self.norm1(x) * (scale + 1))
     else:
       x = jax.nn.silu(self.norm1(x + params))
-    x = self.conv1(self.dropout(x))
+    x = self.conv1(dropout(self.dropout, x))
     x = (x + (self.skip(orig) if self.skip is not None else orig.astype(self.dtype)))
     x = x * self.skip_scale
     if self.attn is not None:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ambient_jax.models.layers import (Dtype, Init, LabelDropout, Linear, PositionalEmbedding,
-                                       dropout_stream)
+                                       dropout, dropout_stream)
 
 
 class MLPBlock(nnx.Module):
@@ -27,7 +27,7 @@ class MLPBlock(nnx.Module):
 
   def __call__(self, h: jax.Array, emb: jax.Array) -> jax.Array:
     y = jax.nn.silu(self.fc0(jax.nn.silu(h)) + self.affine(emb))
-    return h + self.fc1(self.dropout(y))
+    return h + self.fc1(dropout(self.dropout, y))
 
 
 class MLP(nnx.Module):
