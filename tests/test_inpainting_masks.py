@@ -16,7 +16,7 @@ def test_random_boxes_cover_1_to_50_percent_and_depend_on_seed_and_index_only(si
   indices = np.arange(300)
   masks = attack.random_box_masks(indices, size, seed=3)
   area = masks.mean(axis=(1, 2))
-  assert masks.shape == (300, *size) and set(np.unique(masks)) == {0.0, 1.0}
+  assert masks.shape == (300, *size) and np.all((masks == 0) | (masks == 1))  # no sort of 236 M values
   assert area.min() >= 0.01 and area.max() <= 0.5
   assert area.max() > 0.4 and area.min() < 0.05            # the whole range is used
   for m in masks[:20]:                                      # one box: rows x cols of ones
