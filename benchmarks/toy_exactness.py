@@ -415,6 +415,10 @@ def high_noise_variants(args, sigma_n):
       # down to 0.01 σ_n (σ 0.002 at σ_n = 0.2, the sampler's σ_min)
       "consistency_cov_16_steps_targets_to_sigma_min": dict(base, consistency_weight=10.0, consistency_options={
           "step": "posterior_cov", "chain_steps": 16, "target_min_ratio": 0.01}),
+      # ... and λ_c = 30: the error left is the mid range below σ_n (σ = 0.2–0.5 σ_n)
+      "consistency_cov_16_steps_targets_to_sigma_min_lam30": dict(
+          base, consistency_weight=30.0, consistency_options={
+              "step": "posterior_cov", "chain_steps": 16, "target_min_ratio": 0.01}),
   }
 
 
