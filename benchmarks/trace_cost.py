@@ -21,8 +21,6 @@ import time
 
 import jax
 import numpy as np
-from absl import flags
-from ml_collections import config_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -31,17 +29,9 @@ from ambient_jax.models import layers  # noqa: E402
 from ambient_jax.training import pixel as pixel_task  # noqa: E402
 from ambient_jax.training import state as ts  # noqa: E402
 import _output  # noqa: E402  (benchmarks/, beside this file)
+from sdxl_memory import load_config  # noqa: E402  (configs/X.py[:ARG] -> ConfigDict)
 
 CONFIGS = ("cifar10.py:smoke", "ffhq64.py:smoke", "imagenet64.py:smoke", "cifar10.py")
-
-
-def load(spec: str):
-  """configs/NAME.py[:VARIANT] as main.py loads it."""
-  argv = ["prog", f"--config={os.path.join(ROOT, 'configs', spec)}"]
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=argv)
-  values(argv)
-  return values.config
 
 
 def trace_seconds(config) -> float:
@@ -74,7 +64,7 @@ def main(argv=None) -> int:
   print("\n".join(lines), flush=True)
   ours = layers.next_key
   for spec in specs:
-    config = load(spec)
+    config = load_config(os.path.join(ROOT, "configs", spec))
     if args.quick:
       config.batch_size, config.model.num_blocks, config.model.channel_mult = 2, 1, (1,)
       config.consistency.kwargs.chain_steps = 1
