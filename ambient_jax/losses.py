@@ -33,6 +33,7 @@ DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
 AMBIENT_WEIGHTINGS = ("edm", "x0")
 VP_PREDICTIONS = ("x0", "eps")
 CONSISTENCY_STARTS = ("above", "sigma_n")
+CONSISTENCY_ANCHORS = ("network", "data")
 ESTIMATORS = ("unbiased", "average")
 CONSISTENCY_WEIGHTINGS = ("none", "edm")
 
@@ -198,11 +199,13 @@ def ddpm_loss(eps_fn: DenoiseFn, x: jax.Array, key: jax.Array, sigma_schedule: j
 def consistency_loss(denoise_fn: DenoiseFn, x_noisy: jax.Array, sigma_n: jax.Array,
                      key: jax.Array, step: str = "posterior", *,
                      start: str = "above", start_max_ratio: float = 2.0,
+                     start_min_ratio: Optional[float] = None, anchor: str = "network",
                      target_min_ratio: float = 0.1, margin: float = 0.05,
                      gap: Optional[float] = None, anchor_steps: int = 1, chain_steps: int = 4,
                      num_samples: int = 2, estimator: str = "unbiased",
                      grad_through_sampler: bool = False, anchor_grad: bool = False,
                      weighting: Union[str, Callable[[jax.Array, jax.Array], jax.Array]] = "none",
+                     chain_denoise_fn: Optional[DenoiseFn] = None,
                      sigma_data: float = precond.SIGMA_DATA):
   """Consistency loss below σ_n (METHOD.md §5): ‖E[D(X_b, σ_b) | x_a] − D(x_a, σ_a)‖².
 
@@ -210,7 +213,8 @@ def consistency_loss(denoise_fn: DenoiseFn, x_noisy: jax.Array, sigma_n: jax.Arr
   the model's own reverse process from x_a (tower property); the ambient loss pins
   D above σ_n and this loss extends it below. Per example (all levels [B]):
     1. start: x_s = x_n at σ_s = σ_n (start="sigma_n") or x_s = x_n + √(σ_s² − σ_n²) η
-       at σ_s ~ σ_n · logU[1 + margin, start_max_ratio] (start="above");
+       at σ_s ~ σ_n · logU[start_min_ratio (default 1 + margin), start_max_ratio]
+       (start="above");
     2. target level σ_b ~ σ_n · logU[target_min_ratio, 1 − margin] (below σ_n);
     3. anchor: with `gap=None` the anchor is the start (x_a, σ_a) = (x_s, σ_s) — the
        "global" form; with a `gap` g ∈ (0, 1), σ_a = min(σ_b / (1 − g), σ_s), reached
@@ -228,6 +232,16 @@ def consistency_loss(denoise_fn: DenoiseFn, x_noisy: jax.Array, sigma_n: jax.Arr
   anchor_grad: also back-propagate through D(x_a, σ_a) (off: above σ_n the ambient
   loss already pins it, and a free anchor lets the fit above σ_n drift).
   weighting: "none", "edm" (λ(σ_b)) or a callable (σ_b [B], σ_n [B]) -> [B].
+  anchor: "network" (D(x_a, σ_a), above) or "data": the global form's anchor replaced by
+  T = (x_n − a x_s) / (1 − a), a = σ_n²/σ_s², whose mean given x_s is exactly E[x0 | x_s]
+  (double Tweedie, METHOD.md §3) and which, given x_s, is independent of the chains. The
+  estimator then measures ‖E[D(X_b, σ_b) | x_s] − E[x0 | x_s]‖² plus tr Var[T | x_s], a
+  constant: its gradient is unbiased and carries no error of the network above σ_n, which
+  the deconvolution from σ_a down to σ_b amplifies (docs/results_toy.md). Var[T] grows as
+  σ_n⁴ / (σ_s² − σ_n²): keep the starts away from σ_n (`start_min_ratio`).
+  chain_denoise_fn: the denoiser of the anchor and the chains (e.g. an EMA teacher, or the
+  exact one in a closed-form diagnosis); then `denoise_fn` is called only at the chains'
+  ends, the one place the loss trains. Default: `denoise_fn` everywhere.
   Clean examples (σ_n = 0) need no consistency and get loss 0.
   key: one key, or [B] keys (one per example: then an example's draws do not depend on the
   batch it is in).
@@ -243,6 +257,7 @@ def consistency_loss(denoise_fn: DenoiseFn, x_noisy: jax.Array, sigma_n: jax.Arr
   batch = _check_noisy_batch(x_noisy, sigma_n)
   checks.one_of("step", step, sampling.STEP_KINDS)
   checks.one_of("start", start, CONSISTENCY_STARTS)
+  checks.one_of("anchor", anchor, CONSISTENCY_ANCHORS)
   checks.one_of("estimator", estimator, ESTIMATORS)
   if not callable(weighting):
     checks.one_of("weighting", weighting, CONSISTENCY_WEIGHTINGS)
@@ -256,10 +271,18 @@ def consistency_loss(denoise_fn: DenoiseFn, x_noisy: jax.Array, sigma_n: jax.Arr
     raise ValueError(f"`margin` must be in (0, 1); got {margin}.")
   if not 0.0 < target_min_ratio < 1.0 - margin:
     raise ValueError(f"`target_min_ratio` must be in (0, 1 - margin); got {target_min_ratio}.")
-  if start_max_ratio < 1.0 + margin:
-    raise ValueError(f"`start_max_ratio` must be >= 1 + margin; got {start_max_ratio}.")
+  start_min_ratio = 1.0 + margin if start_min_ratio is None else start_min_ratio
+  if not 1.0 < start_min_ratio <= start_max_ratio:
+    raise ValueError("need 1 < `start_min_ratio` (default 1 + margin) <= `start_max_ratio`; got "
+                     f"{start_min_ratio}, {start_max_ratio}.")
+  if anchor == "data" and (start != "above" or gap is not None or anchor_grad):
+    raise ValueError("anchor=\"data\" is the global form's anchor: it needs start=\"above\", "
+                     f"gap=None and no anchor_grad; got start={start!r}, gap={gap}, anchor_grad={anchor_grad}.")
   if gap is not None and not 0.0 < gap < 1.0:
     raise ValueError(f"`gap` must be None or in (0, 1); got {gap}.")
+  if chain_denoise_fn is not None and (grad_through_sampler or anchor_grad):
+    raise ValueError("`chain_denoise_fn` is a fixed teacher: it takes no `grad_through_sampler` "
+                     "or `anchor_grad`.")
 
   sigma_n = jnp.asarray(sigma_n, jnp.float32)
   is_noisy = sigma_n > 0
@@ -270,14 +293,15 @@ def consistency_loss(denoise_fn: DenoiseFn, x_noisy: jax.Array, sigma_n: jax.Arr
     return jnp.exp(random_draws.uniform(k, (batch,), minval=jnp.log(low), maxval=jnp.log(high)))
 
   no_grad = (lambda v: v) if grad_through_sampler else jax.lax.stop_gradient
+  teacher = denoise_fn if chain_denoise_fn is None else chain_denoise_fn
   # "posterior_cov" differentiates the network inside the chain (for Var[x0 | x]): it must
   # see the plain network; `no_grad` on the chain's output still keeps gradients out.
-  denoise_in_chain = denoise_fn if grad_through_sampler or step == "posterior_cov" else (
-      lambda x, s: jax.lax.stop_gradient(denoise_fn(x, s)))
+  denoise_in_chain = teacher if grad_through_sampler or step == "posterior_cov" else (
+      lambda x, s: jax.lax.stop_gradient(teacher(x, s)))
 
   # 1. start level and point, formed from the data.
   if start == "above":
-    start_ratio = log_uniform(k_start, 1.0 + margin, start_max_ratio)
+    start_ratio = log_uniform(k_start, start_min_ratio, start_max_ratio)
     sigma_s = base * start_ratio
     extra = base * jnp.sqrt(jnp.maximum(jnp.square(start_ratio) - 1.0, 0.0))
     x_s = x_noisy + expand(extra, x_noisy) * random_draws.normal(k_start_noise, x_noisy.shape, x_noisy.dtype)
@@ -294,8 +318,12 @@ def consistency_loss(denoise_fn: DenoiseFn, x_noisy: jax.Array, sigma_n: jax.Arr
     sigma_a = jnp.minimum(sigma_b / (1.0 - gap), sigma_s)
     x_a = no_grad(sampling.reverse_chain(denoise_in_chain, x_s, sigma_s, sigma_a, anchor_steps,
                                          k_anchor, step))
-  denoised_a = denoise_fn(x_a, sigma_a)
-  anchor = denoised_a if anchor_grad else jax.lax.stop_gradient(denoised_a)
+  denoised_a = teacher(x_a, sigma_a)
+  if anchor == "data":  # E[x_n | x_s] = a x_s + (1 − a) E[x0 | x_s] solved for E[x0 | x_s]
+    a = expand(jnp.square(base / sigma_s), x_noisy)
+    target = (x_noisy - a * x_s) / (1.0 - a)
+  else:
+    target = denoised_a if anchor_grad else jax.lax.stop_gradient(denoised_a)
 
   # 4. M independent chains from x_a to σ_b, batched as [M·B, ...] for one network call a step.
   tile = lambda v: jnp.concatenate([v] * num_samples, axis=0)
@@ -307,7 +335,7 @@ def consistency_loss(denoise_fn: DenoiseFn, x_noisy: jax.Array, sigma_n: jax.Arr
   denoised_b = denoise_fn(x_chain, sigma_b_m).reshape((num_samples,) + x_noisy.shape)
 
   # 5. estimator of the squared distance between the chains' mean and the anchor.
-  diffs = (denoised_b - anchor[None]).reshape(num_samples, batch, -1)  # [M, B, P]
+  diffs = (denoised_b - target[None]).reshape(num_samples, batch, -1)  # [M, B, P]
   if estimator == "unbiased":
     total = jnp.sum(diffs, axis=0)
     pair_sum = jnp.sum(jnp.square(total), -1) - jnp.sum(jnp.square(diffs), axis=(0, 2))

@@ -70,19 +70,39 @@ def learning_rate(lr: float, decay: tuple | None = None):
   return schedule
 
 
+TEACHERS = ("ema", "exact", "exact_above_sigma_n", "exact_below_sigma_n")
+
+
+def _teacher(name, fn, ema_fn, mixture, sigma_n):
+  """The consistency term's `chain_denoise_fn` named by a variant's "teacher" option: the EMA
+  network, or (a diagnosis) the exact E[x0 | x_σ] everywhere or on one side of σ_n, with the
+  trained network on the other."""
+  if name == "ema":
+    return ema_fn
+  exact = mixture.denoise
+  return {"exact": exact, "exact_above_sigma_n": split_denoiser(exact, fn, sigma_n),
+          "exact_below_sigma_n": split_denoiser(fn, exact, sigma_n)}[name]
+
+
 def _chunk_runner(graphdef, rest, objective, batch, lr, consistency_weight,
-                  consistency_options, ambient_options, chunk, lr_decay=None):
+                  consistency_options, ambient_options, chunk, lr_decay=None, mixture=None):
   """A jitted `chunk`-step scan for one training recipe and network, compiled once and reused
   (the cache key holds the GraphDef itself: hashable, equal for equal structures); the seed
   is an argument of the scan, so every seed of an ablation shares the compile (`rest`, the
-  network's non-parameter state, is empty for this MLP: nothing seed-dependent is baked in)."""
+  network's non-parameter state, is empty for this MLP: nothing seed-dependent is baked in).
+  `mixture`: the data's closed form, for a consistency "teacher" that uses the exact denoiser."""
+  teacher = consistency_options.get("teacher")
+  if teacher is not None and teacher not in TEACHERS:
+    raise ValueError(f"unknown consistency teacher {teacher!r}; expected one of {TEACHERS}")
+  exact_key = (None if teacher in (None, "ema") else
+               tuple(np.asarray(a).tobytes() for a in (mixture.means, mixture.stds, mixture.weights)))
   cache_key = (graphdef, objective, batch, lr, consistency_weight, json.dumps(consistency_options, sort_keys=True),
-               json.dumps(ambient_options, sort_keys=True), chunk, lr_decay)
+               json.dumps(ambient_options, sort_keys=True), chunk, lr_decay, exact_key)
   if cache_key in _COMPILED:
     return _COMPILED[cache_key]
   optimizer = optax.adam(learning_rate(lr, lr_decay))
 
-  def loss_fn(p, data, sigma_n, key, idx):
+  def loss_fn(p, ema, data, sigma_n, key, idx):
     fn = denoiser(graphdef, rest, p)
     x, sn = data[idx], sigma_n[idx]
     k_loss, k_cons = jax.random.split(key)
@@ -100,6 +120,9 @@ def _chunk_runner(graphdef, rest, objective, batch, lr, consistency_weight,
         terms.append((plus.pop("weight"), plus, jax.random.fold_in(k_cons, 1)))
       for weight, term_options, term_key in terms:
         term_options = dict(term_options)
+        if "teacher" in term_options:  # one σ_n per toy set: its largest is the level
+          term_options["chain_denoise_fn"] = _teacher(
+              term_options.pop("teacher"), fn, denoiser(graphdef, rest, ema), mixture, jnp.max(sigma_n))
         below_loss = losses.BELOW_SIGMA_N_LOSSES[term_options.pop("kind", "consistency")]
         term, _ = below_loss(fn, x, sn, term_key, **term_options)
         total = total + consistency_weight * weight * jnp.mean(term)
@@ -110,7 +133,7 @@ def _chunk_runner(graphdef, rest, objective, batch, lr, consistency_weight,
     key = jax.random.fold_in(jax.random.key(seed), step)
     k_idx, k_loss = jax.random.split(key)
     idx = jax.random.randint(k_idx, (batch,), 0, data.shape[0])
-    value, grads = jax.value_and_grad(loss_fn)(p, data, sigma_n, k_loss, idx)
+    value, grads = jax.value_and_grad(loss_fn)(p, e, data, sigma_n, k_loss, idx)
     updates, o = optimizer.update(grads, o, p)
     p = optax.apply_updates(p, updates)
     decay = jnp.minimum(EMA_DECAY, (1.0 + step) / (10.0 + step))  # warm-up: no memory of the init
@@ -132,15 +155,15 @@ CHUNK = 250
 
 def train(graphdef, rest, params, data, sigma_n, *, objective, steps, batch, seed, lr,
           consistency_weight=0.0, consistency_options=None, ambient_options=None,
-          start_step=0, opt_state=None, ema=None, lr_decay=None):
+          start_step=0, opt_state=None, ema=None, lr_decay=None, mixture=None):
   """Runs `steps` Adam steps from `start_step`; randomness is a function of (seed, step).
-  lr_decay: see `learning_rate`.
+  lr_decay: see `learning_rate`; mixture: see `_chunk_runner`.
 
   Returns (params, opt_state, ema_params).
   """
   optimizer, run_chunk = _chunk_runner(graphdef, rest, objective, batch, lr, consistency_weight,
                                        consistency_options or {}, ambient_options or {}, CHUNK,
-                                       lr_decay)
+                                       lr_decay, mixture)
   opt_state = optimizer.init(params) if opt_state is None else opt_state
   carry = (params, opt_state, params if ema is None else ema)
   data, sigma_n, values = jnp.asarray(data), jnp.asarray(sigma_n), []
@@ -251,7 +274,8 @@ def run_setting(name, mixture, sigma_n, args, plot_dir=None, variants=None):
       decay = (spec["lr_decay_to"], half, more) if "lr_decay_to" in spec else None
       _, _, ema = train(graphdef, rest, p, spec["data"], spec["sigma_n"], steps=more,
                         start_step=half, opt_state=o, ema=e, consistency_weight=spec["consistency_weight"],
-                        consistency_options=spec.get("consistency_options"), lr_decay=decay, **train_kw)
+                        consistency_options=spec.get("consistency_options"), lr_decay=decay,
+                        mixture=mixture, **train_kw)
     else:
       state = train(graphdef, rest, params0, spec["data"], spec["sigma_n"], steps=half, **train_kw)
       first_halves[method] = state
@@ -419,6 +443,24 @@ def high_noise_variants(args, sigma_n):
       "consistency_cov_16_steps_targets_to_sigma_min_lam30": dict(
           base, consistency_weight=30.0, consistency_options={
               "step": "posterior_cov", "chain_steps": 16, "target_min_ratio": 0.01}),
+      # whose error the mid range inherits: the anchor and chains by another denoiser (the
+      # exact one everywhere, or on one side of σ_n; or the EMA network), the trained
+      # network only at the chains' ends
+      **{f"consistency_cov_16_steps_targets_to_sigma_min_teacher_{teacher}": dict(
+          base, consistency_weight=10.0, consistency_options={
+              "step": "posterior_cov", "chain_steps": 16, "target_min_ratio": 0.01,
+              "teacher": teacher}) for teacher in TEACHERS},
+      # the anchor's own error is what the mid range inherits (exact above σ_n: SW at the
+      # oracle's): the data's unbiased anchor instead, T = (x_n − a x_s) / (1 − a), with starts
+      # up to 2 σ_n from 1.05 σ_n (the default) or from 1.5 σ_n up to 3 σ_n (T's variance
+      # grows as σ_n⁴ / (σ_s² − σ_n²))
+      "consistency_cov_16_steps_targets_to_sigma_min_data_anchor": dict(
+          base, consistency_weight=10.0, consistency_options={
+              "step": "posterior_cov", "chain_steps": 16, "target_min_ratio": 0.01, "anchor": "data"}),
+      "consistency_cov_16_steps_targets_to_sigma_min_data_anchor_far": dict(
+          base, consistency_weight=10.0, consistency_options={
+              "step": "posterior_cov", "chain_steps": 16, "target_min_ratio": 0.01, "anchor": "data",
+              "start_min_ratio": 1.5, "start_max_ratio": 3.0}),
   }
 
 

@@ -16,6 +16,14 @@ documented here once.
 import ml_collections
 
 
+def below_sigma_n_kwargs(**fixed) -> ml_collections.ConfigDict:
+  """config.consistency.kwargs: the options a command line may set, unset (None: the loss's own
+  default), and `fixed` ones. "step": "posterior" | "posterior_cov" | "euler_maruyama";
+  "anchor": "network" | "data" (consistency only, docs/results_toy.md)."""
+  placeholder = ml_collections.config_dict.placeholder
+  return ml_collections.ConfigDict({"step": placeholder(str), "anchor": placeholder(str), **fixed})
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every field the trainer reads, with neutral defaults."""
   c = ml_collections.ConfigDict()
@@ -59,8 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
                                   # "posterior_sample" (EM, README "Below σ_n at high noise")
   c.consistency.start_step = 0    # λ_c kicks in at this step
   c.consistency.batch_fraction = 0.25  # share of the batch (every k-th example) that gets it
-  c.consistency.kwargs = ml_collections.ConfigDict(  # that loss's kwargs; None: its own default
-      {"step": ml_collections.config_dict.placeholder(str)})  # "posterior" | "posterior_cov" | ...
+  c.consistency.kwargs = below_sigma_n_kwargs()  # that loss's kwargs; None: its own default
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-3
@@ -169,8 +176,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.consistency.weight = 1.0
   c.consistency.start_step = 1950
   c.consistency.batch_fraction = 0.25
-  c.consistency.kwargs = ml_collections.ConfigDict(
-      {"step": ml_collections.config_dict.placeholder(str), "chain_steps": 1})
+  c.consistency.kwargs = below_sigma_n_kwargs(chain_steps=1)
   c.log_every_steps = 100
   c.checkpoint.every_steps = 500
   c.sample.every_steps = 1250

@@ -22,7 +22,6 @@ what fits where: docs/latent.md "What fits".
 """
 
 import importlib.util
-import ml_collections
 import pathlib
 
 _spec = importlib.util.spec_from_file_location(
@@ -82,8 +81,7 @@ def get_config(arg=None):
   c.consistency.weight = a["consistency"] if use_consistency else 0.0
   c.consistency.start_step = a["consistency_start"]
   c.consistency.batch_fraction = 0.25
-  c.consistency.kwargs = ml_collections.ConfigDict(
-      {"step": ml_collections.config_dict.placeholder(str), "chain_steps": 1})
+  c.consistency.kwargs = edm_paper._default_module().below_sigma_n_kwargs(chain_steps=1)  # pylint: disable=protected-access
   c.optim.lr = 1e-5
   c.optim.warmup_steps = 0                # constant
   c.optim.weight_decay = 0.01

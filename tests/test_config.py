@@ -140,6 +140,13 @@ def test_validation_catches_typos_and_bad_loss_options_all_at_once():
   assert step_lib.below_sigma_n_term(c) == (losses.consistency_loss, {"step": "euler_maruyama", "chain_steps": 1})
   c = load("default.py", "--config.consistency.kwargs.step=ddim")
   assert "config.consistency.kwargs.step = 'ddim'" in _error(c)
+  c = load("default.py", "--config.consistency.kwargs.anchor=data")  # data-anchored consistency
+  config_validation.validate(c, num_devices=1)
+  with c.unlocked():
+    c.consistency.kwargs.anchor = "ema"
+    c.consistency.kwargs.chain_denoise_fn = "ema"  # a callable: no config can set it
+  assert "config.consistency.kwargs.anchor = 'ema'" in _error(c)
+  assert "config.consistency.kwargs.chain_denoise_fn" in _error(c)
   c = load("default.py", "--config.consistency.loss=posterior_sample")
   with c.unlocked():
     c.consistency.kwargs.gap = 0.1  # an option of consistency_loss only

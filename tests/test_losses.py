@@ -148,6 +148,55 @@ def test_consistency_is_zero_for_the_exact_denoiser_and_positive_for_a_wrong_one
   assert float(jnp.mean(wrong)) > 5 * max(wrong_stderr, stderr)
 
 
+def test_a_consistency_teacher_runs_anchor_and_chains_and_the_trained_denoiser_only_their_ends():
+  """Exact teacher, student = exact + c: posterior chains by the exact denoiser keep
+  E[D*(X_b) | x_a] = D*(x_a) for Gaussian data, so the loss is c² per pixel in expectation
+  and its gradient in c is 2c; the student as its own teacher gives another value."""
+  _, x_noisy = _noisy_gaussian_data(n=8192)
+  sigma_n = jnp.full((8192,), SIGMA_N)
+  key, exact = jax.random.key(3), gaussian.exact_denoiser()
+
+  def mean_loss(c, teacher):
+    student = lambda x, s: exact(x, s) + c
+    loss, _ = losses.consistency_loss(student, x_noisy, sigma_n, key, chain_denoise_fn=teacher)
+    return jnp.mean(loss), loss
+
+  (value, loss), grad = jax.value_and_grad(mean_loss, has_aux=True)(0.1, exact)
+  stderr = float(jnp.std(loss)) / np.sqrt(loss.size)
+  assert abs(float(value) - 0.01) < 4 * stderr, (float(value), stderr)
+  np.testing.assert_allclose(float(grad), 0.2, rtol=0.05)  # d/dc of (c + noise)·(c + noise')
+  own, _ = mean_loss(0.1, None)  # its offset also moves the anchor and the chains
+  assert abs(float(own) - 0.01) > 10 * stderr, (float(own), stderr)
+  with pytest.raises(ValueError, match="chain_denoise_fn"):
+    losses.consistency_loss(exact, x_noisy, sigma_n, key, chain_denoise_fn=exact, anchor_grad=True)
+
+
+def test_the_data_anchor_is_unbiased_its_loss_offset_is_the_closed_form_variance():
+  """anchor="data", exact chains, student = exact + c at their ends: the chains' mean misses
+  E[x0 | x_s] by c, so the gradient in c is 2c, and the loss is c² + Var[T | x_s] with T = (x_n − a x_s)/(1 − a),
+  a = σ_n²/σ_s², and Var[x_n | x_s] = (s² + σ_n²)(σ_s² − σ_n²)/(s² + σ_s²) per pixel."""
+  _, x_noisy = _noisy_gaussian_data(n=8192)
+  sigma_n = jnp.full((8192,), SIGMA_N)
+  exact = gaussian.exact_denoiser()
+
+  def mean_loss(c):
+    loss, aux = losses.consistency_loss(lambda x, s: exact(x, s) + c, x_noisy, sigma_n, jax.random.key(5),
+                                        anchor="data", start_min_ratio=1.5, start_max_ratio=3.0,
+                                        chain_denoise_fn=exact)
+    return jnp.mean(loss), (loss, aux["sigma_start"])
+
+  (value, (loss, sigma_s)), grad = jax.value_and_grad(mean_loss, has_aux=True)(0.1)
+  a = (SIGMA_N / sigma_s) ** 2
+  var_xn = (gaussian.S**2 + SIGMA_N**2) * (sigma_s**2 - SIGMA_N**2) / (gaussian.S**2 + sigma_s**2)
+  expected = 0.01 + float(jnp.mean(var_xn / (1 - a) ** 2))
+  stderr = float(jnp.std(loss)) / np.sqrt(loss.size)
+  assert abs(float(value) - expected) < 4 * stderr, (float(value), expected, stderr)
+  np.testing.assert_allclose(float(grad), 0.2, rtol=0.05)
+  for bad in [dict(start="sigma_n"), dict(gap=0.5), dict(anchor_grad=True)]:
+    with pytest.raises(ValueError, match="global form"):
+      losses.consistency_loss(exact, x_noisy, sigma_n, jax.random.key(5), anchor="data", **bad)
+
+
 def test_consistency_ignores_clean_examples_and_supports_every_option():
   _, x_noisy = _noisy_gaussian_data(n=64)
   sigma_n = jnp.where(jnp.arange(64) % 2 == 0, 0.0, SIGMA_N)

@@ -38,6 +38,21 @@ def test_split_denoiser_takes_each_side_of_sigma_n_from_its_own_denoiser():
   np.testing.assert_allclose(split[2:], np.asarray(x)[2:])  # σ > σ_n: above
 
 
+def test_consistency_teachers_are_the_ema_or_the_exact_denoiser_on_the_named_side_of_sigma_n():
+  mix = gaussian_mixture.four_clusters_2d()
+  x = jax.random.normal(jax.random.key(0), (4, 2))
+  s = np.array([0.05, 0.2, 0.21, 3.0], np.float32)
+  network, ema = (lambda x, s: x), (lambda x, s: 2 * x)
+  teacher = lambda name: np.asarray(toy_exactness._teacher(name, network, ema, mix, 0.2)(x, s))
+  exact = np.asarray(mix.denoise(x, s))
+  np.testing.assert_allclose(teacher("ema"), 2 * np.asarray(x))
+  np.testing.assert_allclose(teacher("exact"), exact, rtol=1e-6)
+  np.testing.assert_allclose(teacher("exact_above_sigma_n"), np.concatenate([x[:2], exact[2:]]), rtol=1e-6)
+  np.testing.assert_allclose(teacher("exact_below_sigma_n"), np.concatenate([exact[:2], x[2:]]), rtol=1e-6)
+  with np.testing.assert_raises_regex(ValueError, "unknown consistency teacher"):
+    toy_exactness._chunk_runner(None, None, "ambient", 8, 1e-3, 1.0, {"teacher": "oracle"}, {}, 10)
+
+
 def test_learning_rate_is_constant_or_a_cosine_over_the_given_steps():
   constant = toy_exactness.learning_rate(1e-3)
   assert float(constant(0)) == float(constant(10_000)) == np.float32(1e-3)

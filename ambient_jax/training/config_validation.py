@@ -111,8 +111,10 @@ class _Checker:
 
 
 def _kwargs_of(fn, skip: int) -> set[str]:
+  """The keyword options of a loss that a config can set (not its callables, `*_fn`)."""
   params = list(inspect.signature(fn).parameters.values())[skip:]
-  return {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+  return {p.name for p in params
+          if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and not p.name.endswith("_fn")}
 
 
 def _check_pixel_data_and_model(c: "_Checker", config) -> None:
@@ -242,8 +244,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
   below = c.one_of("consistency.loss", tuple(losses.BELOW_SIGMA_N_LOSSES))
   if below is not None:
     allowed = _kwargs_of(losses.BELOW_SIGMA_N_LOSSES[below], 4)
-    for key in config.consistency.kwargs.keys():
-      if key not in allowed:
+    for key in config.consistency.kwargs.keys():  # unset (None) ones are left to the loss
+      if key not in allowed and config.consistency.kwargs[key] is not None:
         c.fail(f"consistency.kwargs.{key}", config.consistency.kwargs[key],
                f"is not an option of losses.{losses.BELOW_SIGMA_N_LOSSES[below].__name__}; "
                f"allowed: {sorted(allowed)}")
@@ -251,6 +253,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
     if step is not None and step not in sampling.STEP_KINDS:
       c.fail("consistency.kwargs.step", step, f"must be one of {sampling.STEP_KINDS} (or unset: "
              f"the loss's own default)")
+    anchor = config.consistency.kwargs.get("anchor")
+    if anchor is not None and anchor not in losses.CONSISTENCY_ANCHORS:
+      c.fail("consistency.kwargs.anchor", anchor, f"must be one of {losses.CONSISTENCY_ANCHORS}")
   accum = c.int_at_least("optim.grad_accum_steps", 1)
   from ambient_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
   accum_loop = config.optim.get("grad_accum_loop", "auto")
