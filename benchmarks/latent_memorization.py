@@ -296,6 +296,8 @@ def finetune_config(method: str, t_n: int, pretrained: str, dataset: str, args):
   c.consistency.start_step = int(args.steps * args.consistency_start)
   if args.consistency_step:  # the chains' step kind (default: the loss's own)
     c.consistency.kwargs.step = args.consistency_step
+  if args.consistency_anchor:  # the network's anchor (default) or the data's
+    c.consistency.kwargs.anchor = args.consistency_anchor
   c.consistency.batch_fraction = 0.25
   c.ema.halflife_kimg = (args.batch * args.steps / 1000 / 20,)
   c.mesh.fsdp, c.mesh.data = 1, -1
@@ -602,6 +604,9 @@ def main(argv=None):
   p.add_argument("--consistency_step", choices=("posterior", "posterior_cov"), default=None,
                  help="the consistency chains' steps (default: plain posterior steps; "
                       "posterior_cov draws Var[x0 | x] too, docs/results_toy.md)")
+  p.add_argument("--consistency_anchor", choices=("network", "data"), default=None,
+                 help="consistency's anchor: the network's D(x_s, σ_s) (default) or the data's "
+                 "unbiased T (losses.consistency_loss anchor=\"data\")")
   p.add_argument("--num_samples", type=int, default=None)
   p.add_argument("--sample_steps", type=int, default=25)
   p.add_argument("--guidance_scale", type=float, default=2.0)

@@ -457,6 +457,10 @@ def high_noise_variants(args, sigma_n):
       "consistency_cov_16_steps_targets_to_sigma_min_data_anchor": dict(
           base, consistency_weight=10.0, consistency_options={
               "step": "posterior_cov", "chain_steps": 16, "target_min_ratio": 0.01, "anchor": "data"}),
+      # its gradients are unbiased but noisy (T's variance): a decaying learning rate
+      "consistency_cov_16_steps_targets_to_sigma_min_data_anchor_lr_decay": dict(
+          base, consistency_weight=10.0, lr_decay_to=1e-5, consistency_options={
+              "step": "posterior_cov", "chain_steps": 16, "target_min_ratio": 0.01, "anchor": "data"}),
       "consistency_cov_16_steps_targets_to_sigma_min_data_anchor_far": dict(
           base, consistency_weight=10.0, consistency_options={
               "step": "posterior_cov", "chain_steps": 16, "target_min_ratio": 0.01, "anchor": "data",

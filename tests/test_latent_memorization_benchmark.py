@@ -114,7 +114,7 @@ def test_a_finished_fine_tune_is_reused_and_one_with_another_config_is_refused(t
   record whose checkpoint is gone, is a one-line error."""
   bench = _benchmark()
   args = argparse.Namespace(consistency_weight=None, consistency_start=0.5, consistency_step=None,
-                            lora_rank=0, steps=2, batch=8, lr=2e-4, seed=0)
+                            consistency_anchor=None, lora_rank=0, steps=2, batch=8, lr=2e-4, seed=0)
   config = bench.finetune_config("ambient", 800, "no/folder", "no/dataset", args)
   (tmp_path / bench.FINISHED).write_text(json.dumps(dict(config=config.to_json(sort_keys=True),
                                                          seconds=12.5)))
@@ -163,18 +163,19 @@ def test_a_model_sampled_two_ways_is_attacked_once(monkeypatch, tmp_path):
   assert truncated["samples_nn"] == expected and full["samples_nn"] != expected
 
 
-def test_consistency_step_reaches_the_fine_tune_config():
-  """--consistency_step sets the consistency chains' step kind of the ambient + consistency
-  fine-tunes (unset: the loss's own default, plain posterior steps), and the config it makes
-  validates."""
+def test_consistency_step_and_anchor_reach_the_fine_tune_config():
+  """--consistency_step / --consistency_anchor set the consistency chains' step kind and the
+  anchor of the ambient + consistency fine-tunes (unset: the loss's own defaults, plain
+  posterior steps and the network's anchor), and the config they make validates."""
   import argparse  # pylint: disable=g-import-not-at-top
   from ambient_jax.training import config_validation  # pylint: disable=g-import-not-at-top
   bench = _benchmark()
   args = argparse.Namespace(consistency_weight=None, lora_rank=0, steps=40, batch=8, lr=2e-4,
-                            consistency_start=0.5, seed=0, consistency_step="posterior_cov")
+                            consistency_start=0.5, seed=0, consistency_step="posterior_cov",
+                            consistency_anchor="data")
   config = bench.finetune_config("ambient_consistency", 500, "pretrained", "latents", args)
-  assert config.consistency.kwargs.step == "posterior_cov"
+  assert config.consistency.kwargs.step == "posterior_cov" and config.consistency.kwargs.anchor == "data"
   config_validation.validate(config, num_devices=1)
-  args.consistency_step = None
+  args.consistency_step = args.consistency_anchor = None
   config = bench.finetune_config("ambient_consistency", 500, "pretrained", "latents", args)
-  assert config.consistency.kwargs.step is None
+  assert config.consistency.kwargs.step is None and config.consistency.kwargs.anchor is None
