@@ -461,6 +461,13 @@ def high_noise_variants(args, sigma_n):
       "consistency_cov_16_steps_targets_to_sigma_min_data_anchor_lr_decay": dict(
           base, consistency_weight=10.0, lr_decay_to=1e-5, consistency_options={
               "step": "posterior_cov", "chain_steps": 16, "target_min_ratio": 0.01, "anchor": "data"}),
+      # ... and the network's anchor beside it (a second term at the same λ_c): in expectation
+      # the mean of the two anchors, the data's noise relative to the signal halved
+      "consistency_cov_16_steps_targets_to_sigma_min_data_anchor_plus_network_anchor": dict(
+          base, consistency_weight=10.0, consistency_options={
+              "step": "posterior_cov", "chain_steps": 16, "target_min_ratio": 0.01, "anchor": "data",
+              "plus": {"kind": "consistency", "weight": 1.0, "step": "posterior_cov", "chain_steps": 16,
+                       "target_min_ratio": 0.01}}),
       "consistency_cov_16_steps_targets_to_sigma_min_data_anchor_far": dict(
           base, consistency_weight=10.0, consistency_options={
               "step": "posterior_cov", "chain_steps": 16, "target_min_ratio": 0.01, "anchor": "data",
