@@ -381,6 +381,8 @@ def high_noise_variants(args, sigma_n):
   base = dict(objective="ambient", stop=None, fork="ambient")
   em = {"kind": "posterior_sample", "step": "euler_maruyama"}  # the EM term as first measured
   em_cov = {**em, "step": "posterior_cov", "chain_steps": 16}
+  # 16 exact-variance steps with targets down to 0.01 σ_n: the base of the 2026-12-05 variants
+  to_sigma_min = {"step": "posterior_cov", "chain_steps": 16, "target_min_ratio": 0.01}
   return {
       "ambient": dict(objective="ambient", stop=sigma_n),
       "clean_edm": dict(objective="edm", stop=None, clean_data=True),  # the oracle, same seed and budget
@@ -437,40 +439,33 @@ def high_noise_variants(args, sigma_n):
           "step": "posterior_cov", "chain_steps": 16, "num_samples": 8}),
       # the sampler's last steps (σ < 0.1 σ_n) use a denoiser no target level reaches: targets
       # down to 0.01 σ_n (σ 0.002 at σ_n = 0.2, the sampler's σ_min)
-      "consistency_cov_16_steps_targets_to_sigma_min": dict(base, consistency_weight=10.0, consistency_options={
-          "step": "posterior_cov", "chain_steps": 16, "target_min_ratio": 0.01}),
+      "consistency_cov_16_steps_targets_to_sigma_min": dict(base, consistency_weight=10.0,
+                                                            consistency_options=to_sigma_min),
       # ... and λ_c = 30: the error left is the mid range below σ_n (σ = 0.2–0.5 σ_n)
       "consistency_cov_16_steps_targets_to_sigma_min_lam30": dict(
-          base, consistency_weight=30.0, consistency_options={
-              "step": "posterior_cov", "chain_steps": 16, "target_min_ratio": 0.01}),
+          base, consistency_weight=30.0, consistency_options=to_sigma_min),
       # whose error the mid range inherits: the anchor and chains by another denoiser (the
       # exact one everywhere, or on one side of σ_n; or the EMA network), the trained
       # network only at the chains' ends
       **{f"consistency_cov_16_steps_targets_to_sigma_min_teacher_{teacher}": dict(
-          base, consistency_weight=10.0, consistency_options={
-              "step": "posterior_cov", "chain_steps": 16, "target_min_ratio": 0.01,
-              "teacher": teacher}) for teacher in TEACHERS},
+          base, consistency_weight=10.0, consistency_options={**to_sigma_min, "teacher": teacher})
+          for teacher in TEACHERS},
       # the anchor's own error is what the mid range inherits (exact above σ_n: SW at the
       # oracle's): the data's unbiased anchor instead, T = (x_n − a x_s) / (1 − a), with starts
       # up to 2 σ_n from 1.05 σ_n (the default) or from 1.5 σ_n up to 3 σ_n (T's variance
       # grows as σ_n⁴ / (σ_s² − σ_n²))
       "consistency_cov_16_steps_targets_to_sigma_min_data_anchor": dict(
-          base, consistency_weight=10.0, consistency_options={
-              "step": "posterior_cov", "chain_steps": 16, "target_min_ratio": 0.01, "anchor": "data"}),
+          base, consistency_weight=10.0, consistency_options={**to_sigma_min, "anchor": "data"}),
       # its gradients are unbiased but noisy (T's variance): a decaying learning rate
       "consistency_cov_16_steps_targets_to_sigma_min_data_anchor_lr_decay": dict(
-          base, consistency_weight=10.0, lr_decay_to=1e-5, consistency_options={
-              "step": "posterior_cov", "chain_steps": 16, "target_min_ratio": 0.01, "anchor": "data"}),
+          base, consistency_weight=10.0, lr_decay_to=1e-5, consistency_options={**to_sigma_min, "anchor": "data"}),
       # ... and the network's anchor beside it (a second term at the same λ_c): in expectation
       # the mean of the two anchors, the data's noise relative to the signal halved
       "consistency_cov_16_steps_targets_to_sigma_min_data_anchor_plus_network_anchor": dict(
           base, consistency_weight=10.0, consistency_options={
-              "step": "posterior_cov", "chain_steps": 16, "target_min_ratio": 0.01, "anchor": "data",
-              "plus": {"kind": "consistency", "weight": 1.0, "step": "posterior_cov", "chain_steps": 16,
-                       "target_min_ratio": 0.01}}),
+              **to_sigma_min, "anchor": "data", "plus": {**to_sigma_min, "kind": "consistency", "weight": 1.0}}),
       "consistency_cov_16_steps_targets_to_sigma_min_data_anchor_far": dict(
-          base, consistency_weight=10.0, consistency_options={
-              "step": "posterior_cov", "chain_steps": 16, "target_min_ratio": 0.01, "anchor": "data",
+          base, consistency_weight=10.0, consistency_options={**to_sigma_min, "anchor": "data",
               "start_min_ratio": 1.5, "start_max_ratio": 3.0}),
   }
 
